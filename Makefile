@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both build or refresh .venv
+# from this repo's own files first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit integration clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/usage-consumer demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check consumer tests
+	$(BIN)/ruff format --check consumer tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf .demo .data .pytest_cache .mypy_cache .ruff_cache

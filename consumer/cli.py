@@ -1,0 +1,184 @@
+"""`usage-consumer`: run, produce, migrate, totals, stripe-emulator, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from consumer.config import ConfigError, Settings, load_settings
+from consumer.store import StoreError
+
+log = logging.getLogger("usage_consumer")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from consumer import health as health_http
+    from consumer.clock import SystemClock
+    from consumer.metrics import Metrics
+    from consumer.pipeline import build_pipeline
+
+    settings = _settings(args)
+    clock, metrics = SystemClock(), Metrics()
+    health = health_http.Health(clock)
+    p = settings.pipeline
+    _, port = health_http.serve(p.metrics_host, p.metrics_port, metrics, health)
+    log.info("metrics on :%d (/metrics /healthz /readyz)", port)
+    pipeline = build_pipeline(settings, clock, metrics, health)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining in-flight work, then committing and exiting", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    pipeline.run(stop)
+    log.info("stopped cleanly")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.demo import produce
+    from consumer.sample import generate
+
+    settings = _settings(args)
+    sample = generate(
+        args.events, args.customers, args.partitions, int(time.time() * 1000), args.seed
+    )
+    ends = produce(sample, settings.kafka.bootstrap_servers, settings.kafka.topic)
+    print(
+        f"produced {len(sample.messages)} messages ({dict(sample.kinds)}) "
+        f"into {len(ends)} partitions"
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from consumer.store import open_store
+    from consumer.store.migrations import migrate
+
+    store = open_store(_settings(args).clickhouse)
+    try:
+        applied = migrate(store)
+    finally:
+        store.close()
+    print(f"migrations applied: {applied or 'none (up to date)'}")
+    return 0
+
+
+def cmd_totals(args: argparse.Namespace) -> int:
+    from consumer.store import open_store
+    from consumer.totals import clickhouse_totals, format_table
+
+    settings = _settings(args)
+    store = open_store(settings.clickhouse)
+    try:
+        totals = clickhouse_totals(store, settings.meters, args.customer)
+    finally:
+        store.close()
+    agg = {m.name: m.aggregation for m in settings.meters}
+    rows = [[c, m, agg[m], format(v.normalize(), "f")] for (c, m), v in sorted(totals.items())]
+    print(format_table(["customer", "meter", "aggregation", "total"], rows))
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from consumer.emulator.server import EmulatorOptions
+    from consumer.emulator.server import main as emulator_main
+
+    emulator_main(
+        args.host,
+        args.port,
+        EmulatorOptions(
+            token_lifetime_seconds=args.token_lifetime,
+            rate_429=args.rate_429,
+            rate_5xx=args.rate_5xx,
+            latency_seconds=args.latency,
+            duplicate_answer=args.duplicate_answer,
+            verbose=args.verbose,
+        ),
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consumer.demo import main as demo_main
+
+    return demo_main(Path(args.workdir), args.events, args.customers, args.partitions, args.seed)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="usage-consumer", description=__doc__)
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML configuration file (environment variables override it)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="consume, write ClickHouse, emit to Stripe until stopped")
+    pr = sub.add_parser("produce", help="produce a sample with duplicates and bad messages")
+    pr.add_argument("--events", type=int, default=100_000)
+    pr.add_argument("--customers", type=int, default=50)
+    pr.add_argument("--partitions", type=int, default=3)
+    pr.add_argument("--seed", type=int, default=7)
+    sub.add_parser("migrate", help="apply the ClickHouse schema migrations")
+    t = sub.add_parser("totals", help="per-customer totals from ClickHouse")
+    t.add_argument("--customer", default=None)
+    e = sub.add_parser("stripe-emulator", help="serve the Stripe meter APIs locally")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=12111)
+    e.add_argument("--token-lifetime", type=float, default=900.0)
+    e.add_argument("--rate-429", type=float, default=0.0)
+    e.add_argument("--rate-5xx", type=float, default=0.0)
+    e.add_argument("--latency", type=float, default=0.0)
+    e.add_argument(
+        "--duplicate-answer", choices=["drop", "reject_event", "reject_request"], default="drop"
+    )
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
+    d.add_argument("--workdir", default=".demo")
+    d.add_argument("--events", type=int, default=100_000)
+    d.add_argument("--customers", type=int, default=50)
+    d.add_argument("--partitions", type=int, default=3)
+    d.add_argument("--seed", type=int, default=7)
+    return ap
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "produce": cmd_produce,
+    "migrate": cmd_migrate,
+    "totals": cmd_totals,
+    "stripe-emulator": cmd_emulator,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"usage-consumer: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"usage-consumer: ClickHouse: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

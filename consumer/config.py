@@ -1,0 +1,231 @@
+"""Typed configuration: environment variables (USAGE_CONSUMER_*) plus an optional YAML file.
+
+Everything is validated at start; a bad value fails with the field's path and the problem,
+never with the value itself (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Aggregation = Literal["sum", "count", "min", "max", "last", "first", "avg"]
+BILLABLE = frozenset({"sum", "count", "last"})
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as `field.path: problem` lines."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MeterConfig(_Frozen):
+    """One meter: which events feed it, how they aggregate, and how they reach Stripe."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$", description="meter key in ClickHouse")
+    event_name: str = Field(min_length=1, max_length=100, description="incoming event_name")
+    aggregation: Aggregation = "sum"
+    window_seconds: int = Field(60, description="Stripe bucket size for aggregated mode")
+    allowed_lateness_seconds: int = Field(3600, ge=0, le=72 * 3600)
+    stripe_event_name: str | None = Field(None, min_length=1, max_length=100)
+    emission: Literal["per_event", "aggregated"] = "aggregated"
+    max_value: Decimal = Field(Decimal("1e15"), gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MeterConfig:
+        if self.window_seconds < 60 or self.window_seconds % 60 or 86400 % self.window_seconds:
+            raise ValueError("window_seconds must be a whole number of minutes dividing a day")
+        if self.stripe_event_name is None:
+            return self
+        if self.aggregation not in BILLABLE:
+            raise ValueError(
+                f"aggregation {self.aggregation!r} is ClickHouse-only: Stripe meters bill "
+                "sum, count or last; remove stripe_event_name"
+            )
+        if self.emission == "aggregated" and self.aggregation not in ("sum", "count"):
+            raise ValueError(
+                "aggregated emission sends deltas, which only a sum (or count) can take; "
+                "use emission per_event"
+            )
+        return self
+
+
+class KafkaConfig(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "usage.events"
+    dlq_topic: str = "usage.events.dlq"
+    late_topic: str = "usage.events.late"
+    group_id: str = "usage-consumer"
+    auto_offset_reset: Literal["earliest", "latest", "error"] = "earliest"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    librdkafka: dict[str, str] = Field(default_factory=dict, description="every client, as is")
+    consumer_librdkafka: dict[str, str] = Field(default_factory=dict, description="consumer only")
+    producer_librdkafka: dict[str, str] = Field(default_factory=dict, description="producer only")
+
+
+class SchemaConfig(_Frozen):
+    mode: Literal["confluent", "plain"] = "confluent"
+    registry_url: str | None = Field(None, description="Confluent schema registry; None = schemas/")
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    plain_writer_schema: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SchemaConfig:
+        if self.mode == "plain" and self.plain_writer_schema is None:
+            raise ValueError("plain mode needs plain_writer_schema (a .avsc path)")
+        return self
+
+
+class ClickHouseConfig(_Frozen):
+    backend: Literal["chdb", "server"] = "chdb"
+    chdb_path: Path = Path(".data/chdb")
+    host: str = "127.0.0.1"
+    port: int = 8123
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    database: str = Field("usage", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secure: bool = False
+    fsync_after_insert: bool = False
+
+
+class StripeConfig(_Frozen):
+    enabled: bool = True
+    api_key: SecretStr | None = None
+    api_base: str = "https://api.stripe.com"
+    meter_events_base: str = "https://meter-events.stripe.com"
+    max_events_per_request: int = Field(100, ge=1, le=100)
+    requests_per_second: float = Field(20.0, gt=0, description="below the 25/s sandbox limit")
+    concurrency: int = Field(4, ge=1, le=64)
+    session_refresh_margin_seconds: float = Field(120.0, ge=0, lt=900)
+    max_retries: int = Field(8, ge=0)
+    poll_interval_seconds: float = Field(0.5, gt=0)
+    lookback_days: int = Field(35, ge=1, le=35)
+
+
+class PipelineConfig(_Frozen):
+    batch_max_messages: int = Field(20_000, ge=1)
+    batch_max_seconds: float = Field(0.5, gt=0)
+    dedup_window_seconds: int = Field(6 * 3600, ge=60)
+    future_tolerance_seconds: int = Field(300, ge=0)
+    max_past_days: int = Field(35, ge=1)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9108, ge=0, le=65535)
+
+
+def default_meters() -> list[MeterConfig]:
+    """The embedded default: the demo's three meters, both emission modes."""
+    return [
+        MeterConfig(
+            name="api_calls",
+            event_name="api_call",
+            aggregation="sum",
+            stripe_event_name="api_calls",
+            emission="aggregated",
+        ),
+        MeterConfig(
+            name="tokens",
+            event_name="tokens",
+            aggregation="sum",
+            stripe_event_name="tokens",
+            emission="per_event",
+        ),
+        MeterConfig(
+            name="storage_gb",
+            event_name="storage_gb",
+            aggregation="last",
+            stripe_event_name="storage_gb",
+            emission="per_event",
+        ),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="USAGE_CONSUMER_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaConfig = KafkaConfig()
+    schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
+    stripe: StripeConfig = StripeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    meters: list[MeterConfig] = Field(default_factory=default_meters, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for field in ("name", "event_name"):
+            seen = [getattr(m, field) for m in self.meters]
+            dupes = sorted({v for v in seen if seen.count(v) > 1})
+            if dupes:
+                raise ValueError(f"meters: {field} must be unique, repeated: {', '.join(dupes)}")
+        longest = max(m.allowed_lateness_seconds for m in self.meters)
+        if self.pipeline.dedup_window_seconds < longest:
+            raise ValueError(
+                "pipeline.dedup_window_seconds must cover the longest allowed lateness"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs), so a Secret can override it.
+        return env_settings, init_settings, file_secret_settings
+
+    def meter_for_event(self) -> dict[str, MeterConfig]:
+        return {m.event_name: m for m in self.meters}
+
+    def config_hash(self) -> str:
+        """Hash of what classification depends on; stored in every range intent (P1)."""
+        body = json.dumps(
+            {
+                "meters": [m.model_dump(mode="json") for m in self.meters],
+                "pipeline": self.pipeline.model_dump(mode="json"),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        path = ".".join(str(p) for p in err["loc"]) or "config"
+        lines.append(f"{path}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from an optional YAML file, the environment, and explicit overrides."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file}: top level must be a mapping")
+        data.update(loaded or {})
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

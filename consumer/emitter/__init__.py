@@ -1,0 +1,1 @@
+"""The Stripe emitter: drains the outbox (stripe_pushes) through the v2 meter event stream."""

@@ -1,0 +1,61 @@
+"""Meter event sessions: a token lives 15 minutes; refresh ahead of expiry and on expiry errors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import stripe
+
+from consumer.clock import Clock
+from consumer.metrics import Metrics
+
+
+def stripe_client(key: str, base_addresses: dict[str, str]) -> stripe.StripeClient:
+    """A StripeClient aimed at `base_addresses` (Stripe, or the bundled emulator)."""
+    bases: Any = base_addresses  # the SDK types this as a private TypedDict
+    return stripe.StripeClient(key, base_addresses=bases)
+
+
+class SessionKeeper:
+    """Hands out a valid session token; thread-safe, one refresh at a time."""
+
+    def __init__(
+        self,
+        api: stripe.StripeClient,
+        clock: Clock,
+        margin_seconds: float,
+        metrics: Metrics,
+        on_refresh: Callable[[], None] | None = None,
+    ) -> None:
+        self._api = api
+        self._clock = clock
+        self._margin = margin_seconds
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._on_refresh = on_refresh
+
+    def token(self) -> str:
+        with self._lock:
+            if self._token is None or self._clock.now() >= self._expires_at - self._margin:
+                self._refresh("scheduled" if self._token else "start")
+            assert self._token is not None
+            return self._token
+
+    def expired(self, stale_token: str) -> None:
+        """Called on an expiry error: refresh unless another thread already did."""
+        with self._lock:
+            if self._token == stale_token:
+                self._refresh("expired")
+
+    def _refresh(self, cause: str) -> None:
+        if self._on_refresh is not None:
+            self._on_refresh()
+        s = self._api.v2.billing.meter_event_session.create()
+        self._token = s.authentication_token
+        self._expires_at = datetime.fromisoformat(s.expires_at).timestamp()
+        self._metrics.stripe_sessions.labels(cause).inc()

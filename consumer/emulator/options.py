@@ -1,0 +1,84 @@
+"""Emulator knobs, and the checked way to change them at runtime (POST /_emulator/config)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, cast
+
+DuplicateAnswer = Literal["drop", "reject_event", "reject_request"]
+DUPLICATE_ANSWERS: tuple[str, ...] = ("drop", "reject_event", "reject_request")
+_RATES = ("rate_429", "rate_5xx", "drop_rate")
+
+
+@dataclass
+class EmulatorOptions:
+    """How the emulator behaves; every field can be changed while it runs.
+
+    ``duplicate_answer`` exists because Stripe has been seen both dropping a repeated
+    identifier silently and answering 400 with ``Stripe-Should-Retry: false``; clients must
+    survive either. ``drop_rate`` loses that fraction of accepted stream events after a 200,
+    so reconciliation against event summaries has something to find.
+    """
+
+    token_lifetime_seconds: float = 900.0
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    latency_seconds: float = 0.0
+    duplicate_answer: DuplicateAnswer = "drop"
+    dedup_window_seconds: float = 86400.0
+    seed: int = 0
+    verbose: bool = False
+    drop_rate: float = 0.0
+
+
+def _coerce(name: str, current: object, raw: object) -> object:
+    """Convert ``raw`` (JSON value or form string) to the type of the field's current value."""
+    if isinstance(current, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ValueError(f"{name} must be a boolean")
+    if isinstance(current, int):
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ValueError(f"{name} must be an integer")
+        return int(raw)
+    if isinstance(current, float):
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ValueError(f"{name} must be a number")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"{name} must be a string")
+    return raw
+
+
+def _check(options: EmulatorOptions) -> None:
+    """Reject values that would make the emulator misbehave instead of failing loudly."""
+    for name in _RATES:
+        rate = cast(float, getattr(options, name))
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1")
+    if options.duplicate_answer not in DUPLICATE_ANSWERS:
+        raise ValueError(f"duplicate_answer must be one of {', '.join(DUPLICATE_ANSWERS)}")
+    for name in ("token_lifetime_seconds", "latency_seconds", "dedup_window_seconds"):
+        if cast(float, getattr(options, name)) < 0:
+            raise ValueError(f"{name} must not be negative")
+
+
+def apply_changes(options: EmulatorOptions, changes: Mapping[str, object]) -> EmulatorOptions:
+    """Return a copy of ``options`` with ``changes`` applied; ValueError names a bad field."""
+    known = {f.name for f in dataclasses.fields(EmulatorOptions)}
+    updates: dict[str, object] = {}
+    for name, raw in changes.items():
+        if name not in known:
+            raise ValueError(f"unknown option: {name}")
+        try:
+            updates[name] = _coerce(name, getattr(options, name), raw)
+        except ValueError as exc:
+            message = str(exc) if str(exc).startswith(name) else f"{name} has a bad value: {raw!r}"
+            raise ValueError(message) from exc
+    updated = dataclasses.replace(options, **updates)  # type: ignore[arg-type]
+    _check(updated)
+    return updated

@@ -1,0 +1,141 @@
+"""Kafka clients built from configuration, and the side outputs (dead letters, late events).
+
+librdkafka settings pass through untouched; secrets go only into the client config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from consumer.classify import DeadLetter, Late
+from consumer.config import KafkaConfig
+from consumer.records import Record
+
+HEADER = "usage-consumer."
+
+
+def client_config(cfg: KafkaConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": cfg.bootstrap_servers}
+    if cfg.sasl_username is not None:
+        conf["sasl.username"] = cfg.sasl_username
+    if cfg.sasl_password is not None:
+        conf["sasl.password"] = cfg.sasl_password.get_secret_value()
+    conf.update(cfg.librdkafka)
+    return conf
+
+
+def consumer_config(cfg: KafkaConfig) -> dict[str, Any]:
+    """Manual commits only after effects are durable; offsets never stored automatically."""
+    conf = {
+        "group.id": cfg.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": cfg.auto_offset_reset,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+    }
+    conf.update(client_config(cfg))
+    conf.update(cfg.consumer_librdkafka)
+    return conf
+
+
+def producer_config(cfg: KafkaConfig) -> dict[str, Any]:
+    conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+    conf.update(client_config(cfg))
+    conf.update(cfg.producer_librdkafka)
+    return conf
+
+
+def to_record(msg: Message) -> Record:
+    ts_type, ts = msg.timestamp()
+    raw = cast(list[tuple[str, bytes | None]], msg.headers() or [])  # a list when consumed
+    headers = tuple((str(k), _bytes(v)) for k, v in raw)
+    return Record(
+        str(msg.topic()),
+        int(msg.partition() or 0),
+        int(msg.offset() or 0),
+        _optional_bytes(msg.key()),
+        _optional_bytes(msg.value()),
+        int(ts) if ts_type else 0,
+        headers,
+    )
+
+
+def _bytes(v: str | bytes | None) -> bytes:
+    return v.encode() if isinstance(v, str) else (v or b"")
+
+
+def _optional_bytes(v: str | bytes | None) -> bytes | None:
+    return None if v is None else _bytes(v)
+
+
+def _source_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
+    """Source position headers let a re-drive dedupe the copies a retried range produces (P5)."""
+    return [
+        (HEADER + "source-topic", rec.topic.encode()),
+        (HEADER + "source-partition", str(rec.partition).encode()),
+        (HEADER + "source-offset", str(rec.offset).encode()),
+        (HEADER + "source-timestamp", str(rec.timestamp_ms).encode()),
+    ]
+
+
+class SideOutputError(Exception):
+    """A dead-letter or late produce could not be confirmed; the range must not complete."""
+
+
+class SideOutputs:
+    """Produces dead letters and late events, and confirms delivery before a range completes."""
+
+    def __init__(
+        self, producer: Producer, dlq_topic: str, late_topic: str, flush_timeout: float = 30.0
+    ) -> None:
+        self._producer = producer
+        self._dlq = dlq_topic
+        self._late = late_topic
+        self._timeout = flush_timeout
+
+    def publish(self, dead: Sequence[DeadLetter], late: Sequence[Late]) -> None:
+        if not dead and not late:
+            return
+        errors: list[KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(err)
+
+        for d in dead:
+            headers = [
+                *_source_headers(d.record),
+                (HEADER + "reason", d.reason.encode()),
+                (HEADER + "detail", d.detail.encode()[:1000]),
+            ]
+            self._produce(self._dlq, d.record, headers, on_delivery)
+        for x in late:
+            headers = [
+                *_source_headers(x.record),
+                (HEADER + "meter", x.meter.name.encode()),
+                (HEADER + "watermark-ms", str(x.watermark_ms).encode()),
+            ]
+            self._produce(self._late, x.record, headers, on_delivery)
+        remaining = self._producer.flush(self._timeout)
+        if remaining or errors:
+            detail = errors[0].str() if errors else f"{remaining} messages not delivered"
+            raise SideOutputError(f"side output produce failed: {detail}")
+
+    def _produce(
+        self, topic: str, rec: Record, headers: list[tuple[str, str | bytes | None]], cb: Any
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=rec.value, key=rec.key, headers=headers, on_delivery=cb
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+            except KafkaException as exc:
+                raise SideOutputError(f"side output produce failed: {exc}") from exc

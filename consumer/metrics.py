@@ -1,0 +1,112 @@
+"""Every Prometheus metric, declared once. Names follow promtool's rules; no customer ids
+as labels (unbounded cardinality): customers live in ClickHouse, not in metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """A registry per instance, so tests and several pipelines in one process don't collide."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "usage_consumer_"
+        # Messages read from the usage topic, before any classification.
+        self.events_consumed = Counter(p + "events_consumed", "Messages consumed.", registry=r)
+        # Events accepted into the ledger, by meter.
+        self.events_accepted = Counter(
+            p + "events_accepted", "Events accepted into the ledger.", ["meter"], registry=r
+        )
+        # Duplicates of an event id already in the ledger or earlier in the range.
+        self.events_duplicate = Counter(
+            p + "events_duplicate", "Duplicate events dropped.", ["meter"], registry=r
+        )
+        # Events beyond the meter's allowed lateness, sent to the late topic.
+        self.events_late = Counter(
+            p + "events_late", "Events later than the allowed lateness.", ["meter"], registry=r
+        )
+        # Dead letters by reason (bounded set of reasons).
+        self.events_invalid = Counter(
+            p + "events_invalid", "Dead-lettered messages.", ["reason"], registry=r
+        )
+        # Event ids the filter flagged but the ledger did not hold (filter false positives).
+        self.dedup_false_positives = Counter(
+            p + "dedup_false_positives", "Dedup filter positives not confirmed.", registry=r
+        )
+        # Event ids held in the recent-id filters.
+        self.dedup_filter_ids = Gauge(
+            p + "dedup_filter_ids", "Event ids in the recent-id filters.", registry=r
+        )
+        # Seconds per ClickHouse write step of a range.
+        self.insert_seconds = Histogram(
+            p + "clickhouse_insert_seconds",
+            "ClickHouse write time per step.",
+            ["table"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        # Rows written to ClickHouse, by table.
+        self.insert_rows = Counter(
+            p + "clickhouse_rows", "Rows written to ClickHouse.", ["table"], registry=r
+        )
+        # Ranges whose writes completed and whose offsets were committed.
+        self.ranges_committed = Counter(
+            p + "ranges_committed", "Ranges committed to Kafka.", registry=r
+        )
+        # Ranges re-formed from an intent after a crash or rebalance.
+        self.ranges_reformed = Counter(
+            p + "ranges_reformed", "Ranges re-formed from their intent.", registry=r
+        )
+        # Consumer lag per partition, from the fetch high watermark.
+        self.consumer_lag = Gauge(
+            p + "consumer_lag_messages",
+            "Messages behind the high watermark.",
+            ["partition"],
+            registry=r,
+        )
+        # Event-time watermark lag behind wall time, per meter.
+        self.watermark_lag = Gauge(
+            p + "watermark_lag_seconds",
+            "Wall time minus the event-time watermark.",
+            ["meter"],
+            registry=r,
+        )
+        # Stripe pushes written but not yet acknowledged.
+        self.stripe_pending = Gauge(
+            p + "stripe_pending_pushes", "Stripe pushes not yet acknowledged.", registry=r
+        )
+        # Age of the oldest pending push (alerting: Stripe refuses timestamps past 35 days).
+        self.stripe_pending_age = Gauge(
+            p + "stripe_pending_oldest_age_seconds",
+            "Age of the oldest pending push.",
+            registry=r,
+        )
+        # Stripe requests by outcome (status code or error class).
+        self.stripe_requests = Counter(
+            p + "stripe_requests", "Stripe meter event stream requests.", ["status"], registry=r
+        )
+        # Meter events acknowledged by Stripe, by mode.
+        self.stripe_events = Counter(
+            p + "stripe_events_emitted",
+            "Meter events acknowledged by Stripe.",
+            ["mode"],
+            registry=r,
+        )
+        # Meter event sessions created (scheduled refreshes and expiry recoveries).
+        self.stripe_sessions = Counter(
+            p + "stripe_session_refreshes",
+            "Meter event sessions created.",
+            ["cause"],
+            registry=r,
+        )
+        # Seconds spent waiting on the request-rate limiter.
+        self.stripe_rate_wait = Counter(
+            p + "stripe_rate_limit_wait_seconds",
+            "Time waiting for the rate limiter.",
+            registry=r,
+        )
+        # Seconds since the poll loop last made progress (liveness).
+        self.last_poll = Gauge(
+            p + "last_poll_timestamp_seconds", "When the poll loop last ran.", registry=r
+        )

@@ -1,0 +1,155 @@
+"""The whole pipeline, wired in one place. Read `build_pipeline` first.
+
+Kafka -> decode -> validate -> dedup -> window/classify -> ClickHouse sink -> commit
+                                                \\-> dead letters / late events
+ClickHouse outbox (stripe_pushes) -> Stripe emitter loop (its own thread)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, Producer
+
+from consumer.classify import Classifier
+from consumer.clock import Clock
+from consumer.config import SchemaConfig, Settings
+from consumer.decode import Decoder
+from consumer.emitter.loop import Emitter
+from consumer.emitter.ratelimit import TokenBucket
+from consumer.emitter.sender import Sender
+from consumer.emitter.session import SessionKeeper, stripe_client
+from consumer.health import Health
+from consumer.ingest import IngestContext, Ingestor
+from consumer.kafka_io import SideOutputs, consumer_config, producer_config
+from consumer.metrics import Metrics
+from consumer.schemas import LocalSchemaSource, RegistrySchemaSource, load_schema, reader_schema
+from consumer.store import Backend, open_store
+from consumer.store.migrations import migrate
+from consumer.validate import DAY_MS, Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    store: Backend
+    consumer: Consumer
+    producer: Producer
+    ingestor: Ingestor
+    emitter: Emitter | None
+    metrics: Metrics
+    health: Health
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume and emit until `stop`; then drain in-flight work, commit, and close."""
+        emitter_stop = threading.Event()
+        thread = None
+        if self.emitter is not None:
+            thread = threading.Thread(
+                target=self.emitter.run, args=(emitter_stop,), name="emitter", daemon=True
+            )
+            thread.start()
+        try:
+            while not stop.is_set():
+                self.ingestor.step()
+                self.health.progressed()
+                self.health.ready["kafka"] = self.health.ready["clickhouse"] = True
+        finally:
+            emitter_stop.set()
+            if thread is not None:
+                thread.join()
+            if self.emitter is not None:
+                self.emitter.close()
+            self.close()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(10)
+        self.store.close()
+
+
+def build_decoder(cfg: SchemaConfig) -> Decoder:
+    if cfg.mode == "plain":
+        assert cfg.plain_writer_schema is not None
+        return Decoder(
+            mode="plain",
+            source=None,
+            reader=reader_schema(),
+            plain_writer=load_schema(cfg.plain_writer_schema),
+        )
+    if cfg.registry_url:
+        auth = None
+        if cfg.registry_username and cfg.registry_password:
+            auth = (cfg.registry_username, cfg.registry_password.get_secret_value())
+        source: LocalSchemaSource | RegistrySchemaSource = RegistrySchemaSource(
+            cfg.registry_url, auth=auth
+        )
+    else:
+        source = LocalSchemaSource()
+    return Decoder(mode="confluent", source=source, reader=reader_schema())
+
+
+def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Metrics) -> Emitter:
+    s = settings.stripe
+    if s.api_key is None:
+        raise ValueError("stripe.api_key is required when stripe.enabled is true")
+    bases = {"api": s.api_base, "meter_events": s.meter_events_base}
+    api = stripe_client(s.api_key.get_secret_value(), bases)
+    sessions = SessionKeeper(api, clock, s.session_refresh_margin_seconds, metrics)
+    sender = Sender(
+        sessions, bases, clock, TokenBucket(s.requests_per_second, clock), metrics, s.max_retries
+    )
+    return Emitter(
+        store,
+        sender,
+        list(settings.meters),
+        clock,
+        metrics,
+        s.concurrency,
+        s.max_events_per_request,
+        s.lookback_days,
+        s.poll_interval_seconds,
+    )
+
+
+def build_pipeline(settings: Settings, clock: Clock, metrics: Metrics, health: Health) -> Pipeline:
+    """decode -> validate -> dedup -> classify -> sink -> commit, plus the emitter."""
+    k, p = settings.kafka, settings.pipeline
+    store = open_store(settings.clickhouse)
+    migrate(store)
+    classifier = Classifier(
+        decoder=build_decoder(settings.schema_),
+        meters=settings.meter_for_event(),
+        limits=Limits(p.future_tolerance_seconds * 1000, p.max_past_days * DAY_MS),
+    )
+    producer = Producer(producer_config(k))
+    consumer = Consumer(consumer_config(k))
+    ingestor = Ingestor(
+        IngestContext(
+            consumer=consumer,
+            store=store,
+            classifier=classifier,
+            clock=clock,
+            metrics=metrics,
+            side=SideOutputs(producer, k.dlq_topic, k.late_topic),
+            group=k.group_id,
+            topic=k.topic,
+            config_hash=settings.config_hash(),
+            dedup_window_ms=p.dedup_window_seconds * 1000,
+            epoch=int(clock.now() * 1000),
+        ),
+        batch_max=p.batch_max_messages,
+        batch_seconds=p.batch_max_seconds,
+    )
+    consumer.subscribe(
+        [k.topic],
+        on_assign=ingestor.on_assign,
+        on_revoke=ingestor.on_revoke,
+        on_lost=ingestor.on_revoke,
+    )
+    emitter = build_emitter(settings, store, clock, metrics) if settings.stripe.enabled else None
+    return Pipeline(settings, store, consumer, producer, ingestor, emitter, metrics, health)

@@ -1,0 +1,176 @@
+"""A realistic, seeded sample with known ground truth: the demo's and the tests' dataset.
+
+Each message is labelled with what it is meant to be (accepted, duplicate, late, future,
+invalid, undecodable); the ground truth is computed from those labels, independently of
+the consumer's code, so the comparison at the end of a run means something.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from consumer.producer import event_record, message_key
+from consumer.schemas import SCHEMAS_DIR, load_schema, reader_schema
+from consumer.wire import encode_confluent, frame_confluent
+
+METERS = {  # event_name -> (meter name, aggregation, share of events)
+    "api_call": ("api_calls", "sum", 0.60),
+    "tokens": ("tokens", "sum", 0.25),
+    "storage_gb": ("storage_gb", "last", 0.15),
+}
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class Message:
+    key: bytes | None
+    value: bytes
+    partition: int
+    kind: str  # accepted | duplicate | late | future | invalid | undecodable
+    event_id: str = ""
+
+
+@dataclass
+class Sample:
+    messages: list[Message]
+    truth: dict[tuple[str, str], Decimal]  # (customer, meter) -> total (sum) or last value
+    kinds: Counter[str] = field(default_factory=Counter)
+    customers: int = 0
+    accepted_ids: set[str] = field(default_factory=set)
+    late_ids: set[str] = field(default_factory=set)
+
+    @property
+    def meters(self) -> int:
+        return len({m for _, m in self.truth})
+
+
+@dataclass
+class _Event:
+    event_id: str
+    event_name: str
+    customer: str
+    value: Decimal
+    ts: int
+
+
+def _value(rng: random.Random, event_name: str) -> Decimal:
+    if event_name == "api_call":
+        return Decimal(rng.choice([1, 1, 1, 1, 2, 5, 10]))
+    if event_name == "tokens":
+        return Decimal(rng.randint(1, 5000))
+    return Decimal(rng.randint(1000, 500_000)) / 1000  # GB with 3 decimals
+
+
+def generate(
+    n: int, customers: int, partitions: int, now_ms: int, seed: int = 7, span_ms: int = 4 * HOUR_MS
+) -> Sample:
+    """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones."""
+    rng = random.Random(seed)
+    v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
+    v2 = reader_schema()
+    cust = [f"cus_{i:04d}" for i in range(customers)]
+    names = list(METERS)
+    weights = [METERS[k][2] for k in names]
+    start = now_ms - span_ms - 10 * 60_000
+    step = span_ms / n
+    messages: list[Message] = []
+    accepted: list[tuple[_Event, Message]] = []
+    truth: dict[tuple[str, str], Decimal] = {}
+    last_seen: dict[tuple[str, str], tuple[int, str]] = {}
+
+    def encode(ev: _Event, kind: str, old_schema: bool = False) -> Message:
+        rec = event_record(
+            ev.event_id,
+            ev.event_name,
+            ev.customer,
+            ev.value,
+            ev.ts,
+            {"region": rng.choice(["eu", "us"])},
+        )
+        if old_schema:
+            rec.pop("properties")
+            payload = encode_confluent(rec, v1, 1)
+        else:
+            payload = encode_confluent(rec, v2, 2)
+        key = message_key(ev.event_name, ev.event_id)
+        return Message(key, payload, zlib.crc32(key) % partitions, kind, ev.event_id)
+
+    for i in range(n):
+        name = rng.choices(names, weights)[0]
+        jitter = 0 if name == "storage_gb" else rng.randint(-30_000, 30_000)
+        ev = _Event(
+            f"evt-{seed}-{i:08d}",
+            name,
+            rng.choice(cust),
+            _value(rng, name),
+            int(start + i * step) + jitter,
+        )
+        msg = encode(ev, "accepted", old_schema=rng.random() < 0.1)
+        messages.append(msg)
+        accepted.append((ev, msg))
+        meter, agg, _ = METERS[name]
+        k = (ev.customer, meter)
+        if agg == "sum":
+            truth[k] = truth.get(k, Decimal(0)) + ev.value
+        elif (ev.ts, ev.event_id) > last_seen.get(k, (-1, "")):
+            last_seen[k] = (ev.ts, ev.event_id)
+            truth[k] = ev.value
+        messages.extend(_extras(rng, i, n, ev, accepted, encode, partitions, now_ms))
+    messages.extend(_undecodable(rng, partitions))
+    kinds = Counter(m.kind for m in messages)
+    ids = {ev.event_id for ev, _ in accepted}
+    late_ids = {m.event_id for m in messages if m.kind == "late" and m.event_id}
+    return Sample(messages, truth, kinds, customers, ids, late_ids)
+
+
+def _extras(
+    rng: random.Random,
+    i: int,
+    n: int,
+    ev: _Event,
+    accepted: list[tuple[_Event, Message]],
+    encode: object,
+    partitions: int,
+    now_ms: int,
+) -> Iterator[Message]:
+    """After event i: maybe a duplicate, a late, a future-dated or an invalid event."""
+    assert callable(encode)
+    r = rng.random()
+    if r < 0.01 and accepted:
+        _, orig = accepted[rng.randrange(max(0, len(accepted) - 5000), len(accepted))]
+        other = rng.random() < 0.3  # a duplicate in a different partition
+        part = (orig.partition + 1) % partitions if other else orig.partition
+        yield Message(orig.key, orig.value, part, "duplicate")
+    elif r < 0.013 and i > 0.6 * n and ev.event_name != "storage_gb":
+        late = _Event(
+            ev.event_id + "-late", ev.event_name, ev.customer, ev.value, ev.ts - 3 * HOUR_MS
+        )
+        yield encode(late, "late")
+    elif r < 0.014:
+        fut = _Event(
+            ev.event_id + "-future", ev.event_name, ev.customer, ev.value, now_ms + 20 * 60_000
+        )
+        yield encode(fut, "future")
+    elif r < 0.0145:
+        bad = _Event(ev.event_id + "-neg", ev.event_name, ev.customer, Decimal(-5), ev.ts)
+        yield encode(bad, "invalid")
+    elif r < 0.015:
+        unknown = _Event(ev.event_id + "-unk", "legacy_metric", ev.customer, ev.value, ev.ts)
+        yield encode(unknown, "invalid")
+
+
+def _undecodable(rng: random.Random, partitions: int) -> list[Message]:
+    bad = [
+        b"",
+        b"\x01\x00\x00\x00\x02garbage",  # bad magic byte
+        b"\x00\x00\x00",  # truncated header
+        frame_confluent(99, b"\x02a"),  # unknown schema id
+        frame_confluent(2, bytes(rng.getrandbits(8) for _ in range(12))),  # not Avro
+        b"not avro at all",
+    ]
+    return [Message(None, v, i % partitions, "undecodable") for i, v in enumerate(bad)]

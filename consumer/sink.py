@@ -1,0 +1,220 @@
+"""ClickHouse sink: the idempotent writes of a batch of ranges.
+
+Every row has a deterministic identity (P3): a retry of the same range writes the same
+rows, which converge under FINAL. Windows are recomputed from the deduplicated ledger
+and upserted, never accumulated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+import pyarrow as pa
+
+from consumer.classify import Classified, LedgerLookup, Snapshot
+from consumer.identifiers import per_event_identifier
+from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.window import minute_of
+
+VER_BASE = 1 << 62
+PENDING = 1
+Timer = Callable[[str], object]
+
+
+@dataclass
+class RangeWrite:
+    """One partition's range [start, end) with its classification and snapshot."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    attempt: int
+    snapshot: Snapshot
+    classified: Classified
+
+
+def batch_id(ranges: Sequence[RangeWrite]) -> str:
+    """Deterministic id of a batch, used as insert dedup token and dirty-window key."""
+    text = ";".join(f"{r.topic}/{r.partition}/{r.start}/{r.end}" for r in ranges)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def ledger_lookup(store: Backend, topic: str, partition: int, start: int, end: int) -> LedgerLookup:
+    """Which ids the ledger holds, ignoring rows from this very range (P2)."""
+
+    def lookup(meter: str, event_ids: list[str]) -> set[str]:
+        rows = store.query(
+            """SELECT DISTINCT event_id FROM usage_events
+               WHERE meter = {m:String} AND event_id IN {ids:Array(String)}
+                 AND NOT (topic = {t:String} AND partition = {p:UInt32}
+                          AND offset >= {a:UInt64} AND offset < {b:UInt64})""",
+            {"m": meter, "ids": event_ids, "t": topic, "p": partition, "a": start, "b": end},
+        )
+        return {str(r[0]) for r in rows}
+
+    return lookup
+
+
+def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int) -> int:
+    """Ledger, dead letters, late events, dirty windows and per-event pushes; returns accepted."""
+    accepted = [a for r in ranges for a in r.classified.accepted]
+    if accepted:
+        store.insert_columns(
+            "usage_events",
+            {
+                "meter": pa.array([a.meter.name for a in accepted]),
+                "customer_id": pa.array([a.event.customer_id for a in accepted]),
+                "event_id": pa.array([a.event.event_id for a in accepted]),
+                "event_time": pa.array([a.event.timestamp_ms for a in accepted], TIME_MS),
+                "value": pa.array([a.event.value for a in accepted], DECIMAL),
+                "properties": pa.array(
+                    [list(a.event.properties.items()) for a in accepted],
+                    pa.map_(pa.string(), pa.string()),
+                ),
+                "schema_id": pa.array([a.event.schema_id for a in accepted], pa.uint32()),
+                "topic": pa.array([a.record.topic for a in accepted]),
+                "partition": pa.array([a.record.partition for a in accepted], pa.uint32()),
+                "offset": pa.array([a.record.offset for a in accepted], pa.uint64()),
+                "record_time": pa.array([a.record.timestamp_ms for a in accepted], TIME_MS),
+                "ver": pa.array([VER_BASE - a.record.timestamp_ms for a in accepted], pa.uint64()),
+            },
+            token=token,
+        )
+        _write_dirty(
+            store,
+            token,
+            {
+                (a.meter.name, a.event.customer_id, minute_of(a.event.timestamp_ms))
+                for a in accepted
+            },
+        )
+        _write_per_event_pushes(store, token, ranges, now_ms)
+    _write_dead_letters(store, token, ranges, now_ms)
+    _write_late(store, token, ranges)
+    return len(accepted)
+
+
+def _write_dirty(store: Backend, token: str, keys: set[tuple[str, str, int]]) -> None:
+    ordered = sorted(keys)
+    store.insert_columns(
+        "dirty_windows",
+        {
+            "batch_id": pa.array([token] * len(ordered)),
+            "meter": pa.array([k[0] for k in ordered]),
+            "customer_id": pa.array([k[1] for k in ordered]),
+            "window_start": pa.array([k[2] // 1000 for k in ordered], pa.timestamp("s", tz="UTC")),
+        },
+        token=token,
+    )
+
+
+def _write_per_event_pushes(
+    store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int
+) -> None:
+    rows = [
+        a
+        for r in ranges
+        for a in r.classified.accepted
+        if a.meter.stripe_event_name and a.meter.emission == "per_event"
+    ]
+    if not rows:
+        return
+    names = [a.meter.stripe_event_name or "" for a in rows]
+    store.insert_columns(
+        "stripe_pushes",
+        {
+            "identifier": pa.array(
+                [
+                    per_event_identifier(n, a.event.event_id)
+                    for n, a in zip(names, rows, strict=True)
+                ]
+            ),
+            "mode": pa.array(["per_event"] * len(rows)),
+            "meter": pa.array([a.meter.name for a in rows]),
+            "stripe_event_name": pa.array(names),
+            "customer_id": pa.array([a.event.customer_id for a in rows]),
+            "bucket_start": pa.array([a.event.timestamp_ms for a in rows], TIME_MS),
+            "revision": pa.array([0] * len(rows), pa.uint32()),
+            "value": pa.array([a.event.value for a in rows], DECIMAL),
+            "status_rank": pa.array([PENDING] * len(rows), pa.uint8()),
+            "first_attempt_at": pa.array([0] * len(rows), TIME_MS),
+            "updated_at": pa.array([now_ms] * len(rows), TIME_MS),
+        },
+        token=token,
+    )
+
+
+def _write_dead_letters(
+    store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int
+) -> None:
+    dead = [d for r in ranges for d in r.classified.invalid]
+    if not dead:
+        return
+    store.insert_columns(
+        "dead_letters",
+        {
+            "topic": pa.array([d.record.topic for d in dead]),
+            "partition": pa.array([d.record.partition for d in dead], pa.uint32()),
+            "offset": pa.array([d.record.offset for d in dead], pa.uint64()),
+            "reason": pa.array([d.reason for d in dead]),
+            "detail": pa.array([d.detail for d in dead]),
+            "key": pa.array([d.record.key or b"" for d in dead], pa.binary()),
+            "payload": pa.array([d.record.value or b"" for d in dead], pa.binary()),
+            "record_time": pa.array([d.record.timestamp_ms for d in dead], TIME_MS),
+            "written_at": pa.array([now_ms] * len(dead), TIME_MS),
+        },
+        token=token,
+    )
+
+
+def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> None:
+    late = [x for r in ranges for x in r.classified.late]
+    if not late:
+        return
+    store.insert_columns(
+        "late_events",
+        {
+            "topic": pa.array([x.record.topic for x in late]),
+            "partition": pa.array([x.record.partition for x in late], pa.uint32()),
+            "offset": pa.array([x.record.offset for x in late], pa.uint64()),
+            "meter": pa.array([x.meter.name for x in late]),
+            "customer_id": pa.array([x.event.customer_id for x in late]),
+            "event_id": pa.array([x.event.event_id for x in late]),
+            "event_time": pa.array([x.event.timestamp_ms for x in late], TIME_MS),
+            "value": pa.array([x.event.value for x in late], DECIMAL),
+            "watermark": pa.array([x.watermark_ms for x in late], TIME_MS),
+            "record_time": pa.array([x.record.timestamp_ms for x in late], TIME_MS),
+        },
+        token=token,
+    )
+
+
+def recompute_windows(store: Backend, token: str, now_ms: int) -> None:
+    """Upsert every minute window the batch touched, recomputed from the whole ledger."""
+    store.command(
+        """INSERT INTO usage_windows
+           SELECT meter, customer_id, toStartOfMinute(event_time) AS window_start,
+                  sum(value), count(), min(value), max(value),
+                  argMin(value, (event_time, event_id)), min(event_time),
+                  argMax(value, (event_time, event_id)), max(event_time),
+                  fromUnixTimestamp64Milli({now:Int64}, 'UTC')
+           FROM usage_events FINAL
+           WHERE (meter, customer_id, toStartOfHour(event_time)) IN (
+                    SELECT DISTINCT meter, customer_id, toStartOfHour(window_start)
+                    FROM dirty_windows WHERE batch_id = {b:String})
+             AND (meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')) IN (
+                    SELECT meter, customer_id, window_start
+                    FROM dirty_windows WHERE batch_id = {b:String})
+           GROUP BY meter, customer_id, window_start""",
+        {"b": token, "now": now_ms},
+    )
+
+
+def exact(value: Decimal) -> str:
+    """Decimal as a plain string without exponent or trailing zeros ("10", "0.5")."""
+    text = format(value.normalize(), "f")
+    return text if "." not in text else text.rstrip("0").rstrip(".") or "0"

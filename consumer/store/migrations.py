@@ -1,0 +1,203 @@
+"""The ClickHouse schema as numbered migrations, applied in order and recorded.
+
+Every table is keyed by a deterministic identity (P3): writing the same rows twice
+converges under FINAL. Analysts read the views at the end, never the raw tables.
+"""
+
+from __future__ import annotations
+
+from consumer.store.backend import Backend
+
+_DEDUP = "non_replicated_deduplication_window = 1000"
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "ledger and fenced ingest state",
+        [
+            # The deduplicated ledger: one row per accepted event. Identity (meter, customer,
+            # hour, event id); `ver` prefers the copy with the earliest record timestamp.
+            f"""CREATE TABLE IF NOT EXISTS usage_events (
+            meter LowCardinality(String),
+            customer_id String,
+            event_id String,
+            event_time DateTime64(3, 'UTC'),
+            value Decimal(38, 9),
+            properties Map(String, String),
+            schema_id UInt32,
+            topic LowCardinality(String),
+            partition UInt32,
+            offset UInt64,
+            record_time DateTime64(3, 'UTC'),
+            ver UInt64,
+            INDEX event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 4
+        ) ENGINE = ReplacingMergeTree(ver)
+        ORDER BY (meter, customer_id, toStartOfHour(event_time), event_id)
+        SETTINGS {_DEDUP}""",
+            # Versioned intent/done rows per (group, topic, partition); read with argMax (P4).
+            """CREATE TABLE IF NOT EXISTS ingest_state (
+            group_id String,
+            topic String,
+            partition UInt32,
+            range_start Int64,
+            range_end Int64,
+            state_rank UInt8,
+            epoch UInt64,
+            attempt UInt32,
+            snapshot String,
+            written_at DateTime64(3, 'UTC')
+        ) ENGINE = MergeTree
+        ORDER BY (group_id, topic, partition, range_start, state_rank)""",
+        ],
+    ),
+    (
+        2,
+        "minute windows recomputed from the ledger",
+        [
+            # Set semantics: each row is a recomputation from the ledger; the last insert wins.
+            f"""CREATE TABLE IF NOT EXISTS usage_windows (
+            meter LowCardinality(String),
+            customer_id String,
+            window_start DateTime('UTC'),
+            sum_value Decimal(38, 9),
+            event_count UInt64,
+            min_value Decimal(38, 9),
+            max_value Decimal(38, 9),
+            first_value Decimal(38, 9),
+            first_time DateTime64(3, 'UTC'),
+            last_value Decimal(38, 9),
+            last_time DateTime64(3, 'UTC'),
+            computed_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (meter, customer_id, window_start)
+        SETTINGS {_DEDUP}""",
+            # Which windows a range touched, so the recompute reads only those ledger slices.
+            """CREATE TABLE IF NOT EXISTS dirty_windows (
+            batch_id String,
+            meter LowCardinality(String),
+            customer_id String,
+            window_start DateTime('UTC')
+        ) ENGINE = MergeTree
+        ORDER BY (batch_id, meter, customer_id, window_start)
+        TTL toDateTime(window_start) + INTERVAL 40 DAY""",
+        ],
+    ),
+    (
+        3,
+        "side outputs",
+        [
+            f"""CREATE TABLE IF NOT EXISTS dead_letters (
+            topic String,
+            partition UInt32,
+            offset UInt64,
+            reason LowCardinality(String),
+            detail String,
+            key String,
+            payload String,
+            record_time DateTime64(3, 'UTC'),
+            written_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (topic, partition, offset)
+        SETTINGS {_DEDUP}""",
+            f"""CREATE TABLE IF NOT EXISTS late_events (
+            topic String,
+            partition UInt32,
+            offset UInt64,
+            meter LowCardinality(String),
+            customer_id String,
+            event_id String,
+            event_time DateTime64(3, 'UTC'),
+            value Decimal(38, 9),
+            watermark DateTime64(3, 'UTC'),
+            record_time DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (topic, partition, offset)
+        SETTINGS {_DEDUP}""",
+        ],
+    ),
+    (
+        4,
+        "stripe outbox",
+        [
+            # Push intents and their marks; identity = the Stripe identifier; `status_rank`
+            # makes `sent` win over `pending` under FINAL, whatever the write order.
+            f"""CREATE TABLE IF NOT EXISTS stripe_pushes (
+            identifier String,
+            mode LowCardinality(String),
+            meter LowCardinality(String),
+            stripe_event_name String,
+            customer_id String,
+            bucket_start DateTime64(3, 'UTC'),
+            revision UInt32,
+            value Decimal(38, 9),
+            status_rank UInt8,
+            first_attempt_at DateTime64(3, 'UTC'),
+            updated_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree(status_rank)
+        ORDER BY (identifier)
+        SETTINGS {_DEDUP}""",
+        ],
+    ),
+    (
+        5,
+        "analyst views",
+        [
+            """CREATE VIEW IF NOT EXISTS usage_minutely AS
+        SELECT meter, customer_id, window_start, sum_value, event_count, min_value, max_value,
+               first_value, last_value,
+               if(event_count = 0, 0, toDecimal128(sum_value / event_count, 9)) AS avg_value
+        FROM usage_windows FINAL""",
+            """CREATE VIEW IF NOT EXISTS usage_hourly AS
+        SELECT meter, customer_id, toStartOfHour(window_start) AS hour,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value
+        FROM usage_windows FINAL GROUP BY meter, customer_id, hour""",
+            """CREATE VIEW IF NOT EXISTS usage_daily AS
+        SELECT meter, customer_id, toDate(window_start) AS day,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value
+        FROM usage_windows FINAL GROUP BY meter, customer_id, day""",
+            """CREATE VIEW IF NOT EXISTS usage_monthly AS
+        SELECT meter, customer_id, toStartOfMonth(window_start) AS month,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value
+        FROM usage_windows FINAL GROUP BY meter, customer_id, month""",
+            """CREATE VIEW IF NOT EXISTS usage_totals AS
+        SELECT meter, customer_id,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value,
+               min(window_start) AS first_window, max(window_start) AS last_window
+        FROM usage_windows FINAL GROUP BY meter, customer_id""",
+        ],
+    ),
+]
+
+
+def migrate(store: Backend) -> list[int]:
+    """Apply pending migrations; returns the versions applied now."""
+    store.command(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+        "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree "
+        "ORDER BY version"
+    )
+    done = {int(r[0]) for r in store.query("SELECT version FROM schema_migrations FINAL")}
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for sql in statements:
+            store.command(sql)
+        store.command(
+            "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
+            {"v": version, "n": name},
+        )
+        applied.append(version)
+    return applied
