@@ -135,8 +135,8 @@ class _Reader:
         ftype = field["type"]
         if _logical(field) != ("bytes", "decimal"):
             raise DecodeError("wrong_type", "writer value is not a bytes decimal")
-        scale, precision = int(ftype.get("scale", 0)), int(ftype["precision"])
-        if scale != self.scale or precision > self.precision:
+        scale, precision = ftype.get("scale", 0), ftype.get("precision")
+        if not isinstance(precision, int) or scale != self.scale or precision > self.precision:
             raise DecodeError(
                 "wrong_type",
                 f"writer value is decimal({precision},{scale}), "

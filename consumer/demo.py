@@ -87,33 +87,50 @@ def stripe_totals(settings: Settings, url: str) -> Totals:
     }
 
 
-def run_until_drained(settings: Settings, ends: dict[int, int], timeout: float) -> None:
-    metrics, clock = Metrics(), SystemClock()
-    pipeline = build_pipeline(settings, clock, metrics, Health(clock))
+def run_until_drained(
+    settings: Settings,
+    ends: dict[int, int],
+    timeout: float,
+    metrics: Metrics | None = None,
+    stop_at: int | None = None,
+    quiet: bool = False,
+) -> int:
+    """Run consumer and emitter until every offset in `ends` is committed and the emitter
+    found nothing left to send (or, with `stop_at`, until that many offsets are committed,
+    then stop gracefully). Returns the number of offsets committed."""
+    clock = SystemClock()
+    pipeline = build_pipeline(settings, clock, metrics or Metrics(), Health(clock))
     stop = threading.Event()
     worker = threading.Thread(target=pipeline.run, args=(stop,), name="pipeline")
     worker.start()
     total = sum(ends.values())
-    bar = Progress("consume", total)
+    target = total if stop_at is None else min(stop_at, total)
+    bar = None if quiet else Progress("consume", total)
     deadline = time.monotonic() + timeout
+    done = 0
     try:
-        while True:
+        while worker.is_alive() and time.monotonic() < deadline:
             done = sum(min(pipeline.ingestor.committed.get(p, 0), e) for p, e in ends.items())
-            bar.update(done)
-            if done >= total or time.monotonic() > deadline or not worker.is_alive():
+            if bar is not None:
+                bar.update(done)
+            if done >= target:
                 break
-            time.sleep(0.2)
-        bar.done(done)
+            time.sleep(0.1)
+        if bar is not None:
+            bar.done(done)
+        if done < target:
+            raise RuntimeError(f"not drained: committed {done} of {target} offsets")
         emitter = pipeline.emitter
-        if emitter is not None:
+        if emitter is not None and stop_at is None:
             mark = emitter.cycles
-            while not emitter.drained_since(mark) and time.monotonic() < deadline:
+            while worker.is_alive() and not emitter.drained_since(mark):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the emitter did not drain the outbox in time")
                 time.sleep(0.1)
     finally:
         stop.set()
         worker.join()
-    if done < total:
-        raise RuntimeError(f"not drained: committed {done} of {total} offsets")
+    return done
 
 
 def compare(sample: Sample, ch: Totals, st: Totals) -> tuple[list[list[str]], int]:

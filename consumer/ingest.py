@@ -87,6 +87,9 @@ class Ingestor:
         c = self.ctx
         loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms)
         self.tracks.update(loaded)
+        for p, t in loaded.items():
+            if t.next_offset is not None and t.reform is None:
+                self.committed[p] = t.next_offset
         return loaded
 
     def retry_unready(self) -> None:

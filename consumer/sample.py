@@ -67,13 +67,19 @@ def _value(rng: random.Random, event_name: str) -> Decimal:
 
 
 def generate(
-    n: int, customers: int, partitions: int, now_ms: int, seed: int = 7, span_ms: int = 4 * HOUR_MS
+    n: int,
+    customers: int,
+    partitions: int,
+    now_ms: int,
+    seed: int = 7,
+    span_ms: int = 4 * HOUR_MS,
+    customer_prefix: str = "cus_",
 ) -> Sample:
     """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones."""
     rng = random.Random(seed)
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
     v2 = reader_schema()
-    cust = [f"cus_{i:04d}" for i in range(customers)]
+    cust = [f"{customer_prefix}{i:04d}" for i in range(customers)]
     names = list(METERS)
     weights = [METERS[k][2] for k in names]
     start = now_ms - span_ms - 10 * 60_000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Context, Decimal
 from urllib.parse import parse_qsl
 
 _RFC3339 = re.compile(
@@ -28,7 +28,8 @@ def parse_rfc3339(text: str) -> float:
 
 def format_decimal(value: Decimal) -> str:
     """Exact and canonical: ``10`` rather than ``1E+1``, ``1`` rather than ``1.000``."""
-    text = format(value.normalize(), "f")
+    exact = Context(prec=max(28, len(value.as_tuple().digits)))
+    text = format(value.normalize(exact), "f")
     return "0" if text in ("-0", "0") else text
 
 

@@ -145,7 +145,8 @@ class MeterBook:
         """The meter or a v1 404."""
         meter = self._meters.get(meter_id)
         if meter is None:
-            raise v1_error(404, f"No such billing meter: '{meter_id}'", param="id")
+            message = f"No such billing meter: '{meter_id}'"
+            raise v1_error(404, message, param="id", code="resource_missing")
         return meter
 
     def all(self) -> list[Meter]:

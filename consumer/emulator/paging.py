@@ -26,7 +26,8 @@ def _position(ids: list[str], cursor: str, param: str) -> int:
     try:
         return ids.index(cursor)
     except ValueError:
-        raise v1_error(404, f"No such object: '{cursor}'", param=param) from None
+        message = f"No such object: '{cursor}'"
+        raise v1_error(404, message, param=param, code="resource_missing") from None
 
 
 def paginate(

@@ -45,12 +45,12 @@ class Request:
 
     def form(self) -> dict[str, object]:
         """Bracket-notation parameters from the body (POST) or the query string (GET)."""
-        text = self.body.decode() if self.method == "POST" else self.query
+        text = self.body.decode(errors="replace") if self.method == "POST" else self.query
         return parse_form(text)
 
     def control(self) -> dict[str, object]:
         """A control body: a JSON object or a form."""
-        text = self.body.decode().strip()
+        text = self.body.decode(errors="replace").strip()
         if not text.startswith("{"):
             return parse_form(text)
         parsed = self.json()
@@ -177,11 +177,10 @@ _TABLE: list[tuple[str, str, Handler, str]] = [
 ROUTES = [Route(m, re.compile(f"^{p}$"), h, k) for m, p, h, k in _TABLE]
 
 
-def dispatch(state: State, request: Request) -> tuple[str, dict[str, Any]]:
-    """Run the matching route: ``(kind, body)``; an unknown path is a v1 404."""
+def find_route(method: str, path: str) -> tuple[Route, list[str]]:
+    """The route for ``method`` and ``path`` and its captured groups; otherwise a v1 404."""
     for route in ROUTES:
-        match = route.pattern.match(request.path)
-        if match and route.method == request.method:
-            return route.kind, route.handler(state, request, list(match.groups()))
-    message = f"Unrecognized request URL ({request.method}: {request.path})."
-    raise errors.v1_error(404, message)
+        match = route.pattern.match(path)
+        if match and route.method == method:
+            return route, list(match.groups())
+    raise errors.v1_error(404, f"Unrecognized request URL ({method}: {path}).")

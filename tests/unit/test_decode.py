@@ -237,9 +237,18 @@ def test_writer_timestamp_wrong_type(tmp_path: Path, new_type: Any) -> None:
         assert err.value.reason == "wrong_type"
 
 
-def test_writer_decimal_scale_mismatch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "value_type",
+    [
+        {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 6},
+        {"type": "bytes", "logicalType": "decimal", "precision": 39, "scale": 9},
+        {"type": "bytes", "logicalType": "decimal", "scale": 9},
+        "double",
+    ],
+)
+def test_writer_decimal_mismatch(tmp_path: Path, value_type: Any) -> None:
     def rescale(fs: list[dict[str, Any]]) -> None:
-        fs[3]["type"]["scale"] = 6
+        fs[3]["type"] = value_type
 
     schema = _variant(tmp_path / "scale.avsc", rescale)
     decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V2)
