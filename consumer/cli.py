@@ -92,7 +92,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from consumer.emulator.server import EmulatorOptions
+    from consumer.emulator import EmulatorOptions
     from consumer.emulator.server import main as emulator_main
 
     emulator_main(
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The SDK logs every request at INFO; keep it to problems unless asked.
+    logging.getLogger("stripe").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

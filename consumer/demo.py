@@ -7,6 +7,7 @@ until drained; then ground truth, ClickHouse and the emulator must agree exactly
 
 from __future__ import annotations
 
+import gc
 import shutil
 import sys
 import threading
@@ -154,7 +155,7 @@ def main(
     partitions: int = 3,
     seed: int = 7,
 ) -> int:
-    from consumer.emulator.server import EmulatorOptions, serve
+    from consumer.emulator import EmulatorOptions, serve
 
     shutil.rmtree(workdir / "chdb", ignore_errors=True)
     with TansuBroker() as broker:
@@ -186,6 +187,7 @@ def main(
             ends = produce(sample, broker.bootstrap, k.topic)
             run_until_drained(settings, ends, timeout=600)
             st = stripe_totals(settings, emulator.url)
+            gc.collect()  # free the Kafka clients (held in callback cycles) before the broker stops
         finally:
             emulator.stop()
     store = open_store(settings.clickhouse)

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.classify import Classifier
 from consumer.clock import Clock
-from consumer.config import SchemaConfig, Settings
+from consumer.config import ConfigError, SchemaConfig, Settings
 from consumer.decode import Decoder
 from consumer.emitter.loop import Emitter
 from consumer.emitter.ratelimit import TokenBucket
@@ -96,7 +96,10 @@ def build_decoder(cfg: SchemaConfig) -> Decoder:
 def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Metrics) -> Emitter:
     s = settings.stripe
     if s.api_key is None:
-        raise ValueError("stripe.api_key is required when stripe.enabled is true")
+        raise ConfigError(
+            "stripe.api_key: required when stripe.enabled is true "
+            "(set USAGE_CONSUMER_STRIPE__API_KEY, or stripe.enabled: false)"
+        )
     bases = {"api": s.api_base, "meter_events": s.meter_events_base}
     api = stripe_client(s.api_key.get_secret_value(), bases)
     sessions = SessionKeeper(api, clock, s.session_refresh_margin_seconds, metrics)

@@ -10,12 +10,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.broker import TansuBroker
 from consumer.config import Settings
 from consumer.demo import produce, run_until_drained, stripe_totals
-from consumer.emulator.server import EmulatorServer
+from consumer.emulator import EmulatorServer
 from consumer.metrics import Metrics
 from consumer.producer import UsageProducer
 from consumer.sample import Sample, generate
@@ -96,8 +96,12 @@ def test_duplicates_across_batches_and_partitions(
     finally:
         store.close()
     assert int(rows[0][0]) == len(clean)
-    dupes = sum(s.value for s in metrics.events_duplicate.collect()[0].samples
-                if s.name.endswith("_total"))
+    dupes = sum(
+        s.value
+        for metric in metrics.events_duplicate.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    )
     assert dupes >= len(clean)  # every same-partition copy is caught before the write
 
 
@@ -109,8 +113,9 @@ def test_graceful_stop_and_restart_mid_stream(
     prefix = f"cus_{unique}_"
     sample = generate(20_000, 10, 3, int(time.time() * 1000), seed=3, customer_prefix=prefix)
     ends = produce(sample, broker.bootstrap, settings.kafka.topic)
-    first = run_until_drained(settings, ends, timeout=120, stop_at=sum(ends.values()) // 3,
-                              quiet=True)
+    first = run_until_drained(
+        settings, ends, timeout=120, stop_at=sum(ends.values()) // 3, quiet=True
+    )
     assert first < sum(ends.values())
     ch, _ = ch_totals(settings)
     assert ch != sample.truth  # really stopped mid-stream
@@ -128,19 +133,34 @@ def test_dead_letters_carry_bytes_and_reason_and_offsets_are_committed(
     p = UsageProducer({"bootstrap.servers": broker.bootstrap}, settings.kafka.topic)
     bad = [b"\x07junk", b"", b"\x00\x00\x00\x00\x63\x02x"]
     now = int(time.time() * 1000)
-    p.send(event_id="ok-1", event_name="api_call", customer_id=f"cus_{unique}",
-           value=Decimal(3), timestamp_ms=now)
+    p.send(
+        event_id="ok-1",
+        event_name="api_call",
+        customer_id=f"cus_{unique}",
+        value=Decimal(3),
+        timestamp_ms=now,
+    )
     for payload in bad:
         p.send_raw(b"k", payload)
-    p.send(event_id="neg-1", event_name="api_call", customer_id=f"cus_{unique}",
-           value=Decimal(-1), timestamp_ms=now)
+    p.send(
+        event_id="neg-1",
+        event_name="api_call",
+        customer_id=f"cus_{unique}",
+        value=Decimal(-1),
+        timestamp_ms=now,
+    )
     assert p.flush() == 0
     run_until_drained(settings, {0: 5}, timeout=60, quiet=True)
 
-    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"{unique}-check",
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": f"{unique}-check",
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.assign([TopicPartition(settings.kafka.dlq_topic, 0, 0)])
-    got = []
+    got: list[Message] = []
     deadline = time.monotonic() + 20
     while len(got) < 4 and time.monotonic() < deadline:
         m = c.poll(0.5)
@@ -164,15 +184,23 @@ def test_dead_letters_carry_bytes_and_reason_and_offsets_are_committed(
     finally:
         store.close()
     assert [(int(o), str(r)) for o, r, _ in rows] == [
-        (1, "bad_magic"), (2, "empty"), (3, "unknown_schema_id"), (4, "negative_value")]
+        (1, "bad_magic"),
+        (2, "empty"),
+        (3, "unknown_schema_id"),
+        (4, "negative_value"),
+    ]
 
 
 def test_session_expiring_during_a_run_is_refreshed(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique,
-                             stripe={"session_refresh_margin_seconds": 0,
-                                     "requests_per_second": 50, "concurrency": 2})
+    settings = make_settings(
+        broker,
+        emulator,
+        tmp_path,
+        unique,
+        stripe={"session_refresh_margin_seconds": 0, "requests_per_second": 50, "concurrency": 2},
+    )
     setup(broker, settings)
     prefix = f"cus_{unique}_"
     sample = generate(6_000, 5, 3, int(time.time() * 1000), seed=9, customer_prefix=prefix)
@@ -181,8 +209,9 @@ def test_session_expiring_during_a_run_is_refreshed(
 
     def expire_repeatedly() -> None:
         while not stop.wait(0.3):
-            req = urllib.request.Request(f"{emulator.url}/_emulator/expire_sessions",
-                                         data=b"{}", method="POST")
+            req = urllib.request.Request(
+                f"{emulator.url}/_emulator/expire_sessions", data=b"{}", method="POST"
+            )
             urllib.request.urlopen(req, timeout=5).close()
 
     expirer = threading.Thread(target=expire_repeatedly)
@@ -206,8 +235,13 @@ def test_no_request_carries_more_than_100_events(
     p = UsageProducer({"bootstrap.servers": broker.bootstrap}, settings.kafka.topic)
     now = int(time.time() * 1000)
     for i in range(1_050):
-        p.send(event_id=f"{unique}-{i}", event_name="tokens", customer_id=f"cus_{unique}",
-               value=Decimal(1), timestamp_ms=now - i)
+        p.send(
+            event_id=f"{unique}-{i}",
+            event_name="tokens",
+            customer_id=f"cus_{unique}",
+            value=Decimal(1),
+            timestamp_ms=now - i,
+        )
     assert p.flush() == 0
     metrics = Metrics()
     run_until_drained(settings, {0: 1_050}, timeout=60, metrics=metrics, quiet=True)

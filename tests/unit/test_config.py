@@ -11,7 +11,9 @@ def test_defaults_give_three_meters_in_both_modes() -> None:
     assert {m.emission for m in s.meters} == {"aggregated", "per_event"}
 
 
-def test_yaml_file_and_environment_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_yaml_file_and_environment_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(
         "kafka:\n  topic: from-yaml\n  librdkafka:\n    fetch.min.bytes: '1024'\n"
@@ -34,7 +36,9 @@ def test_error_names_field_and_problem() -> None:
 def test_clickhouse_only_aggregation_cannot_bill() -> None:
     with pytest.raises(ConfigError, match="ClickHouse-only"):
         load_settings(
-            meters=[{"name": "m", "event_name": "m", "aggregation": "max", "stripe_event_name": "m"}]
+            meters=[
+                {"name": "m", "event_name": "m", "aggregation": "max", "stripe_event_name": "m"}
+            ]
         )
 
 
@@ -42,8 +46,13 @@ def test_aggregated_emission_needs_a_sum() -> None:
     with pytest.raises(ConfigError, match="per_event"):
         load_settings(
             meters=[
-                {"name": "m", "event_name": "m", "aggregation": "last", "stripe_event_name": "m",
-                 "emission": "aggregated"}
+                {
+                    "name": "m",
+                    "event_name": "m",
+                    "aggregation": "last",
+                    "stripe_event_name": "m",
+                    "emission": "aggregated",
+                }
             ]
         )
 

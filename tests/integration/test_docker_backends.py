@@ -1,0 +1,176 @@
+"""The production backends: a real ClickHouse server (clickhouse-connect) and real Kafka
+(apache/kafka), through testcontainers. They run where a Docker engine exists and are
+skipped, with the reason, where it does not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.broker import free_port
+from consumer.demo import produce, run_until_drained, stripe_totals
+from consumer.emulator import EmulatorServer
+from consumer.sample import generate
+from consumer.store import open_store
+from consumer.store.backend import Backend, ServerBackend
+from consumer.store.migrations import migrate
+from consumer.totals import clickhouse_totals
+from tests.integration.conftest import make_settings
+
+
+def _docker_missing() -> str | None:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception as exc:
+        return f"needs a Docker engine ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
+MISSING = _docker_missing()
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.docker,
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
+]
+CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:25.8"
+KAFKA_IMAGE = "apache/kafka:3.9.1"
+
+
+@pytest.fixture(scope="module")
+def clickhouse() -> Iterator[dict[str, Any]]:
+    from testcontainers.clickhouse import ClickHouseContainer
+
+    with ClickHouseContainer(CLICKHOUSE_IMAGE, username="usage", password="s3cret") as ch:
+        yield {
+            "backend": "server",
+            "host": ch.get_container_host_ip(),
+            "port": int(ch.get_exposed_port(8123)),
+            "username": "usage",
+            "password": "s3cret",
+            "database": "usage",
+        }
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[str]:
+    """Single-node KRaft apache/kafka, advertised on a fixed host port."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    port = free_port()
+    env = {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
+        "KAFKA_LISTENERS": "CONTROLLER://:29093,PLAINTEXT_HOST://:9092,PLAINTEXT://:19092",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT_HOST://localhost:{port},"
+        "PLAINTEXT://localhost:19092",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
+        ),
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    }
+    container = DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
+    for k, v in env.items():
+        container = container.with_env(k, v)
+    with container:
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+        yield f"localhost:{port}"
+
+
+class _Broker:
+    """The topic-creating part of TansuBroker, for a real Kafka."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def create_topics(self, topics: dict[str, int]) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for fut in admin.create_topics(
+            [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in topics.items()]
+        ).values():
+            fut.result(30)
+
+
+def _server(cfg: dict[str, Any]) -> Backend:
+    return ServerBackend(
+        cfg["host"], cfg["port"], cfg["username"], cfg["password"], cfg["database"]
+    )
+
+
+def test_server_backend_runs_the_same_migrations_and_queries(clickhouse: dict[str, Any]) -> None:
+    store = _server(clickhouse)
+    try:
+        assert migrate(store) == [1, 2, 3, 4, 5]
+        assert migrate(store) == []
+        names = {
+            r[0]
+            for r in store.query(
+                "SELECT name FROM system.tables WHERE database = currentDatabase()"
+            )
+        }
+        assert {
+            "usage_events",
+            "usage_windows",
+            "stripe_pushes",
+            "ingest_state",
+            "dead_letters",
+            "late_events",
+            "usage_totals",
+        } <= names
+    finally:
+        store.close()
+
+
+def test_wrong_password_never_appears_in_the_error(clickhouse: dict[str, Any]) -> None:
+    from consumer.store import StoreError
+
+    with pytest.raises(StoreError) as e:
+        ServerBackend(clickhouse["host"], clickhouse["port"], "usage", "wrong-pass-xyz", "usage")
+    assert "wrong-pass-xyz" not in str(e.value)
+
+
+def test_pipeline_on_real_kafka_and_clickhouse_server(
+    kafka: str,
+    clickhouse: dict[str, Any],
+    emulator: EmulatorServer,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    broker = _Broker(kafka)
+    settings = make_settings(broker, emulator, tmp_path, f"d{unique}", clickhouse=clickhouse)
+    k = settings.kafka
+    broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
+    prefix = f"cus_d{unique}_"
+    sample = generate(10_000, 8, 3, int(time.time() * 1000), seed=13, customer_prefix=prefix)
+    ends = produce(sample, kafka, k.topic)
+    run_until_drained(settings, ends, timeout=300, quiet=True)
+    store = open_store(settings.clickhouse)
+    try:
+        ch = {
+            key: v
+            for key, v in clickhouse_totals(store, settings.meters).items()
+            if key[0].startswith(prefix)
+        }
+    finally:
+        store.close()
+    st = {
+        key: v
+        for key, v in stripe_totals(settings, emulator.url).items()
+        if key[0].startswith(prefix)
+    }
+    assert ch == sample.truth
+    assert st == sample.truth

@@ -1,0 +1,149 @@
+"""`usage-consumer run` as its own OS process: probes, metrics, SIGTERM drain and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from consumer.broker import TansuBroker, free_port
+from consumer.demo import produce, stripe_totals
+from consumer.emulator import EmulatorServer
+from consumer.sample import generate
+from consumer.state import DONE, load_states
+from consumer.store import open_store
+from consumer.totals import clickhouse_totals
+from tests.integration.conftest import STRIPE_KEY, make_settings
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric(body: str, name: str) -> float:
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
+    broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(broker, emulator, tmp_path, unique)
+    k = settings.kafka
+    broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
+    prefix = f"cus_{unique}_"
+    sample = generate(40_000, 10, 3, int(time.time() * 1000), seed=21, customer_prefix=prefix)
+    ends = produce(sample, broker.bootstrap, k.topic)
+    port = free_port()
+    env = {
+        **os.environ,
+        "USAGE_CONSUMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "USAGE_CONSUMER_KAFKA__TOPIC": k.topic,
+        "USAGE_CONSUMER_KAFKA__DLQ_TOPIC": k.dlq_topic,
+        "USAGE_CONSUMER_KAFKA__LATE_TOPIC": k.late_topic,
+        "USAGE_CONSUMER_KAFKA__GROUP_ID": k.group_id,
+        "USAGE_CONSUMER_KAFKA__CONSUMER_LIBRDKAFKA": json.dumps(
+            {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        ),
+        "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(settings.clickhouse.chdb_path),
+        "USAGE_CONSUMER_STRIPE__API_KEY": STRIPE_KEY,
+        "USAGE_CONSUMER_STRIPE__API_BASE": emulator.url,
+        "USAGE_CONSUMER_STRIPE__METER_EVENTS_BASE": emulator.url,
+        "USAGE_CONSUMER_STRIPE__REQUESTS_PER_SECOND": "1000",
+        "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "2000",
+        "USAGE_CONSUMER_PIPELINE__METRICS_HOST": "127.0.0.1",
+        "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
+    }
+    cmd = [sys.executable, "-m", "consumer.cli", "run"]
+    base = f"http://127.0.0.1:{port}"
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(
+            lambda: (
+                metric(http_get(f"{base}/metrics")[1], "usage_consumer_ranges_committed_total") >= 2
+            ),
+            60,
+            "progress",
+        )
+        assert http_get(f"{base}/healthz")[0] == 200
+        assert http_get(f"{base}/readyz")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped cleanly" in err
+    assert "hunter" not in err and STRIPE_KEY not in err  # no secret in the logs
+
+    store = open_store(settings.clickhouse)
+    try:
+        states = load_states(store, k.group_id, k.topic, [0, 1, 2])
+        assert states and all(s.rank == DONE for s in states.values())  # no open range left
+        assert clickhouse_totals(store, settings.meters) != sample.truth  # stopped mid-stream
+    finally:
+        store.close()
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": k.group_id})
+
+        def drained() -> bool:
+            got = probe.committed([TopicPartition(k.topic, p) for p in ends], timeout=5)
+            return all(tp.offset == ends[tp.partition] for tp in got)
+
+        wait_for(drained, 120, "every offset committed")
+        probe.close()
+        wait_for(
+            lambda: (
+                {
+                    key: v
+                    for key, v in stripe_totals(settings, emulator.url).items()
+                    if key[0].startswith(prefix)
+                }
+                == sample.truth
+            ),
+            120,
+            "Stripe totals",
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    store = open_store(settings.clickhouse)
+    try:
+        assert clickhouse_totals(store, settings.meters) == sample.truth
+    finally:
+        store.close()
