@@ -22,11 +22,15 @@ from consumer.window import Watermarks
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything classification depends on besides the records, frozen at range start."""
+    """Everything classification depends on besides the records, frozen at range start.
+
+    `schema_ids` records which writer schemas the range used (for audits and for a re-form
+    whose registry is down)."""
 
     watermarks: dict[str, int]
     config_hash: str
     stamp_ms: int
+    schema_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -34,6 +38,7 @@ class Snapshot:
                 "watermarks": self.watermarks,
                 "config_hash": self.config_hash,
                 "stamp_ms": self.stamp_ms,
+                "schema_ids": self.schema_ids,
             },
             sort_keys=True,
         )
@@ -42,7 +47,10 @@ class Snapshot:
     def from_json(cls, text: str) -> Snapshot:
         d = json.loads(text)
         return cls(
-            {k: int(v) for k, v in d["watermarks"].items()}, d["config_hash"], int(d["stamp_ms"])
+            {k: int(v) for k, v in d["watermarks"].items()},
+            d["config_hash"],
+            int(d["stamp_ms"]),
+            [int(i) for i in d.get("schema_ids", [])],
         )
 
 

@@ -26,7 +26,7 @@ from consumer.pipeline import build_pipeline
 from consumer.producer import UsageProducer
 from consumer.progress import Progress
 from consumer.sample import Sample, generate
-from consumer.store import open_store
+from consumer.store import Backend, open_store
 from consumer.totals import Totals, clickhouse_totals, format_table, late_event_ids, side_counts
 
 STRIPE_KEY = "sk_test_demo"
@@ -95,12 +95,13 @@ def run_until_drained(
     metrics: Metrics | None = None,
     stop_at: int | None = None,
     quiet: bool = False,
+    store: Backend | None = None,
 ) -> int:
     """Run consumer and emitter until every offset in `ends` is committed and the emitter
     found nothing left to send (or, with `stop_at`, until that many offsets are committed,
     then stop gracefully). Returns the number of offsets committed."""
     clock = SystemClock()
-    pipeline = build_pipeline(settings, clock, metrics or Metrics(), Health(clock))
+    pipeline = build_pipeline(settings, clock, metrics or Metrics(), Health(clock), store)
     stop = threading.Event()
     worker = threading.Thread(target=pipeline.run, args=(stop,), name="pipeline")
     worker.start()

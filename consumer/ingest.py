@@ -1,86 +1,95 @@
-"""The consume loop: forms ranges per partition and runs the commit sequence.
+"""The consume loop: owns the partitions, forms ranges, and hands them to the commit stage.
 
-The commit sequence, in order, for every batch of ranges (ARCHITECTURE.md P1-P5):
-  1. record intent      ingest_state rank 1, with the range and its snapshot
-  2. side outputs       dead letters and late events produced and confirmed
-  3. ledger write       usage_events, dead_letters, late_events, per-event pushes
-  4. windows            the touched minute windows recomputed from the ledger
-  5. record done        ingest_state rank 2, with the watermarks after the range
-  6. commit Kafka       offsets = range ends (consumer positions)
-A crash anywhere re-forms the open range from its intent; every write converges.
+Transient failures never become dead letters and never skip data (P6): a schema registry
+or ClickHouse outage pauses the affected partitions, keeps their records, and retries the
+same ranges until they go through. A partition whose state cannot be read on assignment
+stays paused until it can (P4). Bugs raise.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.classify import Classifier, Snapshot
 from consumer.clock import Clock
+from consumer.commit import CommitSequence
 from consumer.dedup import id_hash
-from consumer.faults import fault_point
-from consumer.kafka_io import SideOutputs, to_record
+from consumer.kafka_io import SideOutputError, to_record
 from consumer.metrics import Metrics
-from consumer.sink import RangeWrite, batch_id, ledger_lookup, recompute_windows, write_effects
-from consumer.state import DONE, INTENT, RangeState, write_states
+from consumer.schemas import SchemaSourceUnavailable
+from consumer.sink import RangeWrite, ledger_lookup
 from consumer.store.backend import Backend, StoreError
 from consumer.tracks import Track, load_tracks
 
 log = logging.getLogger(__name__)
+TRANSIENT = (StoreError, SchemaSourceUnavailable, SideOutputError)
+MAX_BACKOFF = 5.0
 
 
 @dataclass
 class IngestContext:
     consumer: Consumer
     store: Backend
-    side: SideOutputs
+    commits: CommitSequence
     classifier: Classifier
     clock: Clock
     metrics: Metrics
-    group: str
     topic: str
+    group: str
     config_hash: str
     dedup_window_ms: int
-    epoch: int
 
 
 class Ingestor:
-    """Owns the partition tracks; `step()` consumes one batch and commits what it wrote."""
+    """`step()` consumes one batch and writes and commits every range that is ready."""
 
     def __init__(self, ctx: IngestContext, batch_max: int, batch_seconds: float) -> None:
         self.ctx = ctx
         self.tracks: dict[int, Track] = {}
         self.unready: set[int] = set()
-        self.committed: dict[int, int] = {}
+        self.paused: set[int] = set()
+        self.retry: list[RangeWrite] = []
+        self.healthy = True
+        self._failures = 0
+        self._failed_now = False
         self._batch_max = batch_max
         self._batch_seconds = batch_seconds
+
+    @property
+    def committed(self) -> dict[int, int]:
+        return self.ctx.commits.committed
 
     # -- assignment -------------------------------------------------------------------
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         ours = [tp for tp in partitions if tp.topic == self.ctx.topic]
         try:
-            loaded = self._load([tp.partition for tp in ours])
+            loaded = self._load([int(tp.partition or 0) for tp in ours])
         except StoreError as exc:
             log.error("cannot read ingest state on assignment, pausing: %s", exc)
             consumer.incremental_assign(partitions)
             consumer.pause(ours)
-            self.unready.update(tp.partition for tp in ours)
+            self.unready.update(int(tp.partition or 0) for tp in ours)
             return
         for tp in ours:
-            start = loaded[tp.partition].next_offset
+            start = loaded[int(tp.partition or 0)].next_offset
             if start is not None:
                 tp.offset = start
         consumer.incremental_assign(partitions)
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Processing is synchronous: no range is in flight here. Unwritten buffered records
-        # are dropped uncommitted; the next owner re-reads them.
-        for tp in partitions:
-            self.tracks.pop(tp.partition, None)
-            self.unready.discard(tp.partition)
+        # Processing is synchronous, so nothing is in flight here: unwritten records and
+        # ranges waiting for a retry are dropped uncommitted; the next owner re-reads them.
+        gone = {int(tp.partition or 0) for tp in partitions}
+        for p in gone:
+            self.tracks.pop(p, None)
+            self.committed.pop(p, None)
+        self.unready -= gone
+        self.paused -= gone
+        self.retry = [r for r in self.retry if r.partition not in gone]
         consumer.incremental_unassign(partitions)
 
     def _load(self, partitions: list[int]) -> dict[int, Track]:
@@ -92,8 +101,7 @@ class Ingestor:
                 self.committed[p] = t.next_offset
         return loaded
 
-    def retry_unready(self) -> None:
-        """P4: a partition whose state could not be read stays paused until it can."""
+    def _retry_unready(self) -> None:
         if not self.unready:
             return
         parts = sorted(self.unready)
@@ -102,21 +110,18 @@ class Ingestor:
         except StoreError as exc:
             log.warning("ingest state still unreadable: %s", exc)
             return
-        tps = []
         for p in parts:
             start = loaded[p].next_offset
-            tp = TopicPartition(self.ctx.topic, p, start if start is not None else -1001)
             if start is not None:
-                self.ctx.consumer.seek(tp)
-            tps.append(tp)
-        self.ctx.consumer.resume(tps)
+                self.ctx.consumer.seek(TopicPartition(self.ctx.topic, p, start))
+        self.ctx.consumer.resume([TopicPartition(self.ctx.topic, p) for p in parts])
         self.unready.clear()
 
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> int:
-        """Consume one batch, write and commit every range that is ready; returns records."""
+        """One poll: buffer what arrived, write ready ranges; returns records consumed."""
         c = self.ctx
-        self.retry_unready()
+        self._retry_unready()
         msgs = c.consumer.consume(self._batch_max, self._batch_seconds)
         c.metrics.last_poll.set(c.clock.now())
         for msg in msgs:
@@ -129,9 +134,12 @@ class Ingestor:
             if track is not None:
                 track.buffer.append(to_record(msg))
         c.metrics.events_consumed.inc(len(msgs))
-        ranges = self._form_ranges()
+        self._failed_now = False
+        ranges = self.retry or self._form_ranges()
         if ranges:
             self._write(ranges)
+        if not self._failed_now:
+            self._recovered()
         return len(msgs)
 
     def _form_ranges(self) -> list[RangeWrite]:
@@ -144,7 +152,11 @@ class Ingestor:
         }
         ranges = []
         for t in pending:
-            r = self._form(t, positions.get(t.partition, -1))
+            try:
+                r = self._form(t, positions.get(t.partition, -1))
+            except TRANSIENT as exc:
+                self._transient(f"partition {t.partition} classification", exc, [t.partition])
+                continue
             if r is not None:
                 ranges.append(r)
         return ranges
@@ -155,92 +167,57 @@ class Ingestor:
             if position < t.reform.range_end:
                 return None  # keep reading until the whole intended range is here
             records = [r for r in t.buffer if r.offset < t.reform.range_end]
-            t.buffer = [r for r in t.buffer if r.offset >= t.reform.range_end]
+            rest = [r for r in t.buffer if r.offset >= t.reform.range_end]
             snapshot = Snapshot.from_json(t.reform.snapshot)
             if snapshot.config_hash != c.config_hash:
                 log.warning("partition %d: re-forming with a changed configuration", t.partition)
-            c.metrics.ranges_reformed.inc()
             start, end, attempt = t.reform.range_start, t.reform.range_end, t.reform.attempt + 1
         else:
-            records, t.buffer = t.buffer, []
+            records, rest = t.buffer, []
             start = t.next_offset if t.next_offset is not None else records[0].offset
             end = max(position, records[-1].offset + 1)
             snapshot = Snapshot(dict(t.watermarks), c.config_hash, int(c.clock.now() * 1000))
             attempt = 1
         lookup = ledger_lookup(c.store, c.topic, t.partition, start, end)
         classified = c.classifier.classify(records, snapshot, t.recent, lookup)
+        t.buffer = rest  # only now: a transient failure above keeps the records buffered
         return RangeWrite(c.topic, t.partition, start, end, attempt, snapshot, classified)
 
     def _write(self, ranges: Sequence[RangeWrite]) -> None:
-        c = self.ctx
-        now_ms = int(c.clock.now() * 1000)
-        token = batch_id(ranges)
-        timed = _timer(c.metrics)
-        timed(
-            "ingest_state",
-            lambda: write_states(
-                c.store,
-                c.group,
-                c.topic,
-                c.epoch,
-                now_ms,
-                [
-                    RangeState(r.partition, r.start, r.end, INTENT, r.attempt, r.snapshot.to_json())
-                    for r in ranges
-                ],
-            ),
-        )
-        fault_point("after_intent")
-        timed(
-            "side_outputs",
-            lambda: c.side.publish(
-                [d for r in ranges for d in r.classified.invalid],
-                [x for r in ranges for x in r.classified.late],
-            ),
-        )
-        timed("usage_events", lambda: write_effects(c.store, token, ranges, now_ms))
-        fault_point("after_insert")
-        timed("usage_windows", lambda: recompute_windows(c.store, token, now_ms))
-        timed(
-            "ingest_state",
-            lambda: write_states(
-                c.store,
-                c.group,
-                c.topic,
-                c.epoch,
-                now_ms,
-                [
-                    RangeState(
-                        r.partition,
-                        r.start,
-                        r.end,
-                        DONE,
-                        r.attempt,
-                        Snapshot(
-                            r.classified.watermarks_after, c.config_hash, r.snapshot.stamp_ms
-                        ).to_json(),
-                    )
-                    for r in ranges
-                ],
-            ),
-        )
-        fault_point("after_done")
-        self._commit(ranges)
+        try:
+            self.ctx.commits.run(ranges, int(self.ctx.clock.now() * 1000))
+        except TRANSIENT as exc:
+            # ClickHouse (or the side-output topic) is shared: pause every partition, so no
+            # buffer grows while the same ranges are retried.
+            self.retry = list(ranges)
+            self._transient("write", exc, list(self.tracks))
+            return
+        self.retry = []
         self._advance(ranges)
 
-    def _commit(self, ranges: Sequence[RangeWrite]) -> None:
-        offsets = [TopicPartition(r.topic, r.partition, r.end) for r in ranges]
-        try:
-            self.ctx.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # Harmless for correctness: ingest_state already says done, and it is what a
-            # new owner resumes from. Logged so a persistent failure is visible.
-            log.warning("Kafka commit failed (state is durable, will resume from it): %s", exc)
+    def _transient(self, what: str, exc: Exception, partitions: list[int]) -> None:
+        """Pause the partitions, keep their data, back off; the next step retries."""
+        self.healthy = False
+        self._failed_now = True
+        self._failures += 1
+        log.warning("%s failed, pausing and retrying: %s", what, exc)
+        fresh = [p for p in partitions if p not in self.paused]
+        if fresh:
+            self.ctx.consumer.pause([TopicPartition(self.ctx.topic, p) for p in fresh])
+            self.paused.update(fresh)
+        self.ctx.clock.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 10)))
+
+    def _recovered(self) -> None:
+        """A step with no transient failure: resume whatever an earlier one paused."""
+        if self.paused:
+            self.ctx.consumer.resume([TopicPartition(self.ctx.topic, p) for p in self.paused])
+            self.paused.clear()
+        self.healthy, self._failures = True, 0
 
     def _advance(self, ranges: Sequence[RangeWrite]) -> None:
         m = self.ctx.metrics
+        now = self.ctx.clock.now()
         for r in ranges:
-            self.committed[r.partition] = r.end
             t = self.tracks.get(r.partition)
             cl = r.classified
             for a in cl.accepted:
@@ -254,18 +231,35 @@ class Ingestor:
             for d in cl.invalid:
                 m.events_invalid.labels(d.reason).inc()
             m.dedup_false_positives.inc(cl.false_positives)
+            m.insert_rows.labels("usage_events").inc(len(cl.accepted))
+            m.insert_rows.labels("dead_letters").inc(len(cl.invalid))
+            m.insert_rows.labels("late_events").inc(len(cl.late))
             m.ranges_committed.inc()
+            if r.attempt > 1:
+                m.ranges_reformed.inc()
             if t is not None:
                 t.next_offset = r.end
                 t.watermarks = dict(cl.watermarks_after)
                 if t.reform is not None and t.reform.range_end == r.end:
                     t.reform = None
+                self._lag(t)
+        for meter, mark in self._max_watermarks().items():
+            m.watermark_lag.labels(meter).set(max(0.0, now - mark / 1000))
         m.dedup_filter_ids.set(sum(len(t.recent) for t in self.tracks.values()))
 
+    def _lag(self, t: Track) -> None:
+        """Lag from the fetch-response high watermark (cached): exact, no broker round trip."""
+        tp = TopicPartition(self.ctx.topic, t.partition)
+        try:
+            _, high = self.ctx.consumer.get_watermark_offsets(tp, cached=True)
+        except KafkaException:
+            return
+        if high >= 0 and t.next_offset is not None:
+            self.ctx.metrics.consumer_lag.labels(str(t.partition)).set(high - t.next_offset)
 
-def _timer(metrics: Metrics) -> Callable[[str, Callable[[], object]], None]:
-    def timed(table: str, fn: Callable[[], object]) -> None:
-        with metrics.insert_seconds.labels(table).time():
-            fn()
-
-    return timed
+    def _max_watermarks(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tracks.values():
+            for meter, mark in t.watermarks.items():
+                out[meter] = max(out.get(meter, mark), mark)
+        return out

@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.classify import Classifier
 from consumer.clock import Clock
+from consumer.commit import CommitSequence
 from consumer.config import ConfigError, SchemaConfig, Settings
 from consumer.decode import Decoder
 from consumer.emitter.loop import Emitter
@@ -57,7 +58,8 @@ class Pipeline:
             while not stop.is_set():
                 self.ingestor.step()
                 self.health.progressed()
-                self.health.ready["kafka"] = self.health.ready["clickhouse"] = True
+                self.health.ready["kafka"] = True
+                self.health.ready["clickhouse"] = self.ingestor.healthy
         finally:
             emitter_stop.set()
             if thread is not None:
@@ -119,10 +121,16 @@ def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Met
     )
 
 
-def build_pipeline(settings: Settings, clock: Clock, metrics: Metrics, health: Health) -> Pipeline:
+def build_pipeline(
+    settings: Settings,
+    clock: Clock,
+    metrics: Metrics,
+    health: Health,
+    store: Backend | None = None,
+) -> Pipeline:
     """decode -> validate -> dedup -> classify -> sink -> commit, plus the emitter."""
     k, p = settings.kafka, settings.pipeline
-    store = open_store(settings.clickhouse)
+    store = store or open_store(settings.clickhouse)
     migrate(store)
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),
@@ -131,19 +139,28 @@ def build_pipeline(settings: Settings, clock: Clock, metrics: Metrics, health: H
     )
     producer = Producer(producer_config(k))
     consumer = Consumer(consumer_config(k))
+    commits = CommitSequence(
+        store=store,
+        side=SideOutputs(producer, k.dlq_topic, k.late_topic),
+        consumer=consumer,
+        metrics=metrics,
+        group=k.group_id,
+        topic=k.topic,
+        epoch=int(clock.now() * 1000),
+        config_hash=settings.config_hash(),
+    )
     ingestor = Ingestor(
         IngestContext(
             consumer=consumer,
             store=store,
+            commits=commits,
             classifier=classifier,
             clock=clock,
             metrics=metrics,
-            side=SideOutputs(producer, k.dlq_topic, k.late_topic),
-            group=k.group_id,
             topic=k.topic,
+            group=k.group_id,
             config_hash=settings.config_hash(),
             dedup_window_ms=p.dedup_window_seconds * 1000,
-            epoch=int(clock.now() * 1000),
         ),
         batch_max=p.batch_max_messages,
         batch_seconds=p.batch_max_seconds,

@@ -1,0 +1,90 @@
+"""Transient is not invalid (P6): ClickHouse errors pause and retry; nothing is lost,
+nothing is dead-lettered for an outage, totals stay exact."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from consumer.broker import TansuBroker
+from consumer.demo import produce, run_until_drained, stripe_totals
+from consumer.emulator import EmulatorServer
+from consumer.metrics import Metrics
+from consumer.sample import generate
+from consumer.store import Backend, StoreError, open_store
+from consumer.totals import clickhouse_totals, side_counts
+from tests.integration.conftest import make_settings
+from tests.integration.test_pipeline import ours
+
+pytestmark = pytest.mark.integration
+
+
+class FlakyStore:
+    """A real backend that fails the first `n` calls touching each named table."""
+
+    def __init__(self, inner: Backend, failures: dict[str, int]) -> None:
+        self.inner = inner
+        self.left = dict(failures)
+        self.injected = 0
+
+    def _maybe_fail(self, text: str) -> None:
+        if "CREATE " in text or "schema_migrations" in text:
+            return  # let the migrations through; fail the data path
+        for table, n in self.left.items():
+            if n and table in text:
+                self.left[table] = n - 1
+                self.injected += 1
+                raise StoreError(f"injected failure on {table}")
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._maybe_fail(sql)
+        self.inner.command(sql, params)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        self._maybe_fail(sql)
+        return self.inner.query(sql, params)
+
+    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
+        self._maybe_fail(table)
+        self.inner.insert_columns(table, columns, token)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_clickhouse_errors_mid_sequence_are_retried_without_loss(
+    broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(broker, emulator, tmp_path, unique)
+    k = settings.kafka
+    broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
+    prefix = f"cus_{unique}_"
+    sample = generate(8_000, 6, 3, int(time.time() * 1000), seed=17, customer_prefix=prefix)
+    ends = produce(sample, broker.bootstrap, k.topic)
+    # Fail inside the sequence: after the intent (ledger insert), at the window recompute,
+    # and at the done row; and during the emitter's outbox reads.
+    flaky = FlakyStore(
+        open_store(settings.clickhouse),
+        {
+            "usage_events": 3,
+            "INSERT INTO usage_windows": 2,
+            "stripe_pushes": 2,
+        },
+    )
+    metrics = Metrics()
+    run_until_drained(settings, ends, timeout=180, metrics=metrics, quiet=True, store=flaky)
+    assert flaky.injected == 7
+    store = open_store(settings.clickhouse)
+    try:
+        assert clickhouse_totals(store, settings.meters) == sample.truth
+        sides = side_counts(store)
+    finally:
+        store.close()
+    assert ours(stripe_totals(settings, emulator.url), prefix) == sample.truth
+    dead = sum(v for r, v in sides.items() if r != "late")
+    assert dead == sample.kinds["invalid"] + sample.kinds["future"] + sample.kinds["undecodable"]
