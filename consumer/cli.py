@@ -83,6 +83,10 @@ def cmd_totals(args: argparse.Namespace) -> int:
     store = open_store(settings.clickhouse)
     try:
         totals = clickhouse_totals(store, settings.meters, args.customer)
+    except StoreError as exc:
+        if "UNKNOWN_TABLE" in str(exc):
+            raise StoreError("the store has no schema yet: run `usage-consumer migrate`") from None
+        raise
     finally:
         store.close()
     agg = {m.name: m.aggregation for m in settings.meters}

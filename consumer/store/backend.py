@@ -9,6 +9,7 @@ String and times to epoch milliseconds so both backends return identical values.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -49,20 +50,21 @@ class ChdbBackend:
         from chdb import session
 
         path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._session = session.Session(str(path))
-        except Exception as exc:  # chDB raises a bare error type for the lock
-            if "lock" in str(exc).lower():
-                raise StoreLocked(
-                    f"the chDB store {path} is in use by another process; stop it first "
-                    "(or use a ClickHouse server for several processes)"
-                ) from None
-            raise StoreError(f"cannot open chDB store {path}: {exc}") from None
         self._lock = threading.Lock()
         self._database = database
         self._settings = "SETTINGS fsync_after_insert=1" if fsync else ""
-        self._run(f"CREATE DATABASE IF NOT EXISTS {database}")
-        self._run(f"USE {database}")
+        try:
+            self._session = session.Session(str(path))
+            self._session.query(f"CREATE DATABASE IF NOT EXISTS {database}", "CSV")
+            self._session.query(f"USE {database}", "CSV")
+        except Exception as exc:  # chDB raises a generic error when the store is locked
+            holder = _holder(path)
+            if holder is not None:
+                raise StoreLocked(
+                    f"the chDB store {path} is in use by another process (PID {holder}); "
+                    "stop it first (several processes need a ClickHouse server)"
+                ) from None
+            raise StoreError(f"cannot open chDB store {path}: {exc}") from None
 
     def _run(self, sql: str, fmt: str = "CSV", params: Mapping[str, Any] | None = None) -> Any:
         try:
@@ -166,6 +168,27 @@ class ServerBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _holder(path: Path) -> int | None:
+    """The live process holding the store: ClickHouse writes its PID into <path>/status."""
+    try:
+        lines = (path / "status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("PID:"):
+            pid = int(line.split(":", 1)[1].strip())
+            if pid == os.getpid():
+                return None
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return pid
+            return pid
+    return None
 
 
 def _quote(v: Any) -> str:
