@@ -44,6 +44,7 @@ class Emitter:
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="stripe")
         self._concurrency = concurrency
         self.cycles = 0
+        self.stopping = threading.Event()
         self.last_idle_cycle = 0
 
     def run_once(self) -> int:
@@ -64,10 +65,14 @@ class Emitter:
             self.last_idle_cycle = cycle
         return len(planned) + len(batch)
 
+    def _send_unless_stopping(self, chunk: list[Push]) -> list[Push]:
+        """On shutdown, requests not yet started are skipped (they stay pending)."""
+        return [] if self.stopping.is_set() else self._sender.send(chunk)
+
     def _send(self, batch: list[Push]) -> None:
         chunks = [batch[i : i + self._per_request] for i in range(0, len(batch), self._per_request)]
         futures: list[Future[list[Push]]] = [
-            self._pool.submit(self._sender.send, c) for c in chunks
+            self._pool.submit(self._send_unless_stopping, c) for c in chunks
         ]
         failure: BaseException | None = None
         for fut in as_completed(futures):
@@ -99,6 +104,7 @@ class Emitter:
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop`; transient Stripe or ClickHouse failures back off and retry."""
+        self.stopping = stop
         backoff = self._poll
         while not stop.is_set():
             try:
