@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from consumer.config import ConfigError, Settings, load_settings
+from consumer.emulator.args import add_arguments as add_emulator_arguments
 from consumer.store import StoreError
 
 log = logging.getLogger("usage_consumer")
@@ -96,21 +97,10 @@ def cmd_totals(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from consumer.emulator import EmulatorOptions
+    from consumer.emulator.args import to_options
     from consumer.emulator.server import main as emulator_main
 
-    emulator_main(
-        args.host,
-        args.port,
-        EmulatorOptions(
-            token_lifetime_seconds=args.token_lifetime,
-            rate_429=args.rate_429,
-            rate_5xx=args.rate_5xx,
-            latency_seconds=args.latency,
-            duplicate_answer=args.duplicate_answer,
-            verbose=args.verbose,
-        ),
-    )
+    emulator_main(args.host, args.port, to_options(args))
     return 0
 
 
@@ -140,15 +130,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("totals", help="per-customer totals from ClickHouse")
     t.add_argument("--customer", default=None)
     e = sub.add_parser("stripe-emulator", help="serve the Stripe meter APIs locally")
-    e.add_argument("--host", default="127.0.0.1")
-    e.add_argument("--port", type=int, default=12111)
-    e.add_argument("--token-lifetime", type=float, default=900.0)
-    e.add_argument("--rate-429", type=float, default=0.0)
-    e.add_argument("--rate-5xx", type=float, default=0.0)
-    e.add_argument("--latency", type=float, default=0.0)
-    e.add_argument(
-        "--duplicate-answer", choices=["drop", "reject_event", "reject_request"], default="drop"
-    )
+    add_emulator_arguments(e)
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--events", type=int, default=100_000)

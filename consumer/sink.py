@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from consumer.classify import Classified, LedgerLookup, Snapshot
 from consumer.identifiers import per_event_identifier
+from consumer.records import Record
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
 from consumer.window import minute_of
 
@@ -148,6 +149,16 @@ def _write_per_event_pushes(
     )
 
 
+def _source_columns(records: Sequence[Record]) -> dict[str, pa.Array]:
+    """Where each side-output row came from: its identity, and what re-drives dedupe on."""
+    return {
+        "topic": pa.array([r.topic for r in records]),
+        "partition": pa.array([r.partition for r in records], pa.uint32()),
+        "offset": pa.array([r.offset for r in records], pa.uint64()),
+        "record_time": pa.array([r.timestamp_ms for r in records], TIME_MS),
+    }
+
+
 def _write_dead_letters(
     store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int
 ) -> None:
@@ -157,14 +168,11 @@ def _write_dead_letters(
     store.insert_columns(
         "dead_letters",
         {
-            "topic": pa.array([d.record.topic for d in dead]),
-            "partition": pa.array([d.record.partition for d in dead], pa.uint32()),
-            "offset": pa.array([d.record.offset for d in dead], pa.uint64()),
+            **_source_columns([d.record for d in dead]),
             "reason": pa.array([d.reason for d in dead]),
             "detail": pa.array([d.detail for d in dead]),
             "key": pa.array([d.record.key or b"" for d in dead], pa.binary()),
             "payload": pa.array([d.record.value or b"" for d in dead], pa.binary()),
-            "record_time": pa.array([d.record.timestamp_ms for d in dead], TIME_MS),
             "written_at": pa.array([now_ms] * len(dead), TIME_MS),
         },
         token=token,
@@ -178,16 +186,13 @@ def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> Non
     store.insert_columns(
         "late_events",
         {
-            "topic": pa.array([x.record.topic for x in late]),
-            "partition": pa.array([x.record.partition for x in late], pa.uint32()),
-            "offset": pa.array([x.record.offset for x in late], pa.uint64()),
+            **_source_columns([x.record for x in late]),
             "meter": pa.array([x.meter.name for x in late]),
             "customer_id": pa.array([x.event.customer_id for x in late]),
             "event_id": pa.array([x.event.event_id for x in late]),
             "event_time": pa.array([x.event.timestamp_ms for x in late], TIME_MS),
             "value": pa.array([x.event.value for x in late], DECIMAL),
             "watermark": pa.array([x.watermark_ms for x in late], TIME_MS),
-            "record_time": pa.array([x.record.timestamp_ms for x in late], TIME_MS),
         },
         token=token,
     )

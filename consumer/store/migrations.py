@@ -10,6 +10,18 @@ from consumer.store.backend import Backend
 
 _DEDUP = "non_replicated_deduplication_window = 1000"
 
+
+def _rollup_view(name: str, grain: str, column: str) -> str:
+    """Hour, day and month views derive from the minute windows the same way."""
+    return f"""CREATE VIEW IF NOT EXISTS {name} AS
+        SELECT meter, customer_id, {grain} AS {column},
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value
+        FROM usage_windows FINAL GROUP BY meter, customer_id, {column}"""
+
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (
         1,
@@ -147,27 +159,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                first_value, last_value,
                if(event_count = 0, 0, toDecimal128(sum_value / event_count, 9)) AS avg_value
         FROM usage_windows FINAL""",
-            """CREATE VIEW IF NOT EXISTS usage_hourly AS
-        SELECT meter, customer_id, toStartOfHour(window_start) AS hour,
-               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
-               min(min_value) AS min_value, max(max_value) AS max_value,
-               argMin(first_value, first_time) AS first_value,
-               argMax(last_value, last_time) AS last_value
-        FROM usage_windows FINAL GROUP BY meter, customer_id, hour""",
-            """CREATE VIEW IF NOT EXISTS usage_daily AS
-        SELECT meter, customer_id, toDate(window_start) AS day,
-               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
-               min(min_value) AS min_value, max(max_value) AS max_value,
-               argMin(first_value, first_time) AS first_value,
-               argMax(last_value, last_time) AS last_value
-        FROM usage_windows FINAL GROUP BY meter, customer_id, day""",
-            """CREATE VIEW IF NOT EXISTS usage_monthly AS
-        SELECT meter, customer_id, toStartOfMonth(window_start) AS month,
-               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
-               min(min_value) AS min_value, max(max_value) AS max_value,
-               argMin(first_value, first_time) AS first_value,
-               argMax(last_value, last_time) AS last_value
-        FROM usage_windows FINAL GROUP BY meter, customer_id, month""",
+            *(
+                _rollup_view(name, expr, col)
+                for name, expr, col in [
+                    ("usage_hourly", "toStartOfHour(window_start)", "hour"),
+                    ("usage_daily", "toDate(window_start)", "day"),
+                    ("usage_monthly", "toStartOfMonth(window_start)", "month"),
+                ]
+            ),
             """CREATE VIEW IF NOT EXISTS usage_totals AS
         SELECT meter, customer_id,
                sum(sum_value) AS sum_value, sum(event_count) AS event_count,

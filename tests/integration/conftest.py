@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -8,7 +10,9 @@ import pytest
 import stripe
 
 from consumer.config import Settings, load_settings
+from consumer.demo import produce
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.sample import Sample, generate
 
 STRIPE_KEY = "sk_test_integration"
 METERS = [
@@ -84,3 +88,38 @@ def make_settings(
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return load_settings(**base)
+
+
+class HasTopics(HasBootstrap, Protocol):
+    def create_topics(self, topics: dict[str, int]) -> None: ...
+
+
+@dataclass
+class Produced:
+    """A test's own topic, store and customers, with a sample produced into the topic."""
+
+    settings: Settings
+    sample: Sample
+    ends: dict[int, int]
+    prefix: str
+
+
+def produce_sample(
+    broker: HasTopics,
+    emulator: EmulatorServer,
+    tmp: Path,
+    name: str,
+    events: int,
+    customers: int,
+    seed: int,
+    partitions: int = 3,
+    **overrides: Any,
+) -> Produced:
+    settings = make_settings(broker, emulator, tmp, name, **overrides)
+    k = settings.kafka
+    broker.create_topics({k.topic: partitions, k.dlq_topic: 1, k.late_topic: 1})
+    prefix = f"cus_{name}_"
+    sample = generate(
+        events, customers, partitions, int(time.time() * 1000), seed=seed, customer_prefix=prefix
+    )
+    return Produced(settings, sample, produce(sample, broker.bootstrap, k.topic), prefix)

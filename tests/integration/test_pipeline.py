@@ -21,7 +21,7 @@ from consumer.producer import UsageProducer
 from consumer.sample import Sample, generate
 from consumer.store import open_store
 from consumer.totals import Totals, clickhouse_totals, side_counts
-from tests.integration.conftest import make_settings
+from tests.integration.conftest import make_settings, produce_sample
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +59,8 @@ def emulator_state(emulator: EmulatorServer) -> dict[str, object]:
 def test_end_to_end_totals_are_exact(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique)
-    setup(broker, settings)
-    prefix = f"cus_{unique}_"
-    sample = generate(20_000, 20, 3, int(time.time() * 1000), seed=11, customer_prefix=prefix)
-    ends = produce(sample, broker.bootstrap, settings.kafka.topic)
+    run = produce_sample(broker, emulator, tmp_path, unique, 20_000, 20, seed=11)
+    settings, sample, ends, prefix = run.settings, run.sample, run.ends, run.prefix
     run_until_drained(settings, ends, timeout=120, quiet=True)
     check_exact(settings, emulator, sample, prefix)
     _, sides = ch_totals(settings)
@@ -108,11 +105,8 @@ def test_duplicates_across_batches_and_partitions(
 def test_graceful_stop_and_restart_mid_stream(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique)
-    setup(broker, settings)
-    prefix = f"cus_{unique}_"
-    sample = generate(20_000, 10, 3, int(time.time() * 1000), seed=3, customer_prefix=prefix)
-    ends = produce(sample, broker.bootstrap, settings.kafka.topic)
+    run = produce_sample(broker, emulator, tmp_path, unique, 20_000, 10, seed=3)
+    settings, sample, ends, prefix = run.settings, run.sample, run.ends, run.prefix
     first = run_until_drained(
         settings, ends, timeout=120, stop_at=sum(ends.values()) // 3, quiet=True
     )
@@ -194,17 +188,17 @@ def test_dead_letters_carry_bytes_and_reason_and_offsets_are_committed(
 def test_session_expiring_during_a_run_is_refreshed(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(
+    run = produce_sample(
         broker,
         emulator,
         tmp_path,
         unique,
+        6_000,
+        5,
+        seed=9,
         stripe={"session_refresh_margin_seconds": 0, "requests_per_second": 50, "concurrency": 2},
     )
-    setup(broker, settings)
-    prefix = f"cus_{unique}_"
-    sample = generate(6_000, 5, 3, int(time.time() * 1000), seed=9, customer_prefix=prefix)
-    ends = produce(sample, broker.bootstrap, settings.kafka.topic)
+    settings, sample, ends, prefix = run.settings, run.sample, run.ends, run.prefix
     stop = threading.Event()
 
     def expire_repeatedly() -> None:

@@ -16,13 +16,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.broker import TansuBroker, free_port
-from consumer.demo import produce, stripe_totals
+from consumer.demo import stripe_totals
 from consumer.emulator import EmulatorServer
-from consumer.sample import generate
 from consumer.state import DONE, load_states
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import STRIPE_KEY, make_settings
+from tests.integration.conftest import STRIPE_KEY, produce_sample
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +56,9 @@ def metric(body: str, name: str) -> float:
 def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique)
-    k = settings.kafka
-    broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
-    prefix = f"cus_{unique}_"
-    sample = generate(40_000, 10, 3, int(time.time() * 1000), seed=21, customer_prefix=prefix)
-    ends = produce(sample, broker.bootstrap, k.topic)
+    produced = produce_sample(broker, emulator, tmp_path, unique, 40_000, 10, seed=21)
+    settings, sample, ends = produced.settings, produced.sample, produced.ends
+    prefix, k = produced.prefix, produced.settings.kafka
     port = free_port()
     env = {
         **os.environ,

@@ -3,7 +3,6 @@ nothing is dead-lettered for an outage, totals stay exact."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,12 @@ import pyarrow as pa
 import pytest
 
 from consumer.broker import TansuBroker
-from consumer.demo import produce, run_until_drained, stripe_totals
+from consumer.demo import run_until_drained, stripe_totals
 from consumer.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.sample import generate
 from consumer.store import Backend, StoreError, open_store
 from consumer.totals import clickhouse_totals, side_counts
-from tests.integration.conftest import make_settings
+from tests.integration.conftest import produce_sample
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -60,12 +58,8 @@ class FlakyStore:
 def test_clickhouse_errors_mid_sequence_are_retried_without_loss(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique)
-    k = settings.kafka
-    broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
-    prefix = f"cus_{unique}_"
-    sample = generate(8_000, 6, 3, int(time.time() * 1000), seed=17, customer_prefix=prefix)
-    ends = produce(sample, broker.bootstrap, k.topic)
+    run = produce_sample(broker, emulator, tmp_path, unique, 8_000, 6, seed=17)
+    settings, sample, ends, prefix = run.settings, run.sample, run.ends, run.prefix
     # Fail inside the sequence: after the intent (ledger insert), at the window recompute,
     # and at the done row; and during the emitter's outbox reads.
     flaky = FlakyStore(
