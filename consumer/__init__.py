@@ -1,0 +1,1 @@
+"""usage-consumer: exactly-once usage events from Kafka to ClickHouse aggregates and Stripe."""

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from consumer.exact import EXACT
 from consumer.producer import event_record, message_key
 from consumer.schemas import SCHEMAS_DIR, load_schema, reader_schema
 from consumer.wire import encode_confluent, frame_confluent
@@ -122,7 +123,7 @@ def generate(
         meter, agg, _ = METERS[name]
         k = (ev.customer, meter)
         if agg == "sum":
-            truth[k] = truth.get(k, Decimal(0)) + ev.value
+            truth[k] = EXACT.add(truth.get(k, Decimal(0)), ev.value)
         elif (ev.ts, ev.event_id) > last_seen.get(k, (-1, "")):
             last_seen[k] = (ev.ts, ev.event_id)
             truth[k] = ev.value

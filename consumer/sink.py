@@ -15,6 +15,7 @@ from decimal import Decimal
 import pyarrow as pa
 
 from consumer.classify import Classified, LedgerLookup, Snapshot
+from consumer.exact import EXACT
 from consumer.identifiers import per_event_identifier
 from consumer.records import Record
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
@@ -221,5 +222,5 @@ def recompute_windows(store: Backend, token: str, now_ms: int) -> None:
 
 def exact(value: Decimal) -> str:
     """Decimal as a plain string without exponent or trailing zeros ("10", "0.5")."""
-    text = format(value.normalize(), "f")
+    text = format(value.normalize(EXACT), "f")
     return text if "." not in text else text.rstrip("0").rstrip(".") or "0"

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 from consumer.config import MeterConfig
+from consumer.exact import truncated_mean
 from consumer.store.backend import Backend
 
 Totals = dict[tuple[str, str], Decimal]  # (customer, meter) -> value
@@ -35,9 +36,7 @@ def clickhouse_totals(
             "max": Decimal(hi),
             "first": Decimal(first),
             "last": Decimal(last),
-            "avg": (Decimal(s) / int(n)).quantize(Decimal("1e-9"), "ROUND_DOWN")
-            if int(n)
-            else Decimal(0),
+            "avg": truncated_mean(Decimal(s), int(n)) if int(n) else Decimal(0),
         }
         out[(str(cust), str(meter))] = values[m.aggregation]
     return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
+from consumer.exact import EXACT, truncated_mean
+
 MINUTE_MS = 60_000
 
 
@@ -40,7 +42,7 @@ class Sum:
         self.total = Decimal(0)
 
     def add(self, p: Point) -> None:
-        self.total += p.value
+        self.total = EXACT.add(self.total, p.value)
 
     def result(self) -> Decimal | None:
         return self.total
@@ -116,8 +118,7 @@ class Avg:
     def result(self) -> Decimal | None:
         if self.n.n == 0:
             return None
-        q = self.sum.total / self.n.n
-        return q.quantize(Decimal("1e-9"), rounding="ROUND_DOWN")
+        return truncated_mean(self.sum.total, self.n.n)
 
 
 AGGREGATIONS: dict[str, type[Aggregation]] = {

@@ -83,15 +83,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ) ENGINE = ReplacingMergeTree
         ORDER BY (meter, customer_id, window_start)
         SETTINGS {_DEDUP}""",
-            # Which windows a range touched, so the recompute reads only those ledger slices.
+            # Which windows a batch touched, so the recompute reads only those ledger slices.
+            # Expires by insert time: a window's own age says nothing about when it is needed.
             """CREATE TABLE IF NOT EXISTS dirty_windows (
             batch_id String,
             meter LowCardinality(String),
             customer_id String,
-            window_start DateTime('UTC')
+            window_start DateTime('UTC'),
+            inserted_at DateTime('UTC') DEFAULT now()
         ) ENGINE = MergeTree
         ORDER BY (batch_id, meter, customer_id, window_start)
-        TTL toDateTime(window_start) + INTERVAL 40 DAY""",
+        TTL inserted_at + INTERVAL 1 DAY""",
         ],
     ),
     (

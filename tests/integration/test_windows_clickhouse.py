@@ -1,0 +1,376 @@
+"""The ClickHouse window SQL against the Python reference aggregations, on a real chDB store.
+
+Events go through the sink exactly as the pipeline writes them (`write_effects` then
+`recompute_windows`), including copies of the same events in a later batch, and the analyst
+views must equal `consumer.window.aggregate` over the deduplicated events, digit for digit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.classify import Accepted, Classified, Snapshot
+from consumer.config import MeterConfig
+from consumer.decode import DecodedEvent
+from consumer.records import Record
+from consumer.sink import RangeWrite, batch_id, recompute_windows, write_effects
+from consumer.store.backend import Backend, ChdbBackend
+from consumer.store.migrations import migrate
+from consumer.window import MINUTE_MS, Point, aggregate, minute_of
+
+pytestmark = pytest.mark.integration
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+# Event times must be recent: dirty_windows has a 40-day TTL on the wall clock. An hour
+# boundary a couple of days back keeps every generated window well inside it.
+BASE_MS = int(time.time() * 1000) // HOUR_MS * HOUR_MS - 2 * DAY_MS
+METERS = {
+    "api_calls": MeterConfig(name="api_calls", event_name="api_call", aggregation="sum"),
+    "storage_gb": MeterConfig(name="storage_gb", event_name="storage_gb", aggregation="last"),
+}
+SNAPSHOT = Snapshot(watermarks={}, config_hash="test", stamp_ms=BASE_MS)
+KINDS = ("sum", "count", "min", "max", "first", "last", "avg")
+_topics = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Ev:
+    meter: str
+    customer: str
+    event_id: str
+    ts: int
+    value: Decimal
+
+    @property
+    def identity(self) -> tuple[str, str, int, str]:
+        """The ledger's sort key: (meter, customer, hour, event id)."""
+        return (self.meter, self.customer, self.ts // HOUR_MS, self.event_id)
+
+    def point(self) -> Point:
+        return Point(self.ts, self.event_id, self.value)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One written copy of an event: where it came from in Kafka."""
+
+    ev: Ev
+    partition: int
+    record_delay_ms: int
+
+
+Key = tuple[str, str, int]
+Row = dict[str, Decimal | None]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Backend]:
+    backend = ChdbBackend(tmp_path / "chdb", "usage")
+    try:
+        migrate(backend)
+        yield backend
+    finally:
+        backend.close()
+
+
+def reset(store: Backend) -> None:
+    for table in ("usage_events", "usage_windows", "dirty_windows"):
+        store.command(f"TRUNCATE TABLE {table}")
+
+
+# --- building what the pipeline writes ---------------------------------------------------
+
+
+def ranges_for(copies: Sequence[Copy], topic: str) -> list[RangeWrite]:
+    """The copies as consecutive records, one range per partition, all accepted."""
+    by_partition: dict[int, list[Copy]] = defaultdict(list)
+    for c in copies:
+        by_partition[c.partition].append(c)
+    out = []
+    for partition, group in sorted(by_partition.items()):
+        accepted = []
+        for offset, c in enumerate(group):
+            ev = c.ev
+            meter = METERS[ev.meter]
+            event = DecodedEvent(
+                ev.event_id, meter.event_name, ev.customer, ev.value, ev.ts, {"k": "v"}, 2
+            )
+            rec = Record(topic, partition, offset, None, b"", ev.ts + c.record_delay_ms)
+            accepted.append(Accepted(rec, event, meter))
+        classified = Classified(accepted=accepted)
+        out.append(RangeWrite(topic, partition, 0, len(group), 1, SNAPSHOT, classified))
+    return out
+
+
+def write_batch(store: Backend, ranges: Sequence[RangeWrite], now_ms: int, token: str = "") -> int:
+    token = token or batch_id(ranges)
+    n = write_effects(store, token, ranges, now_ms)
+    recompute_windows(store, token, now_ms)
+    return n
+
+
+# --- reading ClickHouse ------------------------------------------------------------------
+
+
+def minutely(store: Backend) -> dict[Key, Row]:
+    rows = store.query(
+        """SELECT meter, customer_id, toInt64(toUnixTimestamp(window_start)) * 1000,
+                  toString(sum_value), event_count, toString(min_value), toString(max_value),
+                  toString(first_value), toString(last_value), toString(avg_value)
+           FROM usage_minutely"""
+    )
+    out: dict[Key, Row] = {}
+    for meter, customer, start, s, n, lo, hi, first, last, avg in rows:
+        key = (str(meter), str(customer), int(start))
+        assert key not in out, f"two rows for window {key}"
+        out[key] = {
+            "sum": Decimal(s),
+            "count": Decimal(int(n)),
+            "min": Decimal(lo),
+            "max": Decimal(hi),
+            "first": Decimal(first),
+            "last": Decimal(last),
+            "avg": Decimal(avg),
+        }
+    return out
+
+
+def totals(store: Backend) -> dict[tuple[str, str], Row]:
+    rows = store.query(
+        """SELECT meter, customer_id, toString(sum_value), event_count, toString(min_value),
+                  toString(max_value), toString(first_value), toString(last_value)
+           FROM usage_totals"""
+    )
+    out: dict[tuple[str, str], Row] = {}
+    for meter, customer, s, n, lo, hi, first, last in rows:
+        out[(str(meter), str(customer))] = {
+            "sum": Decimal(s),
+            "count": Decimal(int(n)),
+            "min": Decimal(lo),
+            "max": Decimal(hi),
+            "first": Decimal(first),
+            "last": Decimal(last),
+        }
+    return out
+
+
+def hourly(store: Backend) -> dict[Key, Row]:
+    rows = store.query(
+        """SELECT meter, customer_id, toInt64(toUnixTimestamp(hour)) * 1000,
+                  toString(sum_value), event_count, toString(min_value), toString(max_value),
+                  toString(first_value), toString(last_value)
+           FROM usage_hourly"""
+    )
+    return {
+        (str(m), str(c), int(h)): {
+            "sum": Decimal(s),
+            "count": Decimal(int(n)),
+            "min": Decimal(lo),
+            "max": Decimal(hi),
+            "first": Decimal(first),
+            "last": Decimal(last),
+        }
+        for m, c, h, s, n, lo, hi, first, last in rows
+    }
+
+
+def ledger_count(store: Backend) -> int:
+    return int(store.query("SELECT count() FROM usage_events FINAL")[0][0])
+
+
+# --- the Python reference ----------------------------------------------------------------
+
+
+def unique(events: Sequence[Ev]) -> list[Ev]:
+    return list({e.identity: e for e in events}.values())
+
+
+def reference(
+    events: Sequence[Ev], group: str, kinds: Sequence[str] = KINDS
+) -> dict[tuple[str | int, ...], Row]:
+    grouped: dict[tuple[str | int, ...], list[Point]] = defaultdict(list)
+    for e in unique(events):
+        if group == "minute":
+            key: tuple[str | int, ...] = (e.meter, e.customer, minute_of(e.ts))
+        elif group == "hour":
+            key = (e.meter, e.customer, e.ts - e.ts % HOUR_MS)
+        else:
+            key = (e.meter, e.customer)
+        grouped[key].append(e.point())
+    return {k: {kind: aggregate(kind, ps) for kind in kinds} for k, ps in grouped.items()}
+
+
+# --- strategies --------------------------------------------------------------------------
+
+VALUES = st.one_of(
+    st.decimals(min_value=0, max_value=10**12, places=9, allow_nan=False),
+    st.sampled_from([Decimal(0), Decimal("0.1"), Decimal("1E+3"), Decimal("0.333333333")]),
+)
+TIMES = st.builds(
+    lambda minute, ms: BASE_MS + minute * MINUTE_MS + ms,
+    st.one_of(st.integers(0, 3), st.integers(55, 65), st.integers(0, 60 * 26)),
+    st.sampled_from([0, 1, 500, 59_999]) | st.integers(0, 59_999),
+)
+EVENTS = st.lists(
+    st.builds(
+        Ev,
+        st.sampled_from(sorted(METERS)),
+        st.sampled_from(["cus_a", "cus_B", "cus_c"]),
+        st.text("aAbZ09-_", min_size=1, max_size=5),
+        TIMES,
+        VALUES,
+    ),
+    min_size=1,
+    max_size=40,
+    unique_by=lambda e: (e.meter, e.customer, e.event_id),
+)
+
+
+@st.composite
+def two_batches(draw: st.DrawFn) -> tuple[list[Ev], list[Copy], list[Copy]]:
+    """Events spread over two batches in random orders: some only in the first, some only
+    in the second, some copied into both (and sometimes twice into the second)."""
+    events = draw(EVENTS)
+    first: list[Copy] = []
+    second: list[Copy] = []
+
+    def copy(ev: Ev) -> Copy:
+        return Copy(ev, draw(st.integers(0, 2)), draw(st.integers(0, 120_000)))
+
+    for ev in events:
+        where = draw(st.sampled_from(["first", "second", "both", "both_twice"]))
+        if where != "second":
+            first.append(copy(ev))
+        if where != "first":
+            second.append(copy(ev))
+        if where == "both_twice":
+            second.append(copy(ev))
+    return events, list(draw(st.permutations(first))), list(draw(st.permutations(second)))
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+def assert_views_match(store: Backend, events: Sequence[Ev]) -> None:
+    assert minutely(store) == reference(events, "minute")
+    assert hourly(store) == reference(events, "hour", KINDS[:-1])
+    assert totals(store) == reference(events, "total", KINDS[:-1])
+    assert ledger_count(store) == len(unique(events))
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=two_batches())
+def test_windows_and_totals_equal_the_python_reference(
+    store: Backend, case: tuple[list[Ev], list[Copy], list[Copy]]
+) -> None:
+    events, first, second = case
+    reset(store)
+    topic = f"usage.events.{next(_topics)}"
+    now = BASE_MS + 10 * HOUR_MS
+    if first:
+        write_batch(store, ranges_for(first, topic), now)
+        assert_views_match(store, [c.ev for c in first])
+    if second:
+        write_batch(store, ranges_for(second, topic + ".b"), now + 1000)
+    assert_views_match(store, events)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(events=EVENTS, data=st.data())
+def test_writing_the_same_range_twice_converges(
+    store: Backend, events: list[Ev], data: st.DataObject
+) -> None:
+    """P3: a retried range rewrites the same rows; with its dedup token, or without it
+    (the token is only a fast path), and in another order, nothing changes."""
+    reset(store)
+    topic = f"usage.events.{next(_topics)}"
+    copies = [Copy(e, 0, 10) for e in events]
+    ranges = ranges_for(copies, topic)
+    now = BASE_MS + 10 * HOUR_MS
+    assert write_batch(store, ranges, now) == len(events)
+    before = (totals(store), minutely(store), ledger_count(store))
+    assert before[2] == len(events)
+
+    write_batch(store, ranges, now)  # the same token: the fast path drops the inserts
+    assert (totals(store), minutely(store), ledger_count(store)) == before
+
+    shuffled = data.draw(st.permutations(copies))
+    retry = ranges_for(shuffled, topic)
+    write_batch(store, retry, now + 5000, token=batch_id(retry) + "-attempt2")
+    assert (totals(store), minutely(store), ledger_count(store)) == before
+    assert_views_match(store, events)
+
+
+def test_ledger_keeps_the_copy_with_the_earliest_record_time(store: Backend) -> None:
+    ev = Ev("api_calls", "cus_a", "e-1", BASE_MS + 5, Decimal("2.5"))
+    write_batch(store, ranges_for([Copy(ev, 1, 500)], "t.late-copy"), BASE_MS)
+    write_batch(store, ranges_for([Copy(ev, 2, 100)], "t.early-copy"), BASE_MS)
+    write_batch(store, ranges_for([Copy(ev, 0, 900)], "t.later-copy"), BASE_MS)
+    rows = store.query(
+        """SELECT topic, partition, toUnixTimestamp64Milli(record_time), toString(value)
+           FROM usage_events FINAL"""
+    )
+    assert rows == [("t.early-copy", 2, BASE_MS + 105, "2.5")]
+    assert totals(store) == reference([ev], "total", KINDS[:-1])
+
+
+def test_windows_of_other_customers_and_minutes_are_not_touched(store: Backend) -> None:
+    a = Ev("api_calls", "cus_a", "e-1", BASE_MS + 1_000, Decimal("1"))
+    b = Ev("api_calls", "cus_b", "e-2", BASE_MS + 61_000, Decimal("2"))
+    write_batch(store, ranges_for([Copy(a, 0, 0), Copy(b, 0, 0)], "t.one"), BASE_MS)
+    computed = {
+        str(customer): int(at)
+        for customer, at in store.query(
+            "SELECT customer_id, toUnixTimestamp64Milli(computed_at) FROM usage_windows"
+        )
+    }
+    assert computed == {"cus_a": BASE_MS, "cus_b": BASE_MS}
+    c = Ev("api_calls", "cus_a", "e-3", BASE_MS + 2_000, Decimal("4"))
+    write_batch(store, ranges_for([Copy(c, 0, 0)], "t.two"), BASE_MS + 60_000)
+    after = store.query(
+        """SELECT customer_id, toUnixTimestamp64Milli(computed_at), toString(sum_value)
+           FROM usage_windows FINAL ORDER BY customer_id"""
+    )
+    assert after == [("cus_a", BASE_MS + 60_000, "5"), ("cus_b", computed["cus_b"], "2")]
+
+
+def test_windows_are_computed_for_events_older_than_the_dirty_ttl(store: Backend) -> None:
+    now_ms = int(time.time() * 1000)
+    # Event 34 days before its record, which was produced 7 days ago (e.g. consumer lag).
+    record_ts = now_ms - 7 * DAY_MS
+    ev = Ev("api_calls", "cus_old", "e-old", record_ts - 34 * DAY_MS, Decimal("3"))
+    ranges = ranges_for([Copy(ev, 0, 34 * DAY_MS)], "t.old")
+    token = batch_id(ranges)
+    write_effects(store, token, ranges, now_ms)
+    store.command("OPTIMIZE TABLE dirty_windows FINAL")  # a background merge may run any time
+    recompute_windows(store, token, now_ms)
+    assert ledger_count(store) == 1
+    assert totals(store) == reference([ev], "total", KINDS[:-1])
+
+
+def test_reference_is_exact_for_sums_beyond_28_digits(store: Backend) -> None:
+    big = Ev("api_calls", "cus_big", "e-1", BASE_MS + 1, Decimal(10**19))
+    tiny = Ev("api_calls", "cus_big", "e-2", BASE_MS + 2, Decimal("0.000000001"))
+    write_batch(store, ranges_for([Copy(big, 0, 0), Copy(tiny, 0, 0)], "t.big"), BASE_MS)
+    window = minutely(store)[("api_calls", "cus_big", BASE_MS)]
+    assert window["sum"] == Decimal("10000000000000000000.000000001")  # ClickHouse is exact
+    assert minutely(store) == reference([big, tiny], "minute")
