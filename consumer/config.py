@@ -118,6 +118,10 @@ class PipelineConfig(_Frozen):
     batch_max_seconds: float = Field(0.5, gt=0)
     dedup_window_seconds: int = Field(6 * 3600, ge=60)
     future_tolerance_seconds: int = Field(300, ge=0)
+    max_invalid_ratio: float = Field(
+        0.5, gt=0, le=1, description="stop above this dead-letter share"
+    )
+    invalid_ratio_min_messages: int = Field(1000, ge=1, description="...of a range this large")
     max_past_days: int = Field(35, ge=1)
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9108, ge=0, le=65535)

@@ -42,6 +42,13 @@ class IngestContext:
     group: str
     config_hash: str
     dedup_window_ms: int
+    max_invalid_ratio: float = 0.5
+    flood_min_messages: int = 1000
+
+
+class DeadLetterFlood(Exception):
+    """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
+    than dead-letter everything; nothing of the range is written or committed."""
 
 
 class Ingestor:
@@ -180,6 +187,14 @@ class Ingestor:
             attempt = 1
         lookup = ledger_lookup(c.store, c.topic, t.partition, start, end)
         classified = c.classifier.classify(records, snapshot, t.recent, lookup)
+        bad = len(classified.invalid)
+        if len(records) >= c.flood_min_messages and bad > c.max_invalid_ratio * len(records):
+            reasons = sorted({d.reason for d in classified.invalid})
+            raise DeadLetterFlood(
+                f"partition {t.partition} offsets [{start}, {end}): {bad} of {len(records)} "
+                f"messages invalid ({', '.join(reasons)}); stopping instead of dead-lettering "
+                "them all (pipeline.max_invalid_ratio)"
+            )
         t.buffer = rest  # only now: a transient failure above keeps the records buffered
         return RangeWrite(c.topic, t.partition, start, end, attempt, snapshot, classified)
 

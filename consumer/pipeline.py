@@ -161,6 +161,8 @@ def build_pipeline(
             group=k.group_id,
             config_hash=settings.config_hash(),
             dedup_window_ms=p.dedup_window_seconds * 1000,
+            max_invalid_ratio=p.max_invalid_ratio,
+            flood_min_messages=p.invalid_ratio_min_messages,
         ),
         batch_max=p.batch_max_messages,
         batch_seconds=p.batch_max_seconds,

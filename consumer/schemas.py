@@ -170,12 +170,13 @@ class RegistrySchemaSource:
 
 
 def _http_failure(schema_id: int, where: str, exc: urllib.error.HTTPError) -> Exception:
-    """404 / 40403 means the id does not exist; every other status is worth a retry."""
+    """Only the registry's own 40403 means the id does not exist. A bare 404 (a wrong URL,
+    a proxy) is treated as an outage: pausing beats dead-lettering every message (P6)."""
     try:
         code = json.loads(exc.read(_MAX_RESPONSE_BYTES)).get("error_code")
     except (ValueError, AttributeError, OSError):
         code = None
-    if exc.code == 404 or code == _NOT_FOUND_CODE:
+    if code == _NOT_FOUND_CODE:
         return UnknownSchemaId(f"schema registry has no schema id {schema_id}")
     return SchemaSourceUnavailable(f"schema registry {where} answered HTTP {exc.code}")
 

@@ -13,10 +13,14 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.broker import TansuBroker
+from consumer.clock import SystemClock
 from consumer.config import Settings
 from consumer.demo import produce, run_until_drained, stripe_totals
 from consumer.emulator import EmulatorServer
+from consumer.health import Health
+from consumer.ingest import DeadLetterFlood
 from consumer.metrics import Metrics
+from consumer.pipeline import build_pipeline
 from consumer.producer import UsageProducer
 from consumer.sample import Sample, generate
 from consumer.store import open_store
@@ -244,3 +248,27 @@ def test_no_request_carries_more_than_100_events(
     assert requests >= 11  # 1,050 events at 100 per request at most
     assert stripe_totals(settings, emulator.url)[(f"cus_{unique}", "tokens")] == 1_050
     assert metrics.stripe_events.labels("per_event")._value.get() == 1_050
+
+
+def test_a_flood_of_invalid_messages_stops_instead_of_dead_lettering(
+    broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(
+        broker, emulator, tmp_path, unique, pipeline={"invalid_ratio_min_messages": 50}
+    )
+    setup(broker, settings, partitions=1)
+    p = UsageProducer({"bootstrap.servers": broker.bootstrap}, settings.kafka.topic)
+    for i in range(120):
+        p.send_raw(b"k", b"\x00\x00\x00\x00\x02not-avro-%d" % i)
+    assert p.flush() == 0
+    clock = SystemClock()
+    pipeline = build_pipeline(settings, clock, Metrics(), Health(clock))
+    try:
+        with pytest.raises(DeadLetterFlood, match="120 of 120 messages invalid"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pipeline.ingestor.step()
+        assert pipeline.store.query("SELECT count() FROM dead_letters")[0][0] == 0
+        assert pipeline.store.query("SELECT count() FROM ingest_state")[0][0] == 0
+    finally:
+        pipeline.close()

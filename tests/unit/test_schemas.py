@@ -116,6 +116,8 @@ class _Registry(BaseHTTPRequestHandler):
             self._send(200, b"<html>proxy login</html>")
         elif self.path == "/schemas/ids/401":
             self._reply(401, {"error_code": 401, "message": "unauthorized"})
+        elif not self.path.startswith("/schemas/ids/"):
+            self._send(404, b"<html>not found</html>")  # not the registry at all
         else:
             self._reply(404, {"error_code": 40403, "message": "Schema not found"})
 
@@ -230,3 +232,10 @@ def test_credentials_in_url_become_basic_auth(registry: str) -> None:
     RegistrySchemaSource(f"http://key:s3cret@{host}").writer_schema(2)
     expected = "Basic " + base64.b64encode(b"key:s3cret").decode()
     assert _Registry.requests == [("/schemas/ids/2", expected)]
+
+
+def test_bare_404_is_an_outage_not_an_unknown_id(registry: str) -> None:
+    """A wrong registry path answers 404 without the registry's error code: never a dead letter."""
+    source = RegistrySchemaSource(registry + "/wrong-prefix")
+    with pytest.raises(SchemaSourceUnavailable):
+        source.writer_schema(2)
