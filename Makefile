@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration clean
+.PHONY: demo test lint typecheck unit integration chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,9 @@ integration: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
+# The full crash matrix (200+ kills); the CI-sized run is part of `make test`.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos
+
 clean:
-	rm -rf .demo .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo .data .chaos .pytest_cache .mypy_cache .ruff_cache

@@ -88,15 +88,17 @@ class CommitSequence:
                 )
 
     def _commit_kafka(self, ranges: Sequence[RangeWrite]) -> None:
-        offsets = [TopicPartition(r.topic, r.partition, r.end) for r in ranges]
+        self.commit_offsets({r.partition: r.end for r in ranges})
+
+    def commit_offsets(self, ends: dict[int, int]) -> None:
+        offsets = [TopicPartition(self.topic, p, end) for p, end in ends.items()]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             # Harmless for correctness: ingest_state already says done, and it is what a
             # new owner resumes from. Logged so a persistent failure is visible.
             log.warning("Kafka commit failed (state is durable, will resume from it): %s", exc)
-        for r in ranges:
-            self.committed[r.partition] = r.end
+        self.committed.update(ends)
 
     def _timed(self, step: str, fn: Callable[[], object]) -> None:
         with self.metrics.insert_seconds.labels(step).time():

@@ -197,10 +197,12 @@ class Settings(BaseSettings):
 
     def config_hash(self) -> str:
         """Hash of what classification depends on; stored in every range intent (P1)."""
+        p = self.pipeline
         body = json.dumps(
             {
                 "meters": [m.model_dump(mode="json") for m in self.meters],
-                "pipeline": self.pipeline.model_dump(mode="json"),
+                "future_tolerance_seconds": p.future_tolerance_seconds,
+                "max_past_days": p.max_past_days,
             },
             sort_keys=True,
         )

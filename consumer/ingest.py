@@ -60,6 +60,7 @@ class Ingestor:
         self.unready: set[int] = set()
         self.paused: set[int] = set()
         self.retry: list[RangeWrite] = []
+        self.catch_up: dict[int, int] = {}
         self.healthy = True
         self._failures = 0
         self._failed_now = False
@@ -97,6 +98,7 @@ class Ingestor:
         self.unready -= gone
         self.paused -= gone
         self.retry = [r for r in self.retry if r.partition not in gone]
+        self.catch_up = {p: o for p, o in self.catch_up.items() if p not in gone}
         consumer.incremental_unassign(partitions)
 
     def _load(self, partitions: list[int]) -> dict[int, Track]:
@@ -106,6 +108,9 @@ class Ingestor:
         for p, t in loaded.items():
             if t.next_offset is not None and t.reform is None:
                 self.committed[p] = t.next_offset
+                # A crash between "done" and the Kafka commit leaves Kafka behind the state;
+                # bring it level so lag and tooling agree with what is really done.
+                self.catch_up[p] = t.next_offset
         return loaded
 
     def _retry_unready(self) -> None:
@@ -141,6 +146,9 @@ class Ingestor:
             if track is not None:
                 track.buffer.append(to_record(msg))
         c.metrics.events_consumed.inc(len(msgs))
+        if self.catch_up:
+            c.commits.commit_offsets(self.catch_up)
+            self.catch_up = {}
         self._failed_now = False
         ranges = self.retry or self._form_ranges()
         if ranges:

@@ -82,6 +82,10 @@ class Metrics:
             "Age of the oldest pending push.",
             registry=r,
         )
+        # 1 when the emitter's last cycle found nothing to plan or send (drained).
+        self.stripe_idle = Gauge(
+            p + "stripe_outbox_idle", "1 when the last emitter cycle had no work.", registry=r
+        )
         # Stripe requests by outcome (status code or error class).
         self.stripe_requests = Counter(
             p + "stripe_requests", "Stripe meter event stream requests.", ["status"], registry=r

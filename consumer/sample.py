@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from consumer.exact import EXACT
 from consumer.producer import event_record, message_key
@@ -44,6 +45,8 @@ class Sample:
     customers: int = 0
     accepted_ids: set[str] = field(default_factory=set)
     late_ids: set[str] = field(default_factory=set)
+    # (customer, meter, hour start in epoch seconds) -> the hour's sum or last value
+    truth_hourly: dict[tuple[str, str, int], Decimal] = field(default_factory=dict)
 
     @property
     def meters(self) -> int:
@@ -88,7 +91,8 @@ def generate(
     messages: list[Message] = []
     accepted: list[tuple[_Event, Message]] = []
     truth: dict[tuple[str, str], Decimal] = {}
-    last_seen: dict[tuple[str, str], tuple[int, str]] = {}
+    hourly: dict[tuple[str, str, int], Decimal] = {}
+    last_seen: dict[Any, tuple[int, str]] = {}
 
     def encode(ev: _Event, kind: str, old_schema: bool = False) -> Message:
         rec = event_record(
@@ -111,7 +115,7 @@ def generate(
         name = rng.choices(names, weights)[0]
         jitter = 0 if name == "storage_gb" else rng.randint(-30_000, 30_000)
         ev = _Event(
-            f"evt-{seed}-{i:08d}",
+            f"evt-{customer_prefix}{seed}-{i:08d}",
             name,
             rng.choice(cust),
             _value(rng, name),
@@ -121,18 +125,30 @@ def generate(
         messages.append(msg)
         accepted.append((ev, msg))
         meter, agg, _ = METERS[name]
-        k = (ev.customer, meter)
-        if agg == "sum":
-            truth[k] = EXACT.add(truth.get(k, Decimal(0)), ev.value)
-        elif (ev.ts, ev.event_id) > last_seen.get(k, (-1, "")):
-            last_seen[k] = (ev.ts, ev.event_id)
-            truth[k] = ev.value
+        _account(truth, last_seen, (ev.customer, meter), agg, ev)
+        hour = ev.ts // HOUR_MS * 3600
+        _account(hourly, last_seen, (ev.customer, meter, hour), agg, ev)
         messages.extend(_extras(rng, i, n, ev, accepted, encode, partitions, now_ms))
     messages.extend(_undecodable(rng, partitions))
     kinds = Counter(m.kind for m in messages)
     ids = {ev.event_id for ev, _ in accepted}
     late_ids = {m.event_id for m in messages if m.kind == "late" and m.event_id}
-    return Sample(messages, truth, kinds, customers, ids, late_ids)
+    return Sample(messages, truth, kinds, customers, ids, late_ids, hourly)
+
+
+def _account(
+    totals: dict[Any, Decimal],
+    last_seen: dict[Any, tuple[int, str]],
+    key: Any,
+    agg: str,
+    ev: _Event,
+) -> None:
+    """Ground truth from the labels: sums add, `last` keeps the latest (time, event id)."""
+    if agg == "sum":
+        totals[key] = EXACT.add(totals.get(key, Decimal(0)), ev.value)
+    elif (ev.ts, ev.event_id) > last_seen.get(key, (-1, "")):
+        last_seen[key] = (ev.ts, ev.event_id)
+        totals[key] = ev.value
 
 
 def _extras(

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from consumer.classify import Classified, LedgerLookup, Snapshot
 from consumer.exact import EXACT
+from consumer.faults import fault_point
 from consumer.identifiers import per_event_identifier
 from consumer.records import Record
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
@@ -86,6 +87,7 @@ def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_
             },
             token=token,
         )
+        fault_point("after_write_usage_events")
         _write_dirty(
             store,
             token,
@@ -94,8 +96,11 @@ def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_
                 for a in accepted
             },
         )
+        fault_point("after_write_dirty_windows")
         _write_per_event_pushes(store, token, ranges, now_ms)
+        fault_point("after_write_stripe_pushes")
     _write_dead_letters(store, token, ranges, now_ms)
+    fault_point("after_write_dead_letters")
     _write_late(store, token, ranges)
     return len(accepted)
 

@@ -63,6 +63,7 @@ class Emitter:
         self._report()
         if not planned and not batch:
             self.last_idle_cycle = cycle
+        self._metrics.stripe_idle.set(0 if planned or batch else 1)
         return len(planned) + len(batch)
 
     def _send_unless_stopping(self, chunk: list[Push]) -> list[Push]:
@@ -75,7 +76,9 @@ class Emitter:
             self._pool.submit(self._send_unless_stopping, c) for c in chunks
         ]
         failure: BaseException | None = None
-        for fut in as_completed(futures):
+        for done, fut in enumerate(as_completed(futures)):
+            if done == 1:
+                fault_point("stripe_mid_batch")  # some requests answered, some in flight
             try:
                 delivered = fut.result()
             except SendFailed as exc:

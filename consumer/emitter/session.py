@@ -10,6 +10,7 @@ from typing import Any
 import stripe
 
 from consumer.clock import Clock
+from consumer.faults import fault_point
 from consumer.metrics import Metrics
 
 
@@ -56,6 +57,7 @@ class SessionKeeper:
         if self._on_refresh is not None:
             self._on_refresh()
         s = self._api.v2.billing.meter_event_session.create()
+        fault_point("session_refresh")  # Stripe made a session; we never stored it
         self._token = s.authentication_token
         self._expires_at = datetime.fromisoformat(s.expires_at).timestamp()
         self._metrics.stripe_sessions.labels(cause).inc()

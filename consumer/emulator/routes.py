@@ -169,6 +169,7 @@ _TABLE: list[tuple[str, str, Handler, str]] = [
         "api",
     ),
     ("GET", "/_emulator/state", lambda s, r, g: s.snapshot(), "control"),
+    ("GET", "/_emulator/hourly", lambda s, r, g: s.hourly(), "control"),
     ("POST", "/_emulator/config", _config, "control"),
     ("POST", "/_emulator/clock", _clock, "control"),
     ("POST", "/_emulator/expire_sessions", _expire, "control"),

@@ -270,6 +270,27 @@ class State:
                 rows.append({**row, "value": format_decimal(total)})
         return rows
 
+    def hourly(self) -> dict[str, Any]:
+        """GET /_emulator/hourly: what each meter billed per customer and UTC hour of the
+        event timestamps (the chaos harness compares this with ground truth)."""
+        with self._lock:
+            rows = []
+            for meter in self._meters.all():
+                groups: dict[tuple[str, int], list[StoredEvent]] = defaultdict(list)
+                for event in effective(self._events[meter.id], meter.event_time_window):
+                    groups[(event.customer, int(event.timestamp // 3600) * 3600)].append(event)
+                for (customer, hour), events in sorted(groups.items()):
+                    value = format_decimal(aggregate(meter.formula, events))
+                    rows.append(
+                        {
+                            "event_name": meter.event_name,
+                            "customer": customer,
+                            "hour": hour,
+                            "value": value,
+                        }
+                    )
+            return {"rows": rows}
+
     def snapshot(self) -> dict[str, Any]:
         """GET /_emulator/state: meters, exact totals per (event_name, customer), counters."""
         with self._lock:

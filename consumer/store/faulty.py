@@ -1,0 +1,59 @@
+"""ClickHouse faults injected at the backend interface, for the crash harness only.
+
+Enabled by USAGE_CONSUMER_STORE_FAULTS="rate=0.05,timeout=0.02,seed=1": each call fails with
+probability `rate`, as an error or (with probability `timeout`) after hanging 2 s, like a
+server that times out. Unset in production; `open_store` then returns the backend as is.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from consumer.store.backend import Backend, Row, StoreError
+
+
+class FaultyBackend:
+    def __init__(self, inner: Backend, rate: float, timeout: float, seed: int) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._timeout = timeout
+        self._rng = random.Random(seed)
+
+    def _maybe_fail(self, what: str) -> None:
+        r = self._rng.random()
+        if r < self._timeout:
+            time.sleep(2.0)
+            raise StoreError(f"injected timeout in {what}")
+        if r < self._rate:
+            raise StoreError(f"injected error in {what}")
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._maybe_fail("command")
+        self._inner.command(sql, params)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        self._maybe_fail("query")
+        return self._inner.query(sql, params)
+
+    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
+        self._maybe_fail(f"insert into {table}")
+        self._inner.insert_columns(table, columns, token)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def from_environment(inner: Backend) -> Backend:
+    spec = os.environ.get("USAGE_CONSUMER_STORE_FAULTS", "")
+    if not spec:
+        return inner
+    opts = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    return FaultyBackend(
+        inner, float(opts.get("rate", 0)), float(opts.get("timeout", 0)), int(opts.get("seed", 0))
+    )

@@ -1,0 +1,379 @@
+"""The crash harness: kill `usage-consumer run` anywhere, fault its dependencies, restart it
+until the data is drained, and compare ground truth, ClickHouse and Stripe per customer,
+meter and hour. Seeded and reproducible; every scenario gets its own broker, emulator,
+topic and store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import stripe
+from confluent_kafka import Consumer, TopicPartition
+
+from consumer.broker import TansuBroker, free_port
+from consumer.demo import produce
+from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.sample import METERS, Sample, generate
+from consumer.store.backend import ChdbBackend
+
+# Every table write of a range, the emitter's request/mark boundary, and a session refresh.
+POINTS = (
+    "after_intent",
+    "after_write_usage_events",
+    "after_write_dirty_windows",
+    "after_write_stripe_pushes",
+    "after_write_dead_letters",
+    "after_insert",
+    "after_done",
+    "stripe_mid_batch",
+    "after_stripe_2xx",
+    "session_refresh",
+)
+KEY = "sk_test_chaos"
+Key = tuple[str, str, int]  # (customer, meter, hour start in epoch seconds)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    events: int = 15_000
+    kill_points: tuple[str, ...] = ()
+    random_kills: int = 0
+    emulator: dict[str, Any] = field(default_factory=dict)
+    store_faults: str = ""
+    pause_broker_seconds: float = 0.0
+    expire_sessions_every: float = 0.0
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    kills: int
+    events: int
+    lost: Decimal
+    doubled: Decimal
+    wrong: int
+    side_ok: bool
+    drained: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.drained and self.side_ok and not self.lost and not self.doubled and not self.wrong
+        )
+
+    def line(self) -> str:
+        return (
+            f"{self.scenario:<20} kills={self.kills:<4} events={self.events:<7} "
+            f"lost={self.lost} doubled={self.doubled} wrong={self.wrong} "
+            f"dead_letters_ok={self.side_ok} drained={self.drained} "
+            f"{self.seconds:.0f}s {'OK' if self.ok else 'FAIL'}"
+        )
+
+
+class Harness:
+    def __init__(self, workdir: Path, seed: int, log: Callable[[str], None] = print) -> None:
+        self.workdir = workdir
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.log = log
+
+    def run(self, sc: Scenario) -> Outcome:
+        started = time.monotonic()
+        home = self.workdir / sc.name
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        with TansuBroker() as broker, _emulator(self.seed) as emu:
+            topic = f"{sc.name}.events"
+            broker.create_topics({topic: 3, f"{sc.name}.dlq": 1, f"{sc.name}.late": 1})
+            sample = generate(
+                sc.events,
+                20,
+                3,
+                int(time.time() * 1000),
+                self.seed,
+                customer_prefix=f"cus_{sc.name}_",
+            )
+            ends = produce(sample, broker.bootstrap, topic)
+            _post(emu.url, "/_emulator/config", sc.emulator)
+            run = _Run(sc, home, broker, emu, ends, self.rng)
+            with run.dependency_faults():
+                kills = run.kill_cycles()
+                drained = run.drain()
+            lost, doubled, wrong = compare(
+                sample, _clickhouse_hourly(home), _stripe_hourly(emu.url)
+            )
+            side_ok = _side_outputs_ok(home, sample)
+        return Outcome(
+            sc.name,
+            kills,
+            sc.events,
+            lost,
+            doubled,
+            wrong,
+            side_ok,
+            drained,
+            time.monotonic() - started,
+        )
+
+
+@contextmanager
+def _emulator(seed: int) -> Iterator[EmulatorServer]:
+    emu = serve("127.0.0.1", 0, EmulatorOptions(seed=seed))
+    client = stripe.StripeClient(KEY, base_addresses={"api": emu.url})
+    for _, (meter, agg, _share) in METERS.items():
+        client.v1.billing.meters.create(
+            {
+                "display_name": meter,
+                "event_name": meter,
+                "default_aggregation": {"formula": "last" if agg == "last" else "sum"},
+            }
+        )
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+class _Run:
+    """One scenario's consumer processes: killed, restarted, finally drained."""
+
+    def __init__(
+        self,
+        sc: Scenario,
+        home: Path,
+        broker: TansuBroker,
+        emu: EmulatorServer,
+        ends: dict[int, int],
+        rng: random.Random,
+    ) -> None:
+        self.sc, self.home, self.broker, self.emu, self.ends, self.rng = (
+            sc,
+            home,
+            broker,
+            emu,
+            ends,
+            rng,
+        )
+        self.group = f"{sc.name}-group"
+        self.log = open(home / "consumer.log", "a")  # noqa: SIM115 - closed in drain()
+
+    def env(self, fault: str = "") -> tuple[dict[str, str], int]:
+        port = free_port()
+        sc = self.sc
+        env = {
+            **os.environ,
+            "USAGE_CONSUMER_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            "USAGE_CONSUMER_KAFKA__TOPIC": f"{sc.name}.events",
+            "USAGE_CONSUMER_KAFKA__DLQ_TOPIC": f"{sc.name}.dlq",
+            "USAGE_CONSUMER_KAFKA__LATE_TOPIC": f"{sc.name}.late",
+            "USAGE_CONSUMER_KAFKA__GROUP_ID": self.group,
+            "USAGE_CONSUMER_KAFKA__CONSUMER_LIBRDKAFKA": json.dumps(
+                {"session.timeout.ms": "3000", "heartbeat.interval.ms": "500"}
+            ),
+            "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(self.home / "chdb"),
+            "USAGE_CONSUMER_STRIPE__API_KEY": KEY,
+            "USAGE_CONSUMER_STRIPE__API_BASE": self.emu.url,
+            "USAGE_CONSUMER_STRIPE__METER_EVENTS_BASE": self.emu.url,
+            "USAGE_CONSUMER_STRIPE__REQUESTS_PER_SECOND": "400",
+            "USAGE_CONSUMER_STRIPE__SESSION_REFRESH_MARGIN_SECONDS": "1",
+            "USAGE_CONSUMER_STRIPE__POLL_INTERVAL_SECONDS": "0.2",
+            "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "1500",
+            "USAGE_CONSUMER_PIPELINE__METRICS_HOST": "127.0.0.1",
+            "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
+            "USAGE_CONSUMER_FAULT": fault,
+            "USAGE_CONSUMER_STORE_FAULTS": sc.store_faults,
+        }
+        return env, port
+
+    def start(self, fault: str = "") -> tuple[subprocess.Popen[bytes], int]:
+        env, port = self.env(fault)
+        self.log.write(f"--- start fault={fault or '-'}\n")
+        self.log.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer.cli", "run"], env=env, stdout=self.log, stderr=self.log
+        )
+        return proc, port
+
+    def kill_cycles(self) -> int:
+        plan: list[str | None] = [*self.sc.kill_points, *[None] * self.sc.random_kills]
+        kills = 0
+        for point in plan:
+            if self.committed_all():
+                break
+            fault = f"{point}:{self.rng.randint(1, 3)}" if point else ""
+            proc, _ = self.start(fault)
+            try:
+                if point:
+                    proc.wait(timeout=25)  # the fault hook kills it at the point
+                else:
+                    proc.wait(timeout=self.rng.uniform(0.5, 6.0))
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += proc.returncode == -signal.SIGKILL
+        return kills
+
+    def drain(self, timeout: float = 300) -> bool:
+        """Run unfaulted until every offset is committed and the outbox is idle."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                proc, port = self.start()
+                try:
+                    if self._wait_drained(proc, port, deadline):
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(timeout=60)
+                        return proc.returncode == 0
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            return False
+        finally:
+            self.log.close()
+
+    def _wait_drained(self, proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
+        idle_after_commit = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if not self.committed_all():
+                idle_after_commit = 0
+                continue
+            idle_after_commit = idle_after_commit + 1 if _idle(port) else 0
+            if idle_after_commit >= 3:  # three consecutive idle reads after the last commit
+                return True
+        return False  # the process died (a real crash): the caller restarts it
+
+    def committed_all(self) -> bool:
+        c = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": self.group})
+        try:
+            got = c.committed(
+                [TopicPartition(f"{self.sc.name}.events", p) for p in self.ends], timeout=10
+            )
+        except Exception:
+            return False
+        finally:
+            c.close()
+        return all(tp.offset == self.ends[tp.partition] for tp in got)
+
+    @contextmanager
+    def dependency_faults(self) -> Iterator[None]:
+        stop = threading.Event()
+        threads = []
+        if self.sc.expire_sessions_every:
+            threads.append(threading.Thread(target=self._expire_sessions, args=(stop,)))
+        if self.sc.pause_broker_seconds:
+            threads.append(threading.Thread(target=self._pause_broker, args=(stop,)))
+        for t in threads:
+            t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def _expire_sessions(self, stop: threading.Event) -> None:
+        while not stop.wait(self.sc.expire_sessions_every):
+            _post(self.emu.url, "/_emulator/expire_sessions", {})
+
+    def _pause_broker(self, stop: threading.Event) -> None:
+        """SIGSTOP the broker longer than the consumer's session timeout, then resume."""
+        while not stop.wait(self.rng.uniform(2, 5)):
+            os.kill(self.broker.pid, signal.SIGSTOP)
+            try:
+                stop.wait(self.sc.pause_broker_seconds)
+            finally:
+                os.kill(self.broker.pid, signal.SIGCONT)
+            stop.wait(10)
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> None:
+    req = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def _idle(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return False
+    return any(
+        line.startswith("usage_consumer_stripe_outbox_idle ") and float(line.split()[1]) == 1.0
+        for line in text.splitlines()
+    )
+
+
+def _clickhouse_hourly(home: Path) -> dict[Key, Decimal]:
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        rows = store.query("""SELECT customer_id, meter, toUnixTimestamp(hour),
+                                     toString(sum_value), toString(last_value)
+                              FROM usage_hourly""")
+    finally:
+        store.close()
+    aggs = {m: a for m, a, _ in METERS.values()}
+    return {
+        (str(c), str(m), int(h)): Decimal(s if aggs[str(m)] == "sum" else last)
+        for c, m, h, s, last in rows
+    }
+
+
+def _stripe_hourly(url: str) -> dict[Key, Decimal]:
+    with urllib.request.urlopen(f"{url}/_emulator/hourly", timeout=10) as r:
+        rows = json.loads(r.read())["rows"]
+    return {(x["customer"], x["event_name"], int(x["hour"])): Decimal(x["value"]) for x in rows}
+
+
+def compare(sample: Sample, *observed: dict[Key, Decimal]) -> tuple[Decimal, Decimal, int]:
+    """Units lost and billed twice (sum meters), and wrong `last` values, over all sources."""
+    aggs = {m: a for m, a, _ in METERS.values()}
+    lost, doubled, wrong = Decimal(0), Decimal(0), 0
+    for got in observed:
+        for key in set(sample.truth_hourly) | set(got):
+            truth = sample.truth_hourly.get(key, Decimal(0))
+            value = got.get(key, Decimal(0))
+            if aggs[key[1]] == "last":
+                wrong += value != truth
+            elif value < truth:
+                lost += truth - value
+            else:
+                doubled += value - truth
+    return lost, doubled, wrong
+
+
+def _side_outputs_ok(home: Path, sample: Sample) -> bool:
+    """Dead letters are exactly the invalid and undecodable messages produced."""
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        dead = int(store.query("SELECT count() FROM dead_letters FINAL")[0][0])
+    finally:
+        store.close()
+    k = sample.kinds
+    return dead == k["invalid"] + k["future"] + k["undecodable"]
