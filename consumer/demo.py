@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from consumer.metrics import Metrics
 from consumer.pipeline import build_pipeline
 from consumer.producer import UsageProducer
 from consumer.progress import Progress
-from consumer.sample import Sample, generate
+from consumer.sample import Message, Sample, generate
 from consumer.store import Backend, open_store
 from consumer.totals import Totals, clickhouse_totals, format_table, late_event_ids, side_counts
 
@@ -51,7 +52,16 @@ def create_meters(settings: Settings, api_url: str) -> None:
 
 
 def produce(sample: Sample, bootstrap: str, topic: str) -> dict[int, int]:
-    """Produce the sample; returns the end offset (last + 1) of each partition."""
+    """Produce the sample with a progress bar; returns each partition's end offset."""
+    return produce_messages(
+        sample.messages, bootstrap, topic, Progress("produce", len(sample.messages))
+    )
+
+
+def produce_messages(
+    messages: Sequence[Message], bootstrap: str, topic: str, bar: Progress | None = None
+) -> dict[int, int]:
+    """Produce messages to their partitions; returns the end offset (last + 1) of each."""
     ends: dict[int, int] = {}
     failures: list[str] = []
 
@@ -63,14 +73,14 @@ def produce(sample: Sample, bootstrap: str, topic: str) -> dict[int, int]:
         ends[p] = max(ends.get(p, 0), o + 1)
 
     producer = UsageProducer({"bootstrap.servers": bootstrap}, topic)
-    bar = Progress("produce", len(sample.messages))
-    for i, m in enumerate(sample.messages):
+    for i, m in enumerate(messages):
         producer.send_raw(m.key, m.value, partition=m.partition, on_delivery=delivered)
-        if i % 2000 == 0:
+        if bar is not None and i % 2000 == 0:
             bar.update(i)
     if producer.flush(60) or failures:
         raise RuntimeError(f"produce failed: {failures[:3]}")
-    bar.done(len(sample.messages))
+    if bar is not None:
+        bar.done(len(messages))
     return ends
 
 

@@ -27,7 +27,7 @@ import stripe
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.broker import TansuBroker, free_port
-from consumer.demo import produce
+from consumer.demo import produce_messages
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.sample import METERS, Sample, generate
 from consumer.store.backend import ChdbBackend
@@ -111,9 +111,8 @@ class Harness:
                 self.seed,
                 customer_prefix=f"cus_{sc.name}_",
             )
-            ends = produce(sample, broker.bootstrap, topic)
             _post(emu.url, "/_emulator/config", sc.emulator)
-            run = _Run(sc, home, broker, emu, ends, self.rng)
+            run = _Run(sc, home, broker, emu, sample, self.rng)
             with run.dependency_faults():
                 kills = run.kill_cycles()
                 drained = run.drain()
@@ -161,17 +160,15 @@ class _Run:
         home: Path,
         broker: TansuBroker,
         emu: EmulatorServer,
-        ends: dict[int, int],
+        sample: Sample,
         rng: random.Random,
     ) -> None:
-        self.sc, self.home, self.broker, self.emu, self.ends, self.rng = (
-            sc,
-            home,
-            broker,
-            emu,
-            ends,
-            rng,
-        )
+        self.sc, self.home, self.broker, self.emu, self.rng = sc, home, broker, emu, rng
+        self.ends: dict[int, int] = {}
+        # Data arrives in waves, one before each consumer start, so every kill finds work.
+        n = len(sc.kill_points) + sc.random_kills + 1
+        size = -(-len(sample.messages) // n)
+        self.waves = [sample.messages[i : i + size] for i in range(0, len(sample.messages), size)]
         self.group = f"{sc.name}-group"
         self.log = open(home / "consumer.log", "a")  # noqa: SIM115 - closed in drain()
 
@@ -216,8 +213,7 @@ class _Run:
         plan: list[str | None] = [*self.sc.kill_points, *[None] * self.sc.random_kills]
         kills = 0
         for point in plan:
-            if self.committed_all():
-                break
+            self.produce_wave()
             fault = f"{point}:{self.rng.randint(1, 3)}" if point else ""
             proc, _ = self.start(fault)
             try:
@@ -233,8 +229,17 @@ class _Run:
             kills += proc.returncode == -signal.SIGKILL
         return kills
 
+    def produce_wave(self) -> None:
+        if self.waves:
+            wave = self.waves.pop(0)
+            ends = produce_messages(wave, self.broker.bootstrap, f"{self.sc.name}.events")
+            for p, end in ends.items():
+                self.ends[p] = max(self.ends.get(p, 0), end)
+
     def drain(self, timeout: float = 300) -> bool:
         """Run unfaulted until every offset is committed and the outbox is idle."""
+        while self.waves:
+            self.produce_wave()
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
