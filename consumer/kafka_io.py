@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from consumer.classify import DeadLetter, Late
 from consumer.config import KafkaConfig
+from consumer.faults import fault_point
 from consumer.records import Record
 
 HEADER = "usage-consumer."
@@ -121,6 +122,7 @@ class SideOutputs:
                 (HEADER + "watermark-ms", str(x.watermark_ms).encode()),
             ]
             self._produce(self._late, x.record, headers, on_delivery)
+        fault_point("before_side_output_flush")  # produced, delivery not yet confirmed
         remaining = self._producer.flush(self._timeout)
         if remaining or errors:
             detail = errors[0].str() if errors else f"{remaining} messages not delivered"

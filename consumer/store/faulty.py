@@ -23,7 +23,8 @@ class FaultyBackend:
         self._inner = inner
         self._rate = rate
         self._timeout = timeout
-        self._rng = random.Random(seed)
+        # Per process: a restarted consumer must not meet the very same failure sequence.
+        self._rng = random.Random(f"{seed}-{os.getpid()}")
 
     def _maybe_fail(self, what: str) -> None:
         r = self._rng.random()

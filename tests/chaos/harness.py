@@ -35,6 +35,7 @@ from consumer.store.backend import ChdbBackend
 # Every table write of a range, the emitter's request/mark boundary, and a session refresh.
 POINTS = (
     "after_intent",
+    "before_side_output_flush",
     "after_write_usage_events",
     "after_write_dirty_windows",
     "after_write_stripe_pushes",
@@ -253,6 +254,7 @@ class _Run:
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait()
+                time.sleep(1)  # it crashed (e.g. ClickHouse failed at start): restart it
             return False
         finally:
             self.log.close()
