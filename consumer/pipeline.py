@@ -44,6 +44,7 @@ class Pipeline:
     emitter: Emitter | None
     metrics: Metrics
     health: Health
+    owns_store: bool = True
 
     def run(self, stop: threading.Event) -> None:
         """Consume and emit until `stop`; then drain in-flight work, commit, and close."""
@@ -71,7 +72,8 @@ class Pipeline:
     def close(self) -> None:
         self.consumer.close()
         self.producer.flush(10)
-        self.store.close()
+        if self.owns_store:  # a store handed in (shared by instances in one process) stays open
+            self.store.close()
 
 
 def build_decoder(cfg: SchemaConfig) -> Decoder:
@@ -130,6 +132,7 @@ def build_pipeline(
 ) -> Pipeline:
     """decode -> validate -> dedup -> classify -> sink -> commit, plus the emitter."""
     k, p = settings.kafka, settings.pipeline
+    owns_store = store is None
     store = store or open_store(settings.clickhouse)
     migrate(store)
     classifier = Classifier(
@@ -174,4 +177,5 @@ def build_pipeline(
         on_lost=ingestor.on_revoke,
     )
     emitter = build_emitter(settings, store, clock, metrics) if settings.stripe.enabled else None
-    return Pipeline(settings, store, consumer, producer, ingestor, emitter, metrics, health)
+    return Pipeline(settings, store, consumer, producer, ingestor, emitter, metrics, health,
+                    owns_store)

@@ -71,7 +71,10 @@ def test_clickhouse_errors_mid_sequence_are_retried_without_loss(
         },
     )
     metrics = Metrics()
-    run_until_drained(settings, ends, timeout=180, metrics=metrics, quiet=True, store=flaky)
+    try:
+        run_until_drained(settings, ends, timeout=180, metrics=metrics, quiet=True, store=flaky)
+    finally:
+        flaky.close()
     assert flaky.injected == 7
     store = open_store(settings.clickhouse)
     try:

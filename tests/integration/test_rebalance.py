@@ -1,0 +1,111 @@
+"""A second consumer instance joins mid-run and leaves again (cooperative-sticky
+rebalances both ways). With chDB both instances live in one process and share the store;
+one emitter runs. Totals stay exact, and every partition ends committed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from consumer.broker import TansuBroker
+from consumer.clock import SystemClock
+from consumer.demo import produce_messages, stripe_totals
+from consumer.emulator import EmulatorServer
+from consumer.health import Health
+from consumer.metrics import Metrics
+from consumer.pipeline import Pipeline, build_pipeline
+from consumer.sample import Message, generate
+from consumer.store import open_store
+from consumer.totals import clickhouse_totals
+from tests.integration.conftest import make_settings
+from tests.integration.test_pipeline import ours
+
+pytestmark = pytest.mark.integration
+
+
+def test_an_instance_joins_and_leaves_mid_run(
+    broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(
+        broker, emulator, tmp_path, unique, pipeline={"batch_max_messages": 500}
+    )
+    quiet = make_settings(
+        broker,
+        emulator,
+        tmp_path,
+        unique,
+        stripe={"enabled": False},
+        pipeline={"batch_max_messages": 500},
+    )
+    k = settings.kafka
+    broker.create_topics({k.topic: 6, k.dlq_topic: 1, k.late_topic: 1})
+    prefix = f"cus_{unique}_"
+    sample = generate(24_000, 10, 6, int(time.time() * 1000), seed=31, customer_prefix=prefix)
+    quarter = -(-len(sample.messages) // 4)  # contiguous in time, as data really arrives
+    waves = [sample.messages[i : i + quarter] for i in range(0, len(sample.messages), quarter)]
+    store = open_store(settings.clickhouse)
+    clock = SystemClock()
+    first = build_pipeline(settings, clock, Metrics(), Health(clock), store)
+    second = build_pipeline(quiet, clock, Metrics(), Health(clock), store)
+    stops = [threading.Event(), threading.Event()]
+
+    def start(p: Pipeline, stop: threading.Event) -> threading.Thread:
+        t = threading.Thread(target=p.run, args=(stop,))
+        t.start()
+        return t
+
+    ends: dict[int, int] = {}
+
+    def produce(wave: list[Message]) -> None:
+        for p, e in produce_messages(wave, broker.bootstrap, k.topic).items():
+            ends[p] = max(ends.get(p, 0), e)
+
+    def committed() -> int:
+        merged = {**second.ingestor.committed, **first.ingestor.committed}
+        return sum(min(merged.get(p, 0), e) for p, e in ends.items())
+
+    try:
+        a = start(first, stops[0])
+        produce(waves[0])
+        _wait(lambda: committed() > 0, "first instance makes progress")
+        b = start(second, stops[1])
+        produce(waves[1])
+        _wait(lambda: len(second.ingestor.tracks) > 0, "second instance gets partitions")
+        produce(waves[2])
+        _wait(lambda: second.metrics.ranges_committed._value.get() > 0, "second writes")
+        stops[1].set()
+        b.join()
+        produce(waves[3])
+        _wait(lambda: len(first.ingestor.tracks) == 6, "first takes every partition back")
+        _wait(
+            lambda: all(first.ingestor.committed.get(p, 0) >= e for p, e in ends.items()),
+            "every offset committed",
+        )
+        assert first.emitter is not None
+        mark = first.emitter.cycles
+        _wait(
+            lambda: first.emitter is not None and first.emitter.drained_since(mark),
+            "outbox drained",
+        )
+    finally:
+        for s in stops:
+            s.set()
+        a.join()
+    try:
+        assert clickhouse_totals(store, settings.meters) == sample.truth
+    finally:
+        store.close()
+    assert ours(stripe_totals(settings, emulator.url), prefix) == sample.truth
+
+
+def _wait(cond: object, what: str, timeout: float = 90) -> None:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out: {what}")
