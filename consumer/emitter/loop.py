@@ -59,8 +59,11 @@ class Emitter:
         batch = outbox.pending(self._store, self._per_request * self._concurrency * 4)
         fresh = [p for p in batch if not p.first_attempt_ms]
         outbox.write(self._store, fresh, outbox.PENDING, now_ms)  # first_attempt_at, before sending
-        self._send(batch)
         self._report()
+        try:
+            self._send(batch)
+        finally:
+            self._report()  # also while Stripe fails: the backlog is what alerts watch
         if not planned and not batch:
             self.last_idle_cycle = cycle
         self._metrics.stripe_idle.set(0 if planned or batch else 1)
