@@ -177,5 +177,6 @@ def build_pipeline(
         on_lost=ingestor.on_revoke,
     )
     emitter = build_emitter(settings, store, clock, metrics) if settings.stripe.enabled else None
-    return Pipeline(settings, store, consumer, producer, ingestor, emitter, metrics, health,
-                    owns_store)
+    return Pipeline(
+        settings, store, consumer, producer, ingestor, emitter, metrics, health, owns_store
+    )
