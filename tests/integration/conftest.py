@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,3 +123,13 @@ def produce_sample(
         events, customers, partitions, int(time.time() * 1000), seed=seed, customer_prefix=prefix
     )
     return Produced(settings, sample, produce(sample, broker.bootstrap, k.topic), prefix)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    """Poll `cond` until true; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -20,7 +20,7 @@ from consumer.pipeline import Pipeline, build_pipeline
 from consumer.sample import Message, generate
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import make_settings
+from tests.integration.conftest import make_settings, wait_for
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -70,23 +70,23 @@ def test_an_instance_joins_and_leaves_mid_run(
     try:
         a = start(first, stops[0])
         produce(waves[0])
-        _wait(lambda: committed() > 0, "first instance makes progress")
+        wait_for(lambda: committed() > 0, "first instance makes progress")
         b = start(second, stops[1])
         produce(waves[1])
-        _wait(lambda: len(second.ingestor.tracks) > 0, "second instance gets partitions")
+        wait_for(lambda: len(second.ingestor.tracks) > 0, "second instance gets partitions")
         produce(waves[2])
-        _wait(lambda: second.metrics.ranges_committed._value.get() > 0, "second writes")
+        wait_for(lambda: second.metrics.ranges_committed._value.get() > 0, "second writes")
         stops[1].set()
         b.join()
         produce(waves[3])
-        _wait(lambda: len(first.ingestor.tracks) == 6, "first takes every partition back")
-        _wait(
+        wait_for(lambda: len(first.ingestor.tracks) == 6, "first takes every partition back")
+        wait_for(
             lambda: all(first.ingestor.committed.get(p, 0) >= e for p, e in ends.items()),
             "every offset committed",
         )
         assert first.emitter is not None
         mark = first.emitter.cycles
-        _wait(
+        wait_for(
             lambda: first.emitter is not None and first.emitter.drained_since(mark),
             "outbox drained",
         )
@@ -99,13 +99,3 @@ def test_an_instance_joins_and_leaves_mid_run(
     finally:
         store.close()
     assert ours(stripe_totals(settings, emulator.url), prefix) == sample.truth
-
-
-def _wait(cond: object, what: str, timeout: float = 90) -> None:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out: {what}")

@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,18 +19,9 @@ from consumer.emulator import EmulatorServer
 from consumer.state import DONE, load_states
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import STRIPE_KEY, produce_sample
+from tests.integration.conftest import STRIPE_KEY, produce_sample, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -88,8 +77,8 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
             lambda: (
                 metric(http_get(f"{base}/metrics")[1], "usage_consumer_ranges_committed_total") >= 2
             ),
-            60,
             "progress",
+            60,
         )
         assert http_get(f"{base}/healthz")[0] == 200
         assert http_get(f"{base}/readyz")[0] == 200
@@ -118,7 +107,7 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
             got = probe.committed([TopicPartition(k.topic, p) for p in ends], timeout=5)
             return all(tp.offset == ends[tp.partition] for tp in got)
 
-        wait_for(drained, 120, "every offset committed")
+        wait_for(drained, "every offset committed", 120)
         probe.close()
         wait_for(
             lambda: (
@@ -129,8 +118,8 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
                 }
                 == sample.truth
             ),
-            120,
             "Stripe totals",
+            120,
         )
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

@@ -19,9 +19,8 @@ from consumer.metrics import Metrics
 from consumer.pipeline import build_pipeline
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import produce_sample
+from tests.integration.conftest import produce_sample, wait_for
 from tests.integration.test_pipeline import ours
-from tests.integration.test_rebalance import _wait
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,7 @@ def test_stripe_down_does_not_stop_ingestion_and_the_emitter_catches_up(
     worker = threading.Thread(target=pipeline.run, args=(stop,))
     worker.start()
     try:
-        _wait(
+        wait_for(
             lambda: all(pipeline.ingestor.committed.get(p, 0) >= e for p, e in ends.items()),
             "every offset committed while Stripe answers 500",
         )
@@ -62,7 +61,7 @@ def test_stripe_down_does_not_stop_ingestion_and_the_emitter_catches_up(
         configure(emulator, rate_5xx=0.0)
         assert pipeline.emitter is not None
         mark = pipeline.emitter.cycles
-        _wait(
+        wait_for(
             lambda: pipeline.emitter is not None and pipeline.emitter.drained_since(mark),
             "the emitter catches up",
         )
