@@ -195,10 +195,10 @@ class Settings(BaseSettings):
     def meter_for_event(self) -> dict[str, MeterConfig]:
         return {m.event_name: m for m in self.meters}
 
-    def config_hash(self) -> str:
-        """Hash of what classification depends on; stored in every range intent (P1)."""
+    def classification_body(self) -> str:
+        """What classification depends on, as canonical JSON; kept per hash (P1)."""
         p = self.pipeline
-        body = json.dumps(
+        return json.dumps(
             {
                 "meters": [m.model_dump(mode="json") for m in self.meters],
                 "future_tolerance_seconds": p.future_tolerance_seconds,
@@ -206,7 +206,17 @@ class Settings(BaseSettings):
             },
             sort_keys=True,
         )
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        """Hash of the classification body; stored in every range intent (P1)."""
+        return hashlib.sha256(self.classification_body().encode()).hexdigest()[:16]
+
+
+def parse_classification(body: str) -> tuple[list[MeterConfig], int, int]:
+    """Meters, future tolerance and past window from a stored classification body."""
+    d = json.loads(body)
+    meters = [MeterConfig.model_validate(m) for m in d["meters"]]
+    return meters, int(d["future_tolerance_seconds"]), int(d["max_past_days"])
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -17,13 +17,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from consumer.classify import Classifier, Snapshot
 from consumer.clock import Clock
 from consumer.commit import CommitSequence
+from consumer.config import parse_classification
 from consumer.dedup import id_hash
 from consumer.kafka_io import SideOutputError, to_record
 from consumer.metrics import Metrics
 from consumer.schemas import SchemaSourceUnavailable
 from consumer.sink import RangeWrite, ledger_lookup
 from consumer.store.backend import Backend, StoreError
+from consumer.store.migrations import load_config
 from consumer.tracks import Track, load_tracks
+from consumer.validate import DAY_MS, Limits
 
 log = logging.getLogger(__name__)
 TRANSIENT = (StoreError, SchemaSourceUnavailable, SideOutputError)
@@ -46,6 +49,10 @@ class IngestContext:
     flood_min_messages: int = 1000
 
 
+class UnknownConfiguration(Exception):
+    """A bug or a wiped store: an intent names a configuration nobody recorded."""
+
+
 class DeadLetterFlood(Exception):
     """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
     than dead-letter everything; nothing of the range is written or committed."""
@@ -61,6 +68,7 @@ class Ingestor:
         self.paused: set[int] = set()
         self.retry: list[RangeWrite] = []
         self.catch_up: dict[int, int] = {}
+        self._classifiers: dict[str, Classifier] = {}
         self.healthy = True
         self._failures = 0
         self._failed_now = False
@@ -184,8 +192,6 @@ class Ingestor:
             records = [r for r in t.buffer if r.offset < t.reform.range_end]
             rest = [r for r in t.buffer if r.offset >= t.reform.range_end]
             snapshot = Snapshot.from_json(t.reform.snapshot)
-            if snapshot.config_hash != c.config_hash:
-                log.warning("partition %d: re-forming with a changed configuration", t.partition)
             start, end, attempt = t.reform.range_start, t.reform.range_end, t.reform.attempt + 1
         else:
             records, rest = t.buffer, []
@@ -194,7 +200,8 @@ class Ingestor:
             snapshot = Snapshot(dict(t.watermarks), c.config_hash, int(c.clock.now() * 1000))
             attempt = 1
         lookup = ledger_lookup(c.store, c.topic, t.partition, start, end)
-        classified = c.classifier.classify(records, snapshot, t.recent, lookup)
+        classifier = self._classifier_for(snapshot.config_hash, t.partition)
+        classified = classifier.classify(records, snapshot, t.recent, lookup)
         bad = len(classified.invalid)
         if len(records) >= c.flood_min_messages and bad > c.max_invalid_ratio * len(records):
             reasons = sorted({d.reason for d in classified.invalid})
@@ -205,6 +212,29 @@ class Ingestor:
             )
         t.buffer = rest  # only now: a transient failure above keeps the records buffered
         return RangeWrite(c.topic, t.partition, start, end, attempt, snapshot, classified)
+
+    def _classifier_for(self, config_hash: str, partition: int) -> Classifier:
+        """The classifier of the configuration a range was first formed with (P1)."""
+        c = self.ctx
+        if config_hash == c.config_hash:
+            return c.classifier
+        if config_hash not in self._classifiers:
+            body = load_config(c.store, config_hash)
+            if body is None:
+                raise UnknownConfiguration(
+                    f"partition {partition}: an open range was formed with configuration "
+                    f"{config_hash}, which the store does not hold"
+                )
+            meters, future_s, past_days = parse_classification(body)
+            log.warning(
+                "partition %d: re-forming with the earlier configuration %s", partition, config_hash
+            )
+            self._classifiers[config_hash] = Classifier(
+                c.classifier.decoder,
+                {m.event_name: m for m in meters},
+                Limits(future_s * 1000, past_days * DAY_MS),
+            )
+        return self._classifiers[config_hash]
 
     def _write(self, ranges: Sequence[RangeWrite]) -> None:
         try:

@@ -28,7 +28,7 @@ from consumer.kafka_io import SideOutputs, consumer_config, producer_config
 from consumer.metrics import Metrics
 from consumer.schemas import LocalSchemaSource, RegistrySchemaSource, load_schema, reader_schema
 from consumer.store import Backend, open_store
-from consumer.store.migrations import migrate
+from consumer.store.migrations import migrate, record_config
 from consumer.validate import DAY_MS, Limits
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def build_pipeline(
     owns_store = store is None
     store = store or open_store(settings.clickhouse)
     migrate(store)
+    record_config(store, settings.config_hash(), settings.classification_body())
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),
         meters=settings.meter_for_event(),

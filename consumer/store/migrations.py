@@ -182,6 +182,41 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 ]
 
 
+MIGRATIONS.append(
+    (
+        6,
+        "classification configs by hash",
+        [
+            # The configuration each intent's hash names, so a range re-formed after a config
+            # change is classified exactly as its first attempt was (P1).
+            """CREATE TABLE IF NOT EXISTS config_versions (
+        config_hash String,
+        body String,
+        written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY config_hash""",
+        ],
+    )
+)
+
+
+def record_config(store: Backend, config_hash: str, body: str) -> None:
+    if not store.query(
+        "SELECT 1 FROM config_versions WHERE config_hash = {h:String}", {"h": config_hash}
+    ):
+        store.command(
+            "INSERT INTO config_versions (config_hash, body) VALUES ({h:String}, {b:String})",
+            {"h": config_hash, "b": body},
+        )
+
+
+def load_config(store: Backend, config_hash: str) -> str | None:
+    rows = store.query(
+        "SELECT body FROM config_versions FINAL WHERE config_hash = {h:String}", {"h": config_hash}
+    )
+    return str(rows[0][0]) if rows else None
+
+
 def migrate(store: Backend) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
     store.command(

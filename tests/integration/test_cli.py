@@ -29,7 +29,7 @@ def test_migrate_is_idempotent_and_totals_reads_the_store(tmp_path: Path) -> Non
     env = {"USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(tmp_path / "ch")}
     first = cli("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "[1, 2, 3, 4, 5]" in first.stdout
+    assert "[1, 2, 3, 4, 5, 6]" in first.stdout
     again = cli("migrate", env=env)
     assert "up to date" in again.stdout
     totals = cli("totals", env=env)
