@@ -29,17 +29,25 @@ def clickhouse_totals(
         m = by_name.get(str(meter))
         if m is None:
             continue
-        values = {
-            "sum": Decimal(s),
-            "count": Decimal(int(n)),
-            "min": Decimal(lo),
-            "max": Decimal(hi),
-            "first": Decimal(first),
-            "last": Decimal(last),
-            "avg": truncated_mean(Decimal(s), int(n)) if int(n) else Decimal(0),
-        }
+        values = aggregation_values(s, n, lo, hi, first, last)
         out[(str(cust), str(meter))] = values[m.aggregation]
     return out
+
+
+def aggregation_values(
+    s: object, n: object, lo: object, hi: object, first: object, last: object
+) -> dict[str, Decimal]:
+    """One window row (decimals as strings, count as int) as every aggregation's value."""
+    count = int(str(n))
+    return {
+        "sum": Decimal(str(s)),
+        "count": Decimal(count),
+        "min": Decimal(str(lo)),
+        "max": Decimal(str(hi)),
+        "first": Decimal(str(first)),
+        "last": Decimal(str(last)),
+        "avg": truncated_mean(Decimal(str(s)), count) if count else Decimal(0),
+    }
 
 
 def side_counts(store: Backend) -> dict[str, int]:

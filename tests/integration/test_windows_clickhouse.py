@@ -26,6 +26,7 @@ from consumer.records import Record
 from consumer.sink import RangeWrite, batch_id, recompute_windows, write_effects
 from consumer.store.backend import Backend, ChdbBackend
 from consumer.store.migrations import migrate
+from consumer.totals import aggregation_values
 from consumer.window import MINUTE_MS, Point, aggregate, minute_of
 
 pytestmark = pytest.mark.integration
@@ -134,15 +135,7 @@ def minutely(store: Backend) -> dict[Key, Row]:
     for meter, customer, start, s, n, lo, hi, first, last, avg in rows:
         key = (str(meter), str(customer), int(start))
         assert key not in out, f"two rows for window {key}"
-        out[key] = {
-            "sum": Decimal(s),
-            "count": Decimal(int(n)),
-            "min": Decimal(lo),
-            "max": Decimal(hi),
-            "first": Decimal(first),
-            "last": Decimal(last),
-            "avg": Decimal(avg),
-        }
+        out[key] = {**aggregation_values(s, n, lo, hi, first, last), "avg": Decimal(avg)}
     return out
 
 
@@ -154,14 +147,8 @@ def totals(store: Backend) -> dict[tuple[str, str], Row]:
     )
     out: dict[tuple[str, str], Row] = {}
     for meter, customer, s, n, lo, hi, first, last in rows:
-        out[(str(meter), str(customer))] = {
-            "sum": Decimal(s),
-            "count": Decimal(int(n)),
-            "min": Decimal(lo),
-            "max": Decimal(hi),
-            "first": Decimal(first),
-            "last": Decimal(last),
-        }
+        values = aggregation_values(s, n, lo, hi, first, last)
+        out[(str(meter), str(customer))] = {k: v for k, v in values.items() if k != "avg"}
     return out
 
 
@@ -174,12 +161,7 @@ def hourly(store: Backend) -> dict[Key, Row]:
     )
     return {
         (str(m), str(c), int(h)): {
-            "sum": Decimal(s),
-            "count": Decimal(int(n)),
-            "min": Decimal(lo),
-            "max": Decimal(hi),
-            "first": Decimal(first),
-            "last": Decimal(last),
+            k: v for k, v in aggregation_values(s, n, lo, hi, first, last).items() if k != "avg"
         }
         for m, c, h, s, n, lo, hi, first, last in rows
     }
