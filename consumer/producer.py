@@ -90,11 +90,15 @@ class UsageProducer:
         *,
         partition: int | None = None,
         on_delivery: DeliveryCallback | None = None,
+        record_time_ms: int | None = None,
     ) -> None:
-        """Produce already-encoded bytes (the demo uses it for duplicates and bad messages)."""
+        """Produce already-encoded bytes (the demo uses it for duplicates and bad messages;
+        tests set `record_time_ms` to replay old or skewed producers)."""
         kwargs: dict[str, Any] = {"key": key, "value": payload}
         if partition is not None:
             kwargs["partition"] = partition
+        if record_time_ms is not None:
+            kwargs["timestamp"] = record_time_ms
         if on_delivery is not None:
             kwargs["on_delivery"] = on_delivery
         while True:
