@@ -12,6 +12,7 @@ import stripe
 from consumer.config import Settings, load_settings
 from consumer.demo import produce
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.pipeline import Pipeline
 from consumer.sample import Sample, generate
 
 STRIPE_KEY = "sk_test_integration"
@@ -133,3 +134,11 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 90) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_outbox_drained(pipeline: Pipeline, what: str = "outbox drained") -> None:
+    """Wait for an emitter cycle that started after now and found nothing to send."""
+    emitter = pipeline.emitter
+    assert emitter is not None
+    mark = emitter.cycles
+    wait_for(lambda: emitter.drained_since(mark), what)

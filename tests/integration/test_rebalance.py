@@ -20,7 +20,7 @@ from consumer.pipeline import Pipeline, build_pipeline
 from consumer.sample import Message, generate
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import make_settings, wait_for
+from tests.integration.conftest import make_settings, wait_for, wait_outbox_drained
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -84,12 +84,7 @@ def test_an_instance_joins_and_leaves_mid_run(
             lambda: all(first.ingestor.committed.get(p, 0) >= e for p, e in ends.items()),
             "every offset committed",
         )
-        assert first.emitter is not None
-        mark = first.emitter.cycles
-        wait_for(
-            lambda: first.emitter is not None and first.emitter.drained_since(mark),
-            "outbox drained",
-        )
+        wait_outbox_drained(first, "outbox drained")
     finally:
         for s in stops:
             s.set()

@@ -42,6 +42,14 @@ def metric(body: str, name: str) -> float:
     return total
 
 
+def stop_cleanly(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, wait, and require a clean exit; returns what the process logged."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    return err
+
+
 def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
@@ -82,12 +90,10 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
         )
         assert http_get(f"{base}/healthz")[0] == 200
         assert http_get(f"{base}/readyz")[0] == 200
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = stop_cleanly(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-2000:]
     assert "stopped cleanly" in err
     assert "hunter" not in err and STRIPE_KEY not in err  # no secret in the logs
 
@@ -121,12 +127,10 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
             "Stripe totals",
             120,
         )
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = stop_cleanly(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-2000:]
     store = open_store(settings.clickhouse)
     try:
         assert clickhouse_totals(store, settings.meters) == sample.truth

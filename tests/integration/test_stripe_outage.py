@@ -19,7 +19,7 @@ from consumer.metrics import Metrics
 from consumer.pipeline import build_pipeline
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import produce_sample, wait_for
+from tests.integration.conftest import produce_sample, wait_for, wait_outbox_drained
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -59,12 +59,7 @@ def test_stripe_down_does_not_stop_ingestion_and_the_emitter_catches_up(
         assert ours(stripe_totals(settings, run.settings.stripe.api_base), run.prefix) == {}
         assert metrics.stripe_pending._value.get() > 0  # the outbox holds the usage
         configure(emulator, rate_5xx=0.0)
-        assert pipeline.emitter is not None
-        mark = pipeline.emitter.cycles
-        wait_for(
-            lambda: pipeline.emitter is not None and pipeline.emitter.drained_since(mark),
-            "the emitter catches up",
-        )
+        wait_outbox_drained(pipeline, "the emitter catches up")
     finally:
         configure(emulator, rate_5xx=0.0)
         stop.set()
