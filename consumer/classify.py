@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from consumer.config import MeterConfig
 from consumer.decode import DecodedEvent, DecodeError, Decoder
 from consumer.dedup import RecentIds, id_hash
+from consumer.faults import poison_check
 from consumer.records import Record
 from consumer.validate import Invalid, Limits, validate
 from consumer.window import Watermarks
@@ -24,33 +25,37 @@ from consumer.window import Watermarks
 class Snapshot:
     """Everything classification depends on besides the records, frozen at range start.
 
-    `schema_ids` records which writer schemas the range used (for audits and for a re-form
-    whose registry is down)."""
+    `schema_ids` records which writer schemas the range's messages name (for audits and for
+    a re-form whose registry is down); `suspect` is the span a poison search is narrowing
+    (P7, consumer/poison.py)."""
 
     watermarks: dict[str, int]
     config_hash: str
     stamp_ms: int
     schema_ids: list[int] = field(default_factory=list)
+    suspect: tuple[int, int] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "watermarks": self.watermarks,
-                "config_hash": self.config_hash,
-                "stamp_ms": self.stamp_ms,
-                "schema_ids": self.schema_ids,
-            },
-            sort_keys=True,
-        )
+        body: dict[str, object] = {
+            "watermarks": self.watermarks,
+            "config_hash": self.config_hash,
+            "stamp_ms": self.stamp_ms,
+            "schema_ids": self.schema_ids,
+        }
+        if self.suspect is not None:
+            body["suspect"] = list(self.suspect)
+        return json.dumps(body, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Snapshot:
         d = json.loads(text)
+        suspect = d.get("suspect")
         return cls(
             {k: int(v) for k, v in d["watermarks"].items()},
             d["config_hash"],
             int(d["stamp_ms"]),
             [int(i) for i in d.get("schema_ids", [])],
+            (int(suspect[0]), int(suspect[1])) if suspect else None,
         )
 
 
@@ -83,12 +88,13 @@ class Classified:
     invalid: list[DeadLetter] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
     false_positives: int = 0
-    schema_ids: set[int] = field(default_factory=set)
+    cross_partition: int = 0  # duplicates whose ledger copy came from another partition
     watermarks_after: dict[str, int] = field(default_factory=dict)
 
 
-# (meter, event ids) -> the subset the ledger holds outside the range being formed (P2).
-LedgerLookup = Callable[[str, list[str]], set[str]]
+# (meter, event ids) -> those the ledger holds outside the range being formed (P2), each
+# with the partition its copy came from.
+LedgerLookup = Callable[[str, list[str]], dict[str, int]]
 
 
 @dataclass
@@ -108,13 +114,13 @@ class Classifier:
         marks = Watermarks(snapshot.watermarks)
         valid: list[tuple[Record, DecodedEvent, MeterConfig]] = []
         for rec in records:
+            poison_check(rec.value)
             try:
                 event = self.decoder.decode(rec.value)
                 meter = validate(event, rec.timestamp_ms, self.meters, self.limits)
             except (DecodeError, Invalid) as exc:
                 out.invalid.append(DeadLetter(rec, exc.reason, exc.detail))
                 continue
-            out.schema_ids.add(event.schema_id)
             valid.append((rec, event, meter))
         known = self._confirmed_in_ledger(valid, recent, in_ledger, out)
         seen: set[tuple[str, str]] = set()
@@ -123,6 +129,7 @@ class Classifier:
             key = (meter.name, event.event_id)
             if key in seen or key in known:
                 self._count_duplicate(out, meter.name)
+                out.cross_partition += known.get(key, rec.partition) != rec.partition
                 continue
             seen.add(key)
             lateness = meter.allowed_lateness_seconds * 1000
@@ -133,30 +140,22 @@ class Classifier:
                 continue
             marks.observe(meter.name, event.timestamp_ms)
             out.accepted.append(Accepted(rec, event, meter))
-        out.late = self._late_not_in_ledger(late, in_ledger, out)
+        out.late = late  # a late copy of an event the ledger holds was a duplicate above
         out.watermarks_after = marks.by_meter
         return out
 
     @staticmethod
+    def quarantine(records: Sequence[Record], snapshot: Snapshot, attempts: int) -> Classified:
+        """Dead-letter a poison range without decoding it again (P7)."""
+        detail = f"the consumer crashed {attempts} times on this message; quarantined undecoded"
+        return Classified(
+            invalid=[DeadLetter(r, "poison", detail) for r in records],
+            watermarks_after=dict(snapshot.watermarks),
+        )
+
+    @staticmethod
     def _count_duplicate(out: Classified, meter: str) -> None:
         out.duplicates[meter] = out.duplicates.get(meter, 0) + 1
-
-    def _late_not_in_ledger(
-        self, late: list[Late], in_ledger: LedgerLookup, out: Classified
-    ) -> list[Late]:
-        """A late copy of an event another partition already wrote is a duplicate, not late
-        usage. Either way it stays out of the ledger, so totals never depend on this."""
-        by_meter: dict[str, list[str]] = {}
-        for x in late:
-            by_meter.setdefault(x.meter.name, []).append(x.event.event_id)
-        known = {(m, i) for m, ids in by_meter.items() for i in in_ledger(m, sorted(set(ids)))}
-        kept = []
-        for x in late:
-            if (x.meter.name, x.event.event_id) in known:
-                self._count_duplicate(out, x.meter.name)
-            else:
-                kept.append(x)
-        return kept
 
     @staticmethod
     def _confirmed_in_ledger(
@@ -164,15 +163,20 @@ class Classifier:
         recent: RecentIds,
         in_ledger: LedgerLookup,
         out: Classified,
-    ) -> set[tuple[str, str]]:
-        """Ask the ledger only about ids the filter flags; returns the confirmed ones."""
-        candidates: dict[str, list[str]] = {}
+    ) -> dict[tuple[str, str], int]:
+        """One batched lookup per meter for every id of the range. The dedup key is (meter,
+        event id): a copy another partition wrote, or one older than the filter's window,
+        is a duplicate even when its timestamp (so its ledger identity) differs. The filter
+        only tells how a duplicate was expected (its false positives are counted)."""
+        ids: dict[str, set[str]] = {}
+        flagged: dict[str, set[str]] = {}
         for _, event, meter in valid:
+            ids.setdefault(meter.name, set()).add(event.event_id)
             if recent.might_contain(id_hash(meter.name, event.event_id)):
-                candidates.setdefault(meter.name, []).append(event.event_id)
-        known: set[tuple[str, str]] = set()
-        for meter_name, ids in candidates.items():
-            found = in_ledger(meter_name, sorted(set(ids)))
-            out.false_positives += len(set(ids) - found)
-            known.update((meter_name, i) for i in found)
+                flagged.setdefault(meter.name, set()).add(event.event_id)
+        known: dict[tuple[str, str], int] = {}
+        for meter_name, all_ids in ids.items():
+            found = in_ledger(meter_name, sorted(all_ids))
+            out.false_positives += len(flagged.get(meter_name, set()) - found.keys())
+            known.update(((meter_name, i), p) for i, p in found.items())
         return known

@@ -24,11 +24,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from consumer import health as health_http
     from consumer.clock import SystemClock
+    from consumer.faults import clock_skew_seconds
     from consumer.metrics import Metrics
     from consumer.pipeline import build_pipeline
 
     settings = _settings(args)
-    clock, metrics = SystemClock(), Metrics()
+    clock, metrics = SystemClock(clock_skew_seconds()), Metrics()
     health = health_http.Health(clock)
     p = settings.pipeline
     _, port = health_http.serve(p.metrics_host, p.metrics_port, metrics, health)

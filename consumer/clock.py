@@ -19,8 +19,13 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """The host's clock; `skew_seconds` shifts wall time (a host whose clock jumped)."""
+
+    def __init__(self, skew_seconds: float = 0.0) -> None:
+        self._skew = skew_seconds
+
     def now(self) -> float:
-        return time.time()
+        return time.time() + self._skew
 
     def monotonic(self) -> float:
         return time.monotonic()

@@ -1,6 +1,8 @@
 """Commit stage: the numbered write sequence of a batch of ranges, then the Kafka commit.
 
-  1. record intent      ingest_state rank 1: the range, its attempt and snapshot (P1)
+  1. record intent      ingest_state rank 1: the range, its attempt and snapshot (P1),
+                        written when the range is formed, before it is classified, so a
+                        message that crashes classification is counted against it (P7)
   2. side outputs       dead letters and late events produced, delivery confirmed (P5)
   3. ledger write       usage_events, dead_letters, late_events, per-event pushes (P3)
   4. windows            the touched minute windows recomputed from the ledger (P3)
@@ -12,7 +14,6 @@ A crash anywhere leaves an intent that the next owner re-forms; every write conv
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from consumer.classify import Snapshot
 from consumer.faults import fault_point
+from consumer.forming import Formed
 from consumer.kafka_io import SideOutputs
 from consumer.metrics import Metrics
 from consumer.sink import RangeWrite, batch_id, recompute_windows, write_effects
@@ -43,16 +45,41 @@ class CommitSequence:
     group: str
     topic: str
     epoch: int
-    config_hash: str
 
     def __post_init__(self) -> None:
         self.committed: dict[int, int] = {}
+        self.topic_id = ""  # the incarnation of the topic this owner was assigned
+        self._written_ms = 0
+
+    def _version(self, now_ms: int) -> int:
+        """State rows of one owner get strictly increasing `written_at` (the last tiebreak)."""
+        self._written_ms = max(now_ms, self._written_ms + 1)
+        return self._written_ms
+
+    def intend(self, formed: Sequence[Formed], now_ms: int) -> None:
+        """Step 1 for several partitions in one insert."""
+        rows = [
+            RangeState(f.partition, f.start, f.end, INTENT, f.attempt, f.snapshot.to_json())
+            for f in formed
+        ]
+        self._timed(
+            "ingest_state",
+            lambda: write_states(
+                self.store,
+                self.group,
+                self.topic,
+                self.epoch,
+                self._version(now_ms),
+                rows,
+                self.topic_id,
+            ),
+        )
+        fault_point("after_intent")
 
     def run(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
+        """Steps 2-6 for ranges whose intents are durable."""
         self._check_forward(ranges)
         token = batch_id(ranges)
-        self._timed("ingest_state", lambda: self._states(ranges, INTENT, now_ms))
-        fault_point("after_intent")
         self._timed(
             "side_outputs",
             lambda: self.side.publish(
@@ -63,21 +90,25 @@ class CommitSequence:
         self._timed("usage_events", lambda: write_effects(self.store, token, ranges, now_ms))
         fault_point("after_insert")
         self._timed("usage_windows", lambda: recompute_windows(self.store, token, now_ms))
-        self._timed("ingest_state", lambda: self._states(ranges, DONE, now_ms))
+        self._timed("ingest_state", lambda: self._done(ranges, now_ms))
         fault_point("after_done")
         self._commit_kafka(ranges)
 
-    def _states(self, ranges: Sequence[RangeWrite], rank: int, now_ms: int) -> None:
+    def _done(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
         rows = []
         for r in ranges:
-            if rank == INTENT:
-                snap = dataclasses.replace(r.snapshot, schema_ids=sorted(r.classified.schema_ids))
-            else:  # the next range starts from the watermarks this one ended with
-                snap = Snapshot(
-                    r.classified.watermarks_after, self.config_hash, r.snapshot.stamp_ms
-                )
-            rows.append(RangeState(r.partition, r.start, r.end, rank, r.attempt, snap.to_json()))
-        write_states(self.store, self.group, self.topic, self.epoch, now_ms, rows)
+            # The next range starts from the watermarks this one ended with, and goes on
+            # with a poison search this range was a chunk of.
+            suspect = r.snapshot.suspect
+            snap = Snapshot(
+                r.classified.watermarks_after,
+                r.snapshot.config_hash,
+                r.snapshot.stamp_ms,
+                suspect=suspect if suspect and r.end < suspect[1] else None,
+            )
+            rows.append(RangeState(r.partition, r.start, r.end, DONE, r.attempt, snap.to_json()))
+        version = self._version(now_ms)
+        write_states(self.store, self.group, self.topic, self.epoch, version, rows, self.topic_id)
 
     def _check_forward(self, ranges: Sequence[RangeWrite]) -> None:
         for r in ranges:

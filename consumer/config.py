@@ -111,6 +111,24 @@ class StripeConfig(_Frozen):
     max_retries: int = Field(8, ge=0)
     poll_interval_seconds: float = Field(0.5, gt=0)
     lookback_days: int = Field(35, ge=1, le=35)
+    verify_after_hours: float = Field(
+        20.0, gt=1, lt=24, description="unknown outcomes older than this are checked, not re-sent"
+    )
+    verify_settle_seconds: float = Field(
+        3600.0, ge=0, le=3 * 3600, description="how long event summaries may lag a delivery"
+    )
+    pending_age_alert_days: float = Field(30.0, gt=0, le=35)
+    past_limit_policy: Literal["hold", "redate"] = "hold"
+    past_limit_margin_seconds: float = Field(
+        3600.0, ge=0, le=86400, description="kept inside Stripe's 35-day timestamp limit"
+    )
+    error_report_interval_seconds: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> StripeConfig:
+        if self.verify_after_hours * 3600 - self.verify_settle_seconds < 3600:
+            raise ValueError("verify_after_hours must exceed verify_settle_seconds by an hour")
+        return self
 
 
 class PipelineConfig(_Frozen):
@@ -123,6 +141,9 @@ class PipelineConfig(_Frozen):
     )
     invalid_ratio_min_messages: int = Field(1000, ge=1, description="...of a range this large")
     max_past_days: int = Field(35, ge=1)
+    poison_after_attempts: int = Field(
+        3, ge=2, description="crashes on one range before it is split to find a poison message"
+    )
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9108, ge=0, le=65535)
 
@@ -154,13 +175,18 @@ def default_meters() -> list[MeterConfig]:
     ]
 
 
+_SCHEMA_ENV = "usage_consumer_schema"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="USAGE_CONSUMER_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
     kafka: KafkaConfig = KafkaConfig()
-    schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    # `schema` shadows a BaseModel attribute. An alias is also the env name, unprefixed, so
+    # the alias carries the prefix; files and overrides say `schema` (see load_settings).
+    schema_: SchemaConfig = Field(SchemaConfig(), validation_alias=_SCHEMA_ENV)
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     stripe: StripeConfig = StripeConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -222,7 +248,8 @@ def parse_classification(body: str) -> tuple[list[MeterConfig], int, int]:
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        path = ".".join(str(p) for p in err["loc"]) or "config"
+        loc = ["schema" if p == _SCHEMA_ENV else str(p) for p in err["loc"]]
+        path = ".".join(loc) or "config"
         lines.append(f"{path}: {err['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -241,6 +268,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config file {config_file}: top level must be a mapping")
         data.update(loaded or {})
     data.update(overrides)
+    if "schema" in data:
+        data[_SCHEMA_ENV] = data.pop("schema")
     try:
         return Settings(**data)
     except ValidationError as exc:

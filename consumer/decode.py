@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact
 from typing import Any, Literal
@@ -192,6 +193,19 @@ class Decoder:
             schema_id, plan, offset = 0, self._plain, 0
         self.schema_ids_seen.add(schema_id)
         return self._read(data, offset, plan, schema_id)
+
+    def named_schema_ids(self, values: Iterable[bytes | None]) -> list[int]:
+        """Schema ids the messages' headers name, read without decoding or a registry, so an
+        intent can record them before the range is classified (P1)."""
+        if not self._confluent:
+            return []
+        return sorted(
+            {
+                _SCHEMA_ID(v, 1)[0]
+                for v in values
+                if v is not None and len(v) >= HEADER_SIZE and v[0] == MAGIC
+            }
+        )
 
     @staticmethod
     def _schema_id(data: bytes) -> int:

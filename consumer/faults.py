@@ -2,6 +2,10 @@
 
 Enabled only by USAGE_CONSUMER_FAULT="<point>:<n>[,<point>:<n>...]": the process SIGKILLs
 itself at the n-th time it reaches <point>. Unset (production), a call costs one dict lookup.
+
+USAGE_CONSUMER_POISON="<text>" makes every message whose bytes contain <text> kill the
+process whenever it is classified: a poison message that crashes every attempt (P7).
+USAGE_CONSUMER_CLOCK_SKEW_SECONDS shifts the `run` process's wall clock: a host clock jump.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ def _arm(spec: str) -> None:
 
 
 _arm(os.environ.get("USAGE_CONSUMER_FAULT", ""))
+_POISON = os.environ.get("USAGE_CONSUMER_POISON", "").encode() or None
 
 
 def fault_point(name: str) -> None:
@@ -29,6 +34,22 @@ def fault_point(name: str) -> None:
         return
     _SEEN[name] = _SEEN.get(name, 0) + 1
     if _SEEN[name] == _ARMED[name]:
-        sys.stderr.write(f"fault: SIGKILL at {name} #{_SEEN[name]}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        _die(f"{name} #{_SEEN[name]}")
+
+
+def poison_check(data: bytes | None) -> None:
+    """Kill this process if `data` carries the armed poison marker."""
+    if _POISON is None or data is None or _POISON not in data:
+        return
+    _die("poison message")
+
+
+def _die(what: str) -> None:
+    sys.stderr.write(f"fault: SIGKILL at {what}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def clock_skew_seconds() -> float:
+    """The armed wall-clock skew of this process (0 unless the harness sets one)."""
+    return float(os.environ.get("USAGE_CONSUMER_CLOCK_SKEW_SECONDS", "") or 0)

@@ -1,4 +1,5 @@
-"""The consume loop: owns the partitions, forms ranges, and hands them to the commit stage.
+"""The consume loop: owns the partitions, buffers their records, has ranges made of them
+(consumer/ranges.py) and hands those to the commit stage.
 
 Transient failures never become dead letters and never skip data (P6): a schema registry
 or ClickHouse outage pauses the affected partitions, keeps their records, and retries the
@@ -10,52 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumer.classify import Classifier, Snapshot
-from consumer.clock import Clock
-from consumer.commit import CommitSequence
-from consumer.config import parse_classification
+from consumer.context import TRANSIENT, UNREADY, IngestContext
 from consumer.dedup import id_hash
-from consumer.kafka_io import SideOutputError, to_record
-from consumer.metrics import Metrics
-from consumer.schemas import SchemaSourceUnavailable
-from consumer.sink import RangeWrite, ledger_lookup
-from consumer.store.backend import Backend, StoreError
-from consumer.store.migrations import load_config
+from consumer.kafka_io import to_record
+from consumer.ranges import DeadLetterFlood, RangeMaker, UnknownConfiguration
+from consumer.sink import RangeWrite
+from consumer.state import earlier_incarnation
 from consumer.tracks import Track, load_tracks
-from consumer.validate import DAY_MS, Limits
 
+__all__ = ["DeadLetterFlood", "IngestContext", "Ingestor", "UnknownConfiguration"]
 log = logging.getLogger(__name__)
-TRANSIENT = (StoreError, SchemaSourceUnavailable, SideOutputError)
 MAX_BACKOFF = 5.0
-
-
-@dataclass
-class IngestContext:
-    consumer: Consumer
-    store: Backend
-    commits: CommitSequence
-    classifier: Classifier
-    clock: Clock
-    metrics: Metrics
-    topic: str
-    group: str
-    config_hash: str
-    dedup_window_ms: int
-    max_invalid_ratio: float = 0.5
-    flood_min_messages: int = 1000
-
-
-class UnknownConfiguration(Exception):
-    """A bug or a wiped store: an intent names a configuration nobody recorded."""
-
-
-class DeadLetterFlood(Exception):
-    """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
-    than dead-letter everything; nothing of the range is written or committed."""
 
 
 class Ingestor:
@@ -68,7 +37,8 @@ class Ingestor:
         self.paused: set[int] = set()
         self.retry: list[RangeWrite] = []
         self.catch_up: dict[int, int] = {}
-        self._classifiers: dict[str, Classifier] = {}
+        self.ranges = RangeMaker(ctx, self.tracks)
+        self._recreated: set[int] = set()
         self.healthy = True
         self._failures = 0
         self._failed_now = False
@@ -84,7 +54,7 @@ class Ingestor:
         ours = [tp for tp in partitions if tp.topic == self.ctx.topic]
         try:
             loaded = self._load([int(tp.partition or 0) for tp in ours])
-        except StoreError as exc:
+        except UNREADY as exc:
             log.error("cannot read ingest state on assignment, pausing: %s", exc)
             consumer.incremental_assign(partitions)
             consumer.pause(ours)
@@ -94,6 +64,8 @@ class Ingestor:
             start = loaded[int(tp.partition or 0)].next_offset
             if start is not None:
                 tp.offset = start
+            elif int(tp.partition or 0) in self._recreated:
+                tp.offset = OFFSET_BEGINNING  # the old topic's committed offset means nothing
         consumer.incremental_assign(partitions)
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -106,12 +78,27 @@ class Ingestor:
         self.unready -= gone
         self.paused -= gone
         self.retry = [r for r in self.retry if r.partition not in gone]
+        self.ranges.forget(gone)
         self.catch_up = {p: o for p, o in self.catch_up.items() if p not in gone}
         consumer.incremental_unassign(partitions)
 
     def _load(self, partitions: list[int]) -> dict[int, Track]:
         c = self.ctx
-        loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms)
+        topic_id = c.topic_ids(c.topic) if c.topic_ids is not None else None
+        loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms, topic_id)
+        self._recreated = set()
+        if topic_id is not None:
+            c.commits.topic_id = topic_id
+            fresh = [p for p, t in loaded.items() if t.next_offset is None]
+            self._recreated = earlier_incarnation(c.store, c.group, c.topic, topic_id, fresh)
+            if self._recreated:
+                log.warning(
+                    "topic %s was deleted and re-created (now id %s): partitions %s start "
+                    "from the beginning, their earlier state is ignored",
+                    c.topic,
+                    topic_id,
+                    sorted(self._recreated),
+                )
         self.tracks.update(loaded)
         for p, t in loaded.items():
             if t.next_offset is not None and t.reform is None:
@@ -127,11 +114,13 @@ class Ingestor:
         parts = sorted(self.unready)
         try:
             loaded = self._load(parts)
-        except StoreError as exc:
-            log.warning("ingest state still unreadable: %s", exc)
+        except UNREADY as exc:
+            self._transient("reading ingest state", exc, [])  # still paused; backs off
             return
         for p in parts:
             start = loaded[p].next_offset
+            if start is None and p in self._recreated:
+                start = OFFSET_BEGINNING
             if start is not None:
                 self.ctx.consumer.seek(TopicPartition(self.ctx.topic, p, start))
         self.ctx.consumer.resume([TopicPartition(self.ctx.topic, p) for p in parts])
@@ -149,6 +138,12 @@ class Ingestor:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
+                if err.code() == KafkaError._MAX_POLL_EXCEEDED:
+                    # librdkafka already left the group and revoked (or lost) the partitions
+                    # through on_revoke; the next poll rejoins, and whatever it is assigned
+                    # resumes from ingest_state. A stall is no reason to crash.
+                    log.warning("evicted from the group, rejoining: %s", err.str())
+                    continue
                 raise KafkaException(err)
             track = self.tracks.get(int(msg.partition() or 0))
             if track is not None:
@@ -158,83 +153,12 @@ class Ingestor:
             c.commits.commit_offsets(self.catch_up)
             self.catch_up = {}
         self._failed_now = False
-        ranges = self.retry or self._form_ranges()
+        ranges = self.retry or self.ranges.make(self._transient)
         if ranges:
             self._write(ranges)
         if not self._failed_now:
             self._recovered()
         return len(msgs)
-
-    def _form_ranges(self) -> list[RangeWrite]:
-        pending = [t for t in self.tracks.values() if t.buffer]
-        if not pending:
-            return []
-        tps = [TopicPartition(self.ctx.topic, t.partition) for t in pending]
-        positions = {
-            int(tp.partition or 0): int(tp.offset or -1) for tp in self.ctx.consumer.position(tps)
-        }
-        ranges = []
-        for t in pending:
-            try:
-                r = self._form(t, positions.get(t.partition, -1))
-            except TRANSIENT as exc:
-                self._transient(f"partition {t.partition} classification", exc, [t.partition])
-                continue
-            if r is not None:
-                ranges.append(r)
-        return ranges
-
-    def _form(self, t: Track, position: int) -> RangeWrite | None:
-        c = self.ctx
-        if t.reform is not None:
-            if position < t.reform.range_end:
-                return None  # keep reading until the whole intended range is here
-            records = [r for r in t.buffer if r.offset < t.reform.range_end]
-            rest = [r for r in t.buffer if r.offset >= t.reform.range_end]
-            snapshot = Snapshot.from_json(t.reform.snapshot)
-            start, end, attempt = t.reform.range_start, t.reform.range_end, t.reform.attempt + 1
-        else:
-            records, rest = t.buffer, []
-            start = t.next_offset if t.next_offset is not None else records[0].offset
-            end = max(position, records[-1].offset + 1)
-            snapshot = Snapshot(dict(t.watermarks), c.config_hash, int(c.clock.now() * 1000))
-            attempt = 1
-        lookup = ledger_lookup(c.store, c.topic, t.partition, start, end)
-        classifier = self._classifier_for(snapshot.config_hash, t.partition)
-        classified = classifier.classify(records, snapshot, t.recent, lookup)
-        bad = len(classified.invalid)
-        if len(records) >= c.flood_min_messages and bad > c.max_invalid_ratio * len(records):
-            reasons = sorted({d.reason for d in classified.invalid})
-            raise DeadLetterFlood(
-                f"partition {t.partition} offsets [{start}, {end}): {bad} of {len(records)} "
-                f"messages invalid ({', '.join(reasons)}); stopping instead of dead-lettering "
-                "them all (pipeline.max_invalid_ratio)"
-            )
-        t.buffer = rest  # only now: a transient failure above keeps the records buffered
-        return RangeWrite(c.topic, t.partition, start, end, attempt, snapshot, classified)
-
-    def _classifier_for(self, config_hash: str, partition: int) -> Classifier:
-        """The classifier of the configuration a range was first formed with (P1)."""
-        c = self.ctx
-        if config_hash == c.config_hash:
-            return c.classifier
-        if config_hash not in self._classifiers:
-            body = load_config(c.store, config_hash)
-            if body is None:
-                raise UnknownConfiguration(
-                    f"partition {partition}: an open range was formed with configuration "
-                    f"{config_hash}, which the store does not hold"
-                )
-            meters, future_s, past_days = parse_classification(body)
-            log.warning(
-                "partition %d: re-forming with the earlier configuration %s", partition, config_hash
-            )
-            self._classifiers[config_hash] = Classifier(
-                c.classifier.decoder,
-                {m.event_name: m for m in meters},
-                Limits(future_s * 1000, past_days * DAY_MS),
-            )
-        return self._classifiers[config_hash]
 
     def _write(self, ranges: Sequence[RangeWrite]) -> None:
         try:
@@ -261,11 +185,14 @@ class Ingestor:
         self.ctx.clock.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 10)))
 
     def _recovered(self) -> None:
-        """A step with no transient failure: resume whatever an earlier one paused."""
+        """A step with no transient failure: resume whatever an earlier one paused. Partitions
+        whose state is still unreadable keep it unhealthy (and /readyz failing)."""
         if self.paused:
             self.ctx.consumer.resume([TopicPartition(self.ctx.topic, p) for p in self.paused])
             self.paused.clear()
-        self.healthy, self._failures = True, 0
+        self.healthy = not self.unready
+        if self.healthy:
+            self._failures = 0
 
     def _advance(self, ranges: Sequence[RangeWrite]) -> None:
         m = self.ctx.metrics
@@ -284,17 +211,20 @@ class Ingestor:
             for d in cl.invalid:
                 m.events_invalid.labels(d.reason).inc()
             m.dedup_false_positives.inc(cl.false_positives)
+            m.events_duplicate_cross_partition.inc(cl.cross_partition)
             m.insert_rows.labels("usage_events").inc(len(cl.accepted))
             m.insert_rows.labels("dead_letters").inc(len(cl.invalid))
             m.insert_rows.labels("late_events").inc(len(cl.late))
             m.ranges_committed.inc()
             if r.attempt > 1:
                 m.ranges_reformed.inc()
+            m.poison_quarantined.inc(sum(d.reason == "poison" for d in cl.invalid))
             if t is not None:
                 t.next_offset = r.end
                 t.watermarks = dict(cl.watermarks_after)
-                if t.reform is not None and t.reform.range_end == r.end:
-                    t.reform = None
+                suspect = r.snapshot.suspect
+                t.suspect = suspect if suspect and r.end < suspect[1] else None
+                t.suspect_config = r.snapshot.config_hash
                 self._lag(t)
         for meter, mark in self._max_watermarks().items():
             m.watermark_lag.labels(meter).set(max(0.0, now - mark / 1000))

@@ -30,6 +30,12 @@ class Metrics:
         self.events_invalid = Counter(
             p + "events_invalid", "Dead-lettered messages.", ["reason"], registry=r
         )
+        # Duplicates whose first copy another partition wrote: producers not keying by id.
+        self.events_duplicate_cross_partition = Counter(
+            p + "events_duplicate_cross_partition",
+            "Duplicates of an event id first written from another partition.",
+            registry=r,
+        )
         # Event ids the filter flagged but the ledger did not hold (filter false positives).
         self.dedup_false_positives = Counter(
             p + "dedup_false_positives", "Dedup filter positives not confirmed.", registry=r
@@ -57,6 +63,17 @@ class Metrics:
         # Ranges re-formed from an intent after a crash or rebalance.
         self.ranges_reformed = Counter(
             p + "ranges_reformed", "Ranges re-formed from their intent.", registry=r
+        )
+        # Dead letters / late events their topic refused for good (too large): table only (P5).
+        self.side_output_refused = Counter(
+            p + "side_output_refused",
+            "Side-output messages refused by their topic, kept in ClickHouse only.",
+            ["output", "reason"],
+            registry=r,
+        )
+        # Messages that crashed the consumer on every attempt, dead-lettered undecoded (P7).
+        self.poison_quarantined = Counter(
+            p + "poison_quarantined", "Poison messages quarantined.", registry=r
         )
         # Consumer lag per partition, from the fetch high watermark.
         self.consumer_lag = Gauge(
@@ -113,4 +130,47 @@ class Metrics:
         # Seconds since the poll loop last made progress (liveness).
         self.last_poll = Gauge(
             p + "last_poll_timestamp_seconds", "When the poll loop last ran.", registry=r
+        )
+        # Meter events Stripe refused after a 2xx (error-report feed), by bounded error code.
+        self.stripe_rejected = Counter(
+            p + "stripe_events_rejected",
+            "Meter events rejected asynchronously.",
+            ["code"],
+            registry=r,
+        )
+        # Rejections an error report counted but did not name (Stripe sends samples only).
+        self.stripe_rejections_unidentified = Counter(
+            p + "stripe_rejections_unidentified",
+            "Reported rejections without a sample identifier.",
+            registry=r,
+        )
+        # Unknown-outcome pushes checked against event summaries: landed, absent, ambiguous.
+        self.stripe_verifications = Counter(
+            p + "stripe_verifications",
+            "Pushes checked against event summaries.",
+            ["outcome"],
+            registry=r,
+        )
+        # Pushes past Stripe's 35-day timestamp limit: held (expired) or re-dated by policy.
+        self.stripe_past_limit = Counter(
+            p + "stripe_pushes_past_limit",
+            "Pushes past the 35-day limit.",
+            ["action"],
+            registry=r,
+        )
+        # Pushes that are not billed and wait for a person: rejected, expired, unverifiable.
+        self.stripe_held = Gauge(
+            p + "stripe_pushes_held", "Pushes held out of billing.", ["status"], registry=r
+        )
+        # Pending pushes older than the alert age (Stripe refuses them past 35 days).
+        self.stripe_near_limit = Gauge(
+            p + "stripe_pushes_near_limit", "Pending pushes near the 35-day limit.", registry=r
+        )
+        # 1 while sending is paused because delivery marks cannot be written.
+        self.stripe_sends_paused = Gauge(
+            p + "stripe_sends_paused", "1 while marks cannot be written.", registry=r
+        )
+        # Delivery marks that failed to write (each pauses sending until one succeeds).
+        self.stripe_mark_failures = Counter(
+            p + "stripe_mark_failures", "Failed delivery mark writes.", registry=r
         )

@@ -24,14 +24,26 @@ from consumer.emitter.sender import Sender
 from consumer.emitter.session import SessionKeeper, stripe_client
 from consumer.health import Health
 from consumer.ingest import IngestContext, Ingestor
-from consumer.kafka_io import SideOutputs, consumer_config, producer_config
+from consumer.kafka_io import (
+    Fallback,
+    SideOutputs,
+    TopicIds,
+    consumer_config,
+    log_fallback,
+    producer_config,
+)
 from consumer.metrics import Metrics
+from consumer.records import Record
 from consumer.schemas import LocalSchemaSource, RegistrySchemaSource, load_schema, reader_schema
 from consumer.store import Backend, open_store
 from consumer.store.migrations import migrate, record_config
 from consumer.validate import DAY_MS, Limits
 
 log = logging.getLogger(__name__)
+
+
+class EmitterFailed(Exception):
+    """The emitter thread died; the process stops so that it is restarted and seen."""
 
 
 @dataclass
@@ -50,13 +62,26 @@ class Pipeline:
         """Consume and emit until `stop`; then drain in-flight work, commit, and close."""
         emitter_stop = threading.Event()
         thread = None
+        failures: list[BaseException] = []
         if self.emitter is not None:
-            thread = threading.Thread(
-                target=self.emitter.run, args=(emitter_stop,), name="emitter", daemon=True
-            )
+            emitter = self.emitter
+
+            def emit() -> None:
+                try:
+                    emitter.run(emitter_stop)
+                except BaseException as exc:
+                    failures.append(exc)
+                    raise
+
+            thread = threading.Thread(target=emit, name="emitter", daemon=True)
             thread.start()
         try:
             while not stop.is_set():
+                if thread is not None and not thread.is_alive():
+                    # A bug (or an answer Stripe never documents) stopped the emitter: exit
+                    # loudly rather than ingest on while the outbox silently grows.
+                    cause = failures[0] if failures else None
+                    raise EmitterFailed(f"the Stripe emitter stopped: {cause!r}") from cause
                 self.ingestor.step()
                 self.health.progressed()
                 self.health.ready["kafka"] = True
@@ -120,7 +145,16 @@ def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Met
         s.max_events_per_request,
         s.lookback_days,
         s.poll_interval_seconds,
+        config=s,
     )
+
+
+def side_output_alert(metrics: Metrics) -> Fallback:
+    def alert(output: str, reason: str, rec: Record) -> None:
+        log_fallback(output, reason, rec)
+        metrics.side_output_refused.labels(output, reason).inc()
+
+    return alert
 
 
 def build_pipeline(
@@ -145,13 +179,14 @@ def build_pipeline(
     consumer = Consumer(consumer_config(k))
     commits = CommitSequence(
         store=store,
-        side=SideOutputs(producer, k.dlq_topic, k.late_topic),
+        side=SideOutputs(
+            producer, k.dlq_topic, k.late_topic, on_fallback=side_output_alert(metrics)
+        ),
         consumer=consumer,
         metrics=metrics,
         group=k.group_id,
         topic=k.topic,
         epoch=int(clock.now() * 1000),
-        config_hash=settings.config_hash(),
     )
     ingestor = Ingestor(
         IngestContext(
@@ -167,6 +202,8 @@ def build_pipeline(
             dedup_window_ms=p.dedup_window_seconds * 1000,
             max_invalid_ratio=p.max_invalid_ratio,
             flood_min_messages=p.invalid_ratio_min_messages,
+            poison_after_attempts=p.poison_after_attempts,
+            topic_ids=TopicIds(k),
         ),
         batch_max=p.batch_max_messages,
         batch_seconds=p.batch_max_seconds,

@@ -49,15 +49,16 @@ def batch_id(ranges: Sequence[RangeWrite]) -> str:
 def ledger_lookup(store: Backend, topic: str, partition: int, start: int, end: int) -> LedgerLookup:
     """Which ids the ledger holds, ignoring rows from this very range (P2)."""
 
-    def lookup(meter: str, event_ids: list[str]) -> set[str]:
+    def lookup(meter: str, event_ids: list[str]) -> dict[str, int]:
         rows = store.query(
-            """SELECT DISTINCT event_id FROM usage_events
+            """SELECT event_id, min(partition) FROM usage_events
                WHERE meter = {m:String} AND event_id IN {ids:Array(String)}
                  AND NOT (topic = {t:String} AND partition = {p:UInt32}
-                          AND offset >= {a:UInt64} AND offset < {b:UInt64})""",
+                          AND offset >= {a:UInt64} AND offset < {b:UInt64})
+               GROUP BY event_id""",
             {"m": meter, "ids": event_ids, "t": topic, "p": partition, "a": start, "b": end},
         )
-        return {str(r[0]) for r in rows}
+        return {str(r[0]): int(r[1]) for r in rows}
 
     return lookup
 

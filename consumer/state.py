@@ -1,8 +1,10 @@
 """Fenced ingest state: versioned intent/done rows per (group, topic, partition).
 
-Rows are append-only and read with argMax over (range_start, state_rank, epoch), so a late
-intent from a zombie can never hide a newer completion (P4). On assignment the partition
-resumes from this state, never silently from Kafka's committed offset.
+Rows are append-only and read with argMax over (range_start, state_rank, epoch, written_at),
+so a late intent from a zombie can never hide a newer completion (P4); within one owner a
+later row of the same range and rank wins (an attempt withdrawn by a deliberate stop). On
+assignment the partition resumes from this state, never silently from Kafka's committed
+offset.
 """
 
 from __future__ import annotations
@@ -33,19 +35,35 @@ class RangeState:
 
 
 def load_states(
-    store: Backend, group: str, topic: str, partitions: Sequence[int]
+    store: Backend,
+    group: str,
+    topic: str,
+    partitions: Sequence[int],
+    *,
+    topic_id: str | None = None,
 ) -> dict[int, RangeState]:
-    """Latest state per partition; partitions never written are absent."""
+    """Latest state per partition; partitions never written are absent.
+
+    With `topic_id`, only that incarnation of the topic counts (rows written before ids were
+    recorded count as the current one): offsets of a deleted topic mean nothing in its
+    re-created namesake."""
     if not partitions:
         return {}
     rows = store.query(
         """SELECT partition,
                   argMax(tuple(range_start, range_end, state_rank, attempt, snapshot),
-                         tuple(range_start, state_rank, epoch)) AS s
+                         tuple(range_start, state_rank, epoch, written_at)) AS s
            FROM ingest_state
            WHERE group_id = {g:String} AND topic = {t:String} AND partition IN {p:Array(UInt32)}
+             AND ({any:UInt8} = 1 OR topic_id IN ({id:String}, ''))
            GROUP BY partition""",
-        {"g": group, "t": topic, "p": list(partitions)},
+        {
+            "g": group,
+            "t": topic,
+            "p": list(partitions),
+            "any": int(topic_id is None),
+            "id": topic_id or "",
+        },
     )
     out = {}
     for partition, s in rows:
@@ -56,6 +74,21 @@ def load_states(
     return out
 
 
+def earlier_incarnation(
+    store: Backend, group: str, topic: str, topic_id: str, partitions: Sequence[int]
+) -> set[int]:
+    """Partitions with state from a topic of this name that was deleted and re-created."""
+    if not partitions or not topic_id:
+        return set()
+    rows = store.query(
+        """SELECT DISTINCT partition FROM ingest_state
+           WHERE group_id = {g:String} AND topic = {t:String} AND partition IN {p:Array(UInt32)}
+             AND topic_id NOT IN ({id:String}, '')""",
+        {"g": group, "t": topic, "p": list(partitions), "id": topic_id},
+    )
+    return {int(r[0]) for r in rows}
+
+
 def write_states(
     store: Backend,
     group: str,
@@ -63,6 +96,7 @@ def write_states(
     epoch: int,
     now_ms: int,
     states: Sequence[RangeState],
+    topic_id: str = "",
 ) -> None:
     """One columnar insert of intent or done rows for several partitions."""
     if not states:
@@ -81,5 +115,6 @@ def write_states(
             "attempt": pa.array([s.attempt for s in states], pa.uint32()),
             "snapshot": pa.array([s.snapshot for s in states]),
             "written_at": pa.array([now_ms] * n, TIME_MS),
+            "topic_id": pa.array([topic_id] * n),
         },
     )

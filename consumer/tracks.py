@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Track:
-    """One owned partition: where the next range starts, its watermarks, recent ids, and
-    an open intent that must be re-formed before anything new is written."""
+    """One owned partition: where the next range starts, its watermarks, recent ids, an
+    open intent that must be re-formed before anything new is written, and the span a
+    poison search is still walking through (P7)."""
 
     partition: int
     next_offset: int | None
@@ -26,13 +27,20 @@ class Track:
     recent: RecentIds
     reform: RangeState | None = None
     buffer: list[Record] = field(default_factory=list)
+    suspect: tuple[int, int] | None = None
+    suspect_config: str = ""
 
 
 def load_tracks(
-    store: Backend, group: str, topic: str, partitions: Sequence[int], dedup_window_ms: int
+    store: Backend,
+    group: str,
+    topic: str,
+    partitions: Sequence[int],
+    dedup_window_ms: int,
+    topic_id: str | None = None,
 ) -> dict[int, Track]:
     """Resume each partition from its fenced state; raises StoreError if state is unreadable."""
-    states = load_states(store, group, topic, partitions)
+    states = load_states(store, group, topic, partitions, topic_id=topic_id)
     tracks = {}
     for p in partitions:
         st = states.get(p)
@@ -53,6 +61,8 @@ def load_tracks(
             tracks[p] = Track(p, st.range_start, marks, recent, reform=st)
         else:
             tracks[p] = Track(p, st.range_end, marks, recent)
+            if snap and snap.suspect and snap.suspect[1] > st.range_end:
+                tracks[p].suspect, tracks[p].suspect_config = snap.suspect, snap.config_hash
     return tracks
 
 

@@ -2,12 +2,23 @@
 
 Aggregated intents are planned as delta = window total - everything already intended for
 that (meter, customer, bucket), each with the next revision and its own identifier, and
-written before anything is sent. Marks are rows with a higher status rank: a request's rows
-are marked after its 2xx, never by a high-water mark.
+written before anything is sent. Every later fact about a push is a new row with a higher
+status rank (ReplacingMergeTree(status_rank) keeps the highest), so marks written in any
+order converge, and a rewrite of an intent (a range re-formed after a crash) can never hide
+that the push was already attempted. Ranks, in the only order a push may move through them:
+
+    1 PENDING     intent, never sent (written by the sink and the planner)
+    2 SENT_V1     a delivered mark written before migration 7; read as SENT
+    3 ATTEMPTED   first_attempt_at recorded just before the first send; outcome unknown
+    4 EXPIRED     held: past Stripe's 35-day timestamp limit and never delivered
+    5 REDATED     re-dated to the oldest timestamp Stripe accepts (policy); outcome unknown
+    6 SENT        delivered: a 2xx, a duplicate answer, or confirmed by an event summary
+    7 REJECTED    refused by Stripe's asynchronous error report after a 2xx; not billed
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,9 +27,20 @@ import pyarrow as pa
 
 from consumer.config import MeterConfig
 from consumer.identifiers import aggregated_identifier
-from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row
 
-PENDING, SENT = 1, 2
+PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED = 1, 2, 3, 4, 5, 6, 7
+DELIVERED = (SENT_V1, SENT)
+AWAITING = (PENDING, ATTEMPTED, REDATED)
+# Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
+_ATTEMPTED_SQL = (
+    "(status_rank IN (3, 5) OR (status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) > 0))"
+)
+_COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
+              toUnixTimestamp64Milli(bucket_start), revision, toString(value),
+              toUnixTimestamp64Milli(first_attempt_at), status_rank,
+              toUnixTimestamp64Milli(stripe_timestamp), reason,
+              toUnixTimestamp64Milli(updated_at)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +54,52 @@ class Push:
     revision: int
     value: Decimal
     first_attempt_ms: int
+    status: int = PENDING
+    stripe_ms: int = 0  # the timestamp sent to Stripe; 0 = bucket_ms (not re-dated)
+    reason: str = ""
+    updated_ms: int = 0
+
+    @property
+    def timestamp_ms(self) -> int:
+        """What Stripe sees as the event's time."""
+        return self.stripe_ms or self.bucket_ms
+
+    @property
+    def attempted(self) -> bool:
+        """Sent at least once (or about to be): Stripe may already hold it."""
+        return self.status in (ATTEMPTED, REDATED) or (
+            self.status == PENDING and self.first_attempt_ms > 0
+        )
+
+    def moved(self, status: int, **changes: object) -> Push:
+        return dataclasses.replace(self, status=status, **changes)  # type: ignore[arg-type]
+
+
+def _push(row: Row) -> Push:
+    i, mo, me, s, c, b, r, v, f, rank, ts, why, up = row
+    bucket, stripe_ts = int(b), int(ts)
+    return Push(
+        str(i),
+        str(mo),
+        str(me),
+        str(s),
+        str(c),
+        bucket,
+        int(r),
+        Decimal(v),
+        int(f),
+        int(rank),
+        0 if stripe_ts == bucket else stripe_ts,
+        str(why),
+        int(up),
+    )
 
 
 def plan_aggregated(store: Backend, meter: MeterConfig, since_ms: int) -> list[Push]:
-    """New intents for every bucket whose total moved past what was already intended."""
+    """New intents for every bucket whose total moved past what was already intended.
+
+    Rejected and expired pushes count as intended: their usage is held for a person, never
+    planned again behind their back."""
     measure = "sum_value" if meter.aggregation == "sum" else "toDecimal128(event_count, 9)"
     rows = store.query(
         f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket), toString(w.total - p.pushed),
@@ -79,33 +143,156 @@ def plan_aggregated(store: Backend, meter: MeterConfig, since_ms: int) -> list[P
     return out
 
 
-def pending(store: Backend, limit: int) -> list[Push]:
+def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> list[Push]:
+    """Pushes that may go to Stripe now, oldest first: never attempted, or attempted so
+    recently (first attempt after `blind_after_ms`) that Stripe still remembers the
+    identifier; and timestamped inside Stripe's window (at or after `limit_ms`)."""
     rows = store.query(
-        """SELECT identifier, mode, meter, stripe_event_name, customer_id,
-                  toUnixTimestamp64Milli(bucket_start), revision, toString(value),
-                  toUnixTimestamp64Milli(first_attempt_at)
-           FROM stripe_pushes FINAL WHERE status_rank = 1
-           ORDER BY bucket_start, identifier LIMIT {n:UInt32}""",
-        {"n": limit},
+        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+           WHERE stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+             AND ((status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) = 0)
+                  OR ({_ATTEMPTED_SQL}
+                      AND first_attempt_at > fromUnixTimestamp64Milli({{blind:Int64}}, 'UTC')))
+           ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
+        {"lim": limit_ms, "blind": blind_after_ms, "n": limit},
+    )
+    return [_push(r) for r in rows]
+
+
+def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int) -> list[Push]:
+    """Never-attempted pushes timestamped before `limit_ms` (Stripe would refuse them), and
+    with `include_expired` the ones already held as expired."""
+    ranks = [PENDING, EXPIRED] if include_expired else [PENDING]
+    rows = store.query(
+        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+           WHERE stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+             AND status_rank IN {{ranks:Array(UInt8)}}
+             AND toUnixTimestamp64Milli(first_attempt_at) = 0
+           ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
+        {"lim": limit_ms, "ranks": ranks, "n": limit},
+    )
+    return [_push(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKey:
+    """Where Stripe's event summaries can see a push: event name, customer, UTC minute."""
+
+    stripe_event_name: str
+    customer_id: str
+    minute_ms: int
+
+
+def due_buckets(store: Backend, due_ms: int, limit_ms: int, limit: int) -> list[BucketKey]:
+    """Minutes holding an attempted push whose outcome must be checked, not guessed: first
+    attempted at or before `due_ms`, or timestamped before `limit_ms`."""
+    rows = store.query(
+        f"""SELECT stripe_event_name, customer_id,
+                  toUnixTimestamp(toStartOfMinute(stripe_timestamp)) * 1000 AS minute
+           FROM stripe_pushes FINAL
+           WHERE {_ATTEMPTED_SQL}
+             AND (first_attempt_at <= fromUnixTimestamp64Milli({{due:Int64}}, 'UTC')
+                  OR stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC'))
+           GROUP BY stripe_event_name, customer_id, minute
+           ORDER BY minute, stripe_event_name, customer_id LIMIT {{n:UInt32}}""",
+        {"due": due_ms, "lim": limit_ms, "n": limit},
+    )
+    return [BucketKey(str(e), str(c), int(m)) for e, c, m in rows]
+
+
+def bucket_rows(store: Backend, key: BucketKey) -> list[Push]:
+    """Every push, in any status, that Stripe would count in this minute's summary."""
+    rows = store.query(
+        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+           WHERE stripe_event_name = {{e:String}} AND customer_id = {{c:String}}
+             AND stripe_timestamp >= fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
+             AND stripe_timestamp < fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
+           ORDER BY identifier""",
+        {
+            "e": key.stripe_event_name,
+            "c": key.customer_id,
+            "lo": key.minute_ms,
+            "hi": key.minute_ms + 60_000,
+        },
+    )
+    return [_push(r) for r in rows]
+
+
+def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:
+    if not identifiers:
+        return []
+    rows = store.query(
+        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+           WHERE identifier IN {{ids:Array(String)}} ORDER BY identifier""",
+        {"ids": list(identifiers)},
+    )
+    return [_push(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What the alerts watch: the awaiting pushes, their oldest Stripe timestamp, how many
+    are near the 35-day limit, and how many are held out of billing."""
+
+    pending: int
+    oldest_ms: int
+    near_limit: int
+    expired: int
+    rejected: int
+
+
+def backlog(store: Backend, alert_before_ms: int) -> Backlog:
+    rows = store.query(
+        """SELECT countIf(status_rank IN (1, 3, 5)),
+                  toUnixTimestamp64Milli(minIf(stripe_timestamp, status_rank IN (1, 3, 5))),
+                  countIf(status_rank IN (1, 3, 5)
+                          AND stripe_timestamp < fromUnixTimestamp64Milli({a:Int64}, 'UTC')),
+                  countIf(status_rank = 4), countIf(status_rank = 7)
+           FROM stripe_pushes FINAL""",
+        {"a": alert_before_ms},
+    )
+    n, oldest, near, expired, rejected = (int(x) for x in rows[0])
+    return Backlog(n, oldest if n else 0, near, expired, rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """A push held out of billing, for a person to act on."""
+
+    identifier: str
+    meter: str
+    customer_id: str
+    bucket_ms: int
+    value: Decimal
+    status: str
+    reason: str
+
+
+def undelivered(store: Backend) -> list[Undelivered]:
+    """Every rejected or expired push with its reason: usage that was not billed."""
+    rows = store.query(
+        """SELECT identifier, meter, customer_id, toUnixTimestamp64Milli(bucket_start),
+                  toString(value), status, reason
+           FROM stripe_delivery WHERE status IN ('rejected', 'expired')
+           ORDER BY bucket_start, identifier"""
     )
     return [
-        Push(str(i), str(mo), str(me), str(s), str(c), int(b), int(r), Decimal(v), int(f))
-        for i, mo, me, s, c, b, r, v, f in rows
+        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), str(s), str(r))
+        for i, m, c, b, v, s, r in rows
     ]
 
 
-def count_pending(store: Backend) -> tuple[int, int]:
-    """(pending pushes, oldest pending bucket in epoch ms or 0)."""
+def status_totals(store: Backend) -> dict[tuple[str, str, str], Decimal]:
+    """(customer, meter, status) -> value: sent is what Stripe billed, the rest is not."""
     rows = store.query(
-        """SELECT count(), toUnixTimestamp64Milli(min(bucket_start))
-           FROM stripe_pushes FINAL WHERE status_rank = 1"""
+        """SELECT customer_id, meter, status, toString(sum(value)) FROM stripe_delivery
+           GROUP BY customer_id, meter, status ORDER BY customer_id, meter, status"""
     )
-    n, oldest = rows[0]
-    return int(n), int(oldest) if int(n) else 0
+    return {(str(c), str(m), str(s)): Decimal(v) for c, m, s, v in rows}
 
 
 def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> None:
-    """Write intents (rank 1) or marks (rank 2); same identity, the higher rank wins."""
+    """Write every push at `rank` (its first attempt, timestamp and reason as they are)."""
     if not pushes:
         return
     n = len(pushes)
@@ -121,7 +308,15 @@ def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> Non
             "revision": pa.array([p.revision for p in pushes], pa.uint32()),
             "value": pa.array([p.value for p in pushes], DECIMAL),
             "status_rank": pa.array([rank] * n, pa.uint8()),
-            "first_attempt_at": pa.array([p.first_attempt_ms or now_ms for p in pushes], TIME_MS),
+            "first_attempt_at": pa.array([p.first_attempt_ms for p in pushes], TIME_MS),
             "updated_at": pa.array([now_ms] * n, TIME_MS),
+            "stripe_timestamp": pa.array([p.timestamp_ms for p in pushes], TIME_MS),
+            "reason": pa.array([p.reason for p in pushes]),
         },
     )
+
+
+def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
+    """Write pushes that may carry different ranks, one insert per rank."""
+    for rank in sorted({p.status for p in pushes}):
+        write(store, [p for p in pushes if p.status == rank], rank, now_ms)

@@ -41,7 +41,7 @@ def to_event(p: Push) -> dict[str, Any]:
     return {
         "event_name": p.stripe_event_name,
         "identifier": p.identifier,
-        "timestamp": rfc3339(p.bucket_ms),
+        "timestamp": rfc3339(p.timestamp_ms),
         "payload": {"stripe_customer_id": p.customer_id, "value": exact(p.value)},
     }
 
@@ -83,6 +83,15 @@ class Sender:
         self._max_retries = max_retries
         self._rng = rng or random.Random()
         self._clients: dict[str, stripe.StripeClient] = {}
+
+    @property
+    def api(self) -> stripe.StripeClient:
+        """The secret-key client, for the v1 reads that check delivery."""
+        return self._sessions.api
+
+    def pace(self) -> None:
+        """Wait for a request slot: reads share the stream's rate limit."""
+        self._metrics.stripe_rate_wait.inc(self._limiter.acquire())
 
     def send(self, pushes: Sequence[Push]) -> list[Push]:
         """Deliver `pushes`; returns those Stripe now holds (all of them unless it raises)."""

@@ -40,6 +40,10 @@ class SessionKeeper:
         self._expires_at = 0.0
         self._on_refresh = on_refresh
 
+    @property
+    def api(self) -> stripe.StripeClient:
+        return self._api
+
     def token(self) -> str:
         with self._lock:
             if self._token is None or self._clock.now() >= self._expires_at - self._margin:

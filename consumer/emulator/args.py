@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="drop",
         help="how a duplicate identifier is answered",
     )
+    parser.add_argument(
+        "--unknown-customers",
+        default="",
+        help="comma-separated customer ids whose events are rejected after a 200",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="one line per request")
 
@@ -37,6 +42,7 @@ def to_options(args: argparse.Namespace) -> EmulatorOptions:
         rate_5xx=args.rate_5xx,
         latency_seconds=args.latency,
         duplicate_answer=args.duplicate_answer,
+        unknown_customers=args.unknown_customers,
         seed=args.seed,
         verbose=args.log_requests,
     )

@@ -165,10 +165,13 @@ def check_time(timestamp: float, now: float) -> Problem | None:
 
 
 def validate(
-    event: IncomingEvent, meter: Meter | None, now: float
+    event: IncomingEvent,
+    meter: Meter | None,
+    now: float,
+    unknown_customers: frozenset[str] = frozenset(),
 ) -> tuple[Meter, Decimal] | Problem:
     """The asynchronous checks: the meter and value when the event is good, else the first
-    problem found."""
+    problem found. ``unknown_customers`` are ids the account does not hold."""
     if meter is None:
         return Problem("no_meter", f"No active meter found for event_name '{event.event_name}'")
     late = check_time(event.timestamp, now)
@@ -177,6 +180,9 @@ def validate(
     if not event.payload.get(meter.customer_key):
         message = f"payload is missing the customer key '{meter.customer_key}'"
         return Problem("meter_event_no_customer_defined", message)
+    customer = event.payload[meter.customer_key]
+    if customer in unknown_customers:
+        return Problem("meter_event_customer_not_found", f"No such customer: '{customer}'")
     if meter.formula == "count" and meter.value_key not in event.payload:
         return meter, Decimal(1)
     value = parse_value(event.payload.get(meter.value_key), meter.value_key)

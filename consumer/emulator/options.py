@@ -19,7 +19,9 @@ class EmulatorOptions:
     ``duplicate_answer`` exists because Stripe has been seen both dropping a repeated
     identifier silently and answering 400 with ``Stripe-Should-Retry: false``; clients must
     survive either. ``drop_rate`` loses that fraction of accepted stream events after a 200,
-    so reconciliation against event summaries has something to find.
+    so reconciliation against event summaries has something to find. ``unknown_customers``
+    (comma-separated ids) are customers the account does not hold: their events are answered
+    200 and then rejected in the error-report feed, as Stripe does.
     """
 
     token_lifetime_seconds: float = 900.0
@@ -31,6 +33,10 @@ class EmulatorOptions:
     seed: int = 0
     verbose: bool = False
     drop_rate: float = 0.0
+    unknown_customers: str = ""
+
+    def customers_unknown(self) -> frozenset[str]:
+        return frozenset(c.strip() for c in self.unknown_customers.split(",") if c.strip())
 
 
 def _coerce(name: str, current: object, raw: object) -> object:

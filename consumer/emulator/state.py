@@ -120,6 +120,7 @@ class State:
             self._inject_fault()
             self._sessions.check(token, self.now())
             now = self.now()
+            self._forget(now)
             incoming = parse_stream_body(body, now)
             fresh, repeated = self._split_duplicates(incoming, now)
             self._counts["duplicates"] += len(repeated)
@@ -138,6 +139,20 @@ class State:
             raise errors.rate_limited()
         if options.rate_5xx > 0 and self._random.random() < options.rate_5xx:
             raise errors.server_error()
+
+    def _forget(self, now: float) -> None:
+        """Drop identifiers first stored a dedup window or more ago: Stripe keeps them for 24
+        hours only, so a copy sent later is billed again (the danger clients must avoid).
+
+        ``_seen`` is in first-receipt order, so the scan stops at the first one still
+        remembered; an identifier stored again after it was forgotten moves to the end.
+        """
+        window = self._options.dedup_window_seconds
+        while self._seen:
+            identifier, seen = next(iter(self._seen.items()))
+            if now - seen < window:
+                return
+            del self._seen[identifier]
 
     def _split_duplicates(
         self, incoming: list[IncomingEvent], now: float
@@ -159,8 +174,10 @@ class State:
     def _accept(self, incoming: list[IncomingEvent], now: float) -> None:
         """Run the asynchronous checks at once; failures go to the report feed only."""
         failures: list[tuple[str, Problem]] = []
+        unknown = self._options.customers_unknown()
         for event in incoming:
-            outcome = validate(event, self._meters.active_for(event.event_name), now)
+            meter = self._meters.active_for(event.event_name)
+            outcome = validate(event, meter, now, unknown)
             if isinstance(outcome, Problem):
                 failures.append((event.identifier, outcome))
                 continue
@@ -186,6 +203,7 @@ class State:
             order=self._order,
         )
         self._events[meter.id].append(stored)
+        self._seen.pop(event.identifier, None)  # keep first-receipt order for _forget
         self._seen[event.identifier] = now
         self._by_identifier[event.identifier] = stored
         self._counts["events_accepted"] += 1
@@ -294,6 +312,7 @@ class State:
     def snapshot(self) -> dict[str, Any]:
         """GET /_emulator/state: meters, exact totals per (event_name, customer), counters."""
         with self._lock:
+            self._forget(self.now())
             meters = [
                 {"id": m.id, "event_name": m.event_name, "formula": m.formula, "status": m.status}
                 for m in self._meters.all()
@@ -311,5 +330,6 @@ class State:
                 "events_rejected_async": counts["events_rejected_async"],
                 "events_dropped": counts["events_dropped"],
                 "duplicates": counts["duplicates"],
+                "identifiers_remembered": len(self._seen),
                 "clock_offset_seconds": self._offset,
             }

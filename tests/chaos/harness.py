@@ -29,8 +29,10 @@ from confluent_kafka import Consumer, TopicPartition
 from consumer.broker import TansuBroker, free_port
 from consumer.demo import produce_messages
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
-from consumer.sample import METERS, Sample, generate
+from consumer.sample import METERS, Message, Sample, generate
 from consumer.store.backend import ChdbBackend
+from consumer.store.migrations import migrate
+from tests.chaos.registry import Registry
 
 # Every table write of a range, the emitter's request/mark boundary, and a session refresh.
 POINTS = (
@@ -47,6 +49,7 @@ POINTS = (
     "session_refresh",
 )
 KEY = "sk_test_chaos"
+POISON = b"chaos-poison-pill"
 Key = tuple[str, str, int]  # (customer, meter, hour start in epoch seconds)
 
 
@@ -60,6 +63,16 @@ class Scenario:
     store_faults: str = ""
     pause_broker_seconds: float = 0.0
     expire_sessions_every: float = 0.0
+    partitions: int = 3
+    customers: int = 20
+    waves: int = 0  # data waves, each produced before a start; 0 = one per start
+    kill_at: int = 0  # which occurrence of a kill point kills; 0 = seeded 1-3
+    env: dict[str, str] = field(default_factory=dict)  # consumer environment overrides
+    store_setup: tuple[str, ...] = ()  # SQL on the migrated store before the first start
+    between_kills: tuple[str, ...] = ()  # SQL on the store after each kill, before a restart
+    poison: int = 0  # messages that crash the consumer whenever they are classified (P7)
+    registry_outage: float = 0.0  # serve schemas from a registry, down for this long per start
+    clock_skews: tuple[float, ...] = ()  # each start's wall-clock skew, in turn (clock jumps)
 
 
 @dataclass
@@ -73,11 +86,17 @@ class Outcome:
     side_ok: bool
     drained: bool
     seconds: float
+    missed: str = ""  # a dependency fault the scenario asked for never hit the consumer
 
     @property
     def ok(self) -> bool:
         return (
-            self.drained and self.side_ok and not self.lost and not self.doubled and not self.wrong
+            self.drained
+            and self.side_ok
+            and not self.lost
+            and not self.doubled
+            and not self.wrong
+            and not self.missed
         )
 
     def line(self) -> str:
@@ -86,6 +105,7 @@ class Outcome:
             f"lost={self.lost} doubled={self.doubled} wrong={self.wrong} "
             f"dead_letters_ok={self.side_ok} drained={self.drained} "
             f"{self.seconds:.0f}s {'OK' if self.ok else 'FAIL'}"
+            + (f" missed: {self.missed}" if self.missed else "")
         )
 
 
@@ -103,24 +123,28 @@ class Harness:
         home.mkdir(parents=True)
         with TansuBroker() as broker, _emulator(self.seed) as emu:
             topic = f"{sc.name}.events"
-            broker.create_topics({topic: 3, f"{sc.name}.dlq": 1, f"{sc.name}.late": 1})
+            broker.create_topics({topic: sc.partitions, f"{sc.name}.dlq": 1, f"{sc.name}.late": 1})
             sample = generate(
                 sc.events,
-                20,
-                3,
+                sc.customers,
+                sc.partitions,
                 int(time.time() * 1000),
                 self.seed,
                 customer_prefix=f"cus_{sc.name}_",
             )
             _post(emu.url, "/_emulator/config", sc.emulator)
+            add_poison(sample, sc.poison, sc.partitions)
+            if sc.store_setup:
+                store_sql(home, sc.store_setup)
             run = _Run(sc, home, broker, emu, sample, self.rng)
             with run.dependency_faults():
                 kills = run.kill_cycles()
-                drained = run.drain()
+                drained = run.drain(300 + 60 * sc.poison)  # each poison costs restarts
+                kills += run.crashes
             lost, doubled, wrong = compare(
                 sample, _clickhouse_hourly(home), _stripe_hourly(emu.url)
             )
-            side_ok = _side_outputs_ok(home, sample)
+            side_ok = _side_outputs_ok(home, sample, sc.poison)
         return Outcome(
             sc.name,
             kills,
@@ -131,6 +155,7 @@ class Harness:
             side_ok,
             drained,
             time.monotonic() - started,
+            run.missed(),
         )
 
 
@@ -166,8 +191,11 @@ class _Run:
     ) -> None:
         self.sc, self.home, self.broker, self.emu, self.rng = sc, home, broker, emu, rng
         self.ends: dict[int, int] = {}
+        self.crashes = 0  # processes that killed themselves while draining (poison)
+        self.starts = 0
+        self.registry = Registry() if sc.registry_outage else None
         # Data arrives in waves, one before each consumer start, so every kill finds work.
-        n = len(sc.kill_points) + sc.random_kills + 1
+        n = sc.waves or len(sc.kill_points) + sc.random_kills + 1
         size = -(-len(sample.messages) // n)
         self.waves = [sample.messages[i : i + size] for i in range(0, len(sample.messages), size)]
         self.group = f"{sc.name}-group"
@@ -198,11 +226,21 @@ class _Run:
             "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
             "USAGE_CONSUMER_FAULT": fault,
             "USAGE_CONSUMER_STORE_FAULTS": sc.store_faults,
+            "USAGE_CONSUMER_POISON": POISON.decode() if sc.poison else "",
+            "USAGE_CONSUMER_CLOCK_SKEW_SECONDS": str(
+                sc.clock_skews[self.starts % len(sc.clock_skews)] if sc.clock_skews else 0
+            ),
+            **sc.env,
         }
         return env, port
 
     def start(self, fault: str = "") -> tuple[subprocess.Popen[bytes], int]:
         env, port = self.env(fault)
+        self.starts += 1
+        if self.registry is not None:
+            env["USAGE_CONSUMER_SCHEMA__REGISTRY_URL"] = self.registry.url
+            self.registry.down.set()  # every start, re-forms included, meets an outage first
+            threading.Timer(self.sc.registry_outage, self.registry.down.clear).start()
         self.log.write(f"--- start fault={fault or '-'}\n")
         self.log.flush()
         proc = subprocess.Popen(
@@ -215,7 +253,7 @@ class _Run:
         kills = 0
         for point in plan:
             self.produce_wave()
-            fault = f"{point}:{self.rng.randint(1, 3)}" if point else ""
+            fault = f"{point}:{self.sc.kill_at or self.rng.randint(1, 3)}" if point else ""
             proc, _ = self.start(fault)
             try:
                 if point:
@@ -228,6 +266,8 @@ class _Run:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += proc.returncode == -signal.SIGKILL
+            if self.sc.between_kills:
+                store_sql(self.home, self.sc.between_kills)
         return kills
 
     def produce_wave(self) -> None:
@@ -254,10 +294,18 @@ class _Run:
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait()
+                self.crashes += proc.returncode == -signal.SIGKILL
                 time.sleep(1)  # it crashed (e.g. ClickHouse failed at start): restart it
             return False
         finally:
             self.log.close()
+            if self.registry is not None:
+                self.registry.stop()
+
+    def missed(self) -> str:
+        if self.registry is not None and not self.registry.refused:
+            return "the schema registry outage was never met"
+        return ""
 
     def _wait_drained(self, proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
         idle_after_commit = 0
@@ -337,6 +385,26 @@ def _idle(port: int) -> bool:
     )
 
 
+def add_poison(sample: Sample, n: int, partitions: int) -> None:
+    """Spread `n` poison messages through the sample; they must end as dead letters."""
+    step = max(1, len(sample.messages) // (n + 1))
+    for i in range(n, 0, -1):
+        value = b"\x00\x00\x00\x00\x02" + POISON + str(i).encode()
+        sample.messages.insert(i * step, Message(None, value, i % partitions, "undecodable"))
+    sample.kinds["undecodable"] += n
+
+
+def store_sql(home: Path, statements: tuple[str, ...]) -> None:
+    """Run statements on a scenario's store while no consumer holds it (migrated first)."""
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        migrate(store)
+        for sql in statements:
+            store.command(sql)
+    finally:
+        store.close()
+
+
 def _clickhouse_hourly(home: Path) -> dict[Key, Decimal]:
     store = ChdbBackend(home / "chdb", "usage")
     try:
@@ -375,12 +443,16 @@ def compare(sample: Sample, *observed: dict[Key, Decimal]) -> tuple[Decimal, Dec
     return lost, doubled, wrong
 
 
-def _side_outputs_ok(home: Path, sample: Sample) -> bool:
-    """Dead letters are exactly the invalid and undecodable messages produced."""
+def _side_outputs_ok(home: Path, sample: Sample, poison: int) -> bool:
+    """Dead letters are exactly the invalid and undecodable messages produced, the poison
+    ones quarantined as such."""
     store = ChdbBackend(home / "chdb", "usage")
     try:
         dead = int(store.query("SELECT count() FROM dead_letters FINAL")[0][0])
+        poisoned = int(
+            store.query("SELECT count() FROM dead_letters FINAL WHERE reason = 'poison'")[0][0]
+        )
     finally:
         store.close()
     k = sample.kinds
-    return dead == k["invalid"] + k["future"] + k["undecodable"]
+    return dead == k["invalid"] + k["future"] + k["undecodable"] and poisoned == poison

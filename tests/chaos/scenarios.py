@@ -39,4 +39,88 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
             emulator={"token_lifetime_seconds": 3.0},
             expire_sessions_every=1.0,
         ),
+        # Messages that crash the process on every attempt: found and quarantined (P7).
+        Scenario("poison", events // 2, random_kills=kills, poison=5 if full else 2),
+        # Every restart re-forms what the kill left open while the schema registry is down
+        # and the host clock has jumped hours either way: same classes, nothing dead-lettered.
+        Scenario(
+            "retry-conditions",
+            events // 2,
+            kill_points=("after_intent", "after_write_usage_events", "after_done") * kills,
+            random_kills=kills,
+            registry_outage=4.0,
+            clock_skews=(0.0, 3 * 3600.0, -3 * 3600.0, 26 * 3600.0),
+        ),
+        # The ClickHouse edges below: in the full run here, in the CI run by their own test.
+        *(clickhouse_edges() if full else []),
+    ]
+
+
+# ClickHouse edges (tests/integration/test_clickhouse_edges.py; `make chaos` runs them too).
+# Tables whose inserts carry an insert_deduplication_token (their dedup window is set).
+DEDUP_TABLES = ("usage_events", "usage_windows", "dead_letters", "late_events", "stripe_pushes")
+MAX_BLOCK_SIZE = 65_409  # ClickHouse's default max_block_size: INSERT ... SELECT splits here
+
+
+NO_LEDGER_MERGES = (
+    "ALTER TABLE usage_events MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1, "
+    "max_bytes_to_merge_at_min_space_in_pool = 1"
+)
+
+
+def tiny_dedup_window() -> tuple[str, ...]:
+    return tuple(
+        f"ALTER TABLE {t} MODIFY SETTING non_replicated_deduplication_window = 1"
+        for t in DEDUP_TABLES
+    )
+
+
+def window_overrun() -> tuple[str, ...]:
+    """Between a kill and the restart, another writer's insert into every token-guarded
+    table (a copy of one row as it currently reads, so converging by key is all it needs):
+    with a window of one block, the crashed batch's token is gone before its retry."""
+    return tuple(
+        f"INSERT INTO {t} SELECT * FROM {t} FINAL LIMIT 1 "
+        "SETTINGS insert_deduplication_token = 'other-writer'"
+        for t in DEDUP_TABLES
+    )
+
+
+def clickhouse_edges(events: int = 9_000, big: int = 70_000) -> list[Scenario]:
+    return [
+        # Small batches, each run killed on its third: two batches are written before the
+        # crashed one, and more inserts than the (one-block) dedup window come between a
+        # write and its retry. The ledger keeps every physical row (merges off), so the test
+        # can see that the retries landed again and still count once.
+        Scenario(
+            "dedup-window-1",
+            events,
+            kill_points=(
+                "after_write_usage_events",
+                "after_write_stripe_pushes",
+                "after_insert",
+                "after_done",
+            ),
+            kill_at=3,
+            env={"USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "400"},
+            store_setup=(*tiny_dedup_window(), NO_LEDGER_MERGES),
+            between_kills=window_overrun(),
+        ),
+        # One partition, all data there before the first start, and a batch size that makes
+        # the first range hold more than MAX_BLOCK_SIZE accepted events (and, with this many
+        # customers, about as many minute windows). Killed after its ledger insert, then
+        # after the whole insert step of its re-form, then after its done row; drained.
+        Scenario(
+            "big-range",
+            big,
+            kill_points=("after_write_usage_events", "after_insert", "after_done"),
+            partitions=1,
+            customers=5_000,
+            waves=1,
+            kill_at=1,
+            env={
+                "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": str(big * 69 // 70),
+                "USAGE_CONSUMER_PIPELINE__BATCH_MAX_SECONDS": "8",
+            },
+        ),
     ]

@@ -1,19 +1,25 @@
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 import stripe
+from confluent_kafka import Consumer, TopicPartition
 
-from consumer.config import Settings, load_settings
+from consumer.config import MeterConfig, Settings, load_settings
 from consumer.demo import produce
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.pipeline import Pipeline
 from consumer.sample import Sample, generate
+from consumer.store import Backend
+from consumer.totals import Totals
 
 STRIPE_KEY = "sk_test_integration"
 METERS = [
@@ -142,3 +148,73 @@ def wait_outbox_drained(pipeline: Pipeline, what: str = "outbox drained") -> Non
     assert emitter is not None
     mark = emitter.cycles
     wait_for(lambda: emitter.drained_since(mark), what)
+
+
+# -- readers shared by the multi-instance tests (ledger, hours, Stripe hours, group offsets) --
+
+
+def counter_total(counter: Any) -> float:
+    """A Prometheus counter summed over all its labels."""
+    return float(
+        sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+    )
+
+
+def ledger_totals(store: Backend, meters: Sequence[MeterConfig], prefix: str) -> Totals:
+    """Per-customer totals straight from the deduplicated ledger, not from the windows."""
+    rows = store.query(
+        """SELECT customer_id, meter, toString(sum(value)),
+                  toString(argMax(value, (event_time, event_id)))
+           FROM usage_events FINAL WHERE startsWith(customer_id, {p:String})
+           GROUP BY customer_id, meter""",
+        {"p": prefix},
+    )
+    agg = {m.name: m.aggregation for m in meters}
+    return {
+        (str(c), str(m)): Decimal(str(s if agg[str(m)] == "sum" else last))
+        for c, m, s, last in rows
+    }
+
+
+HourKey = tuple[str, str, int]  # (customer, meter, hour start in epoch seconds)
+
+
+def clickhouse_hourly(
+    store: Backend, meters: Sequence[MeterConfig], prefix: str
+) -> dict[HourKey, Decimal]:
+    """The usage_hourly view (derived from the minute windows), as the sample's truth_hourly."""
+    rows = store.query(
+        """SELECT customer_id, meter, toUnixTimestamp(hour), toString(sum_value),
+                  toString(last_value)
+           FROM usage_hourly WHERE startsWith(customer_id, {p:String})""",
+        {"p": prefix},
+    )
+    agg = {m.name: m.aggregation for m in meters}
+    return {
+        (str(c), str(m), int(h)): Decimal(str(s if agg[str(m)] == "sum" else last))
+        for c, m, h, s, last in rows
+    }
+
+
+def stripe_hourly(url: str, meters: Sequence[MeterConfig], prefix: str) -> dict[HourKey, Decimal]:
+    """What the emulator billed per customer, meter and event hour."""
+    with urllib.request.urlopen(f"{url}/_emulator/hourly", timeout=10) as r:
+        rows = json.loads(r.read())["rows"]
+    meter_of = {m.stripe_event_name: m.name for m in meters if m.stripe_event_name}
+    return {
+        (x["customer"], meter_of[x["event_name"]], int(x["hour"])): Decimal(x["value"])
+        for x in rows
+        if x["event_name"] in meter_of and str(x["customer"]).startswith(prefix)
+    }
+
+
+def group_committed(
+    bootstrap: str, group: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """The group's committed offsets as the broker holds them (read without joining it)."""
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        got = probe.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        probe.close()
+    return {int(tp.partition or 0): int(tp.offset or 0) for tp in got}

@@ -20,9 +20,10 @@ from consumer.emulator import EmulatorServer
 from consumer.health import Health
 from consumer.ingest import DeadLetterFlood
 from consumer.metrics import Metrics
-from consumer.pipeline import build_pipeline
+from consumer.pipeline import EmitterFailed, build_pipeline
 from consumer.producer import UsageProducer
 from consumer.sample import Sample, generate
+from consumer.state import load_states
 from consumer.store import open_store
 from consumer.totals import Totals, clickhouse_totals, side_counts
 from tests.integration.conftest import make_settings, produce_sample
@@ -262,13 +263,35 @@ def test_a_flood_of_invalid_messages_stops_instead_of_dead_lettering(
         p.send_raw(b"k", b"\x00\x00\x00\x00\x02not-avro-%d" % i)
     assert p.flush() == 0
     clock = SystemClock()
+    # Restarts waiting for an operator are not crashes: more of them than
+    # pipeline.poison_after_attempts must not split the range into small chunks that
+    # slip under invalid_ratio_min_messages.
+    for _ in range(settings.pipeline.poison_after_attempts + 1):
+        pipeline = build_pipeline(settings, clock, Metrics(), Health(clock))
+        try:
+            with pytest.raises(DeadLetterFlood, match="120 of 120 messages invalid"):
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    pipeline.ingestor.step()
+            assert pipeline.store.query("SELECT count() FROM dead_letters")[0][0] == 0
+            state = load_states(pipeline.store, settings.kafka.group_id, settings.kafka.topic, [0])
+            assert state[0].open and state[0].attempt == 0  # the attempt was withdrawn
+        finally:
+            pipeline.close()
+
+
+def test_an_emitter_that_dies_stops_the_process_loudly(
+    broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(broker, emulator, tmp_path, unique)
+    setup(broker, settings, partitions=1)
+    clock = SystemClock()
     pipeline = build_pipeline(settings, clock, Metrics(), Health(clock))
-    try:
-        with pytest.raises(DeadLetterFlood, match="120 of 120 messages invalid"):
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                pipeline.ingestor.step()
-        assert pipeline.store.query("SELECT count() FROM dead_letters")[0][0] == 0
-        assert pipeline.store.query("SELECT count() FROM ingest_state")[0][0] == 0
-    finally:
-        pipeline.close()
+    assert pipeline.emitter is not None
+
+    def broken(stop: threading.Event) -> None:
+        raise RuntimeError("Stripe answered something undocumented")
+
+    pipeline.emitter.run = broken  # type: ignore[method-assign]
+    with pytest.raises(EmitterFailed, match="undocumented"):
+        pipeline.run(threading.Event())  # never stopped: only the failure ends it

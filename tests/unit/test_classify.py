@@ -74,14 +74,15 @@ class Stream:
 
 @dataclass
 class FakeLedger:
-    """(meter, ids) -> the ids it holds; remembers every question."""
+    """(meter, ids) -> the ids it holds with their copy's partition; remembers every question."""
 
     held: set[tuple[str, str]] = field(default_factory=set)
     calls: list[tuple[str, list[str]]] = field(default_factory=list)
+    partition: int = 0  # where the held copies came from
 
-    def __call__(self, meter: str, ids: list[str]) -> set[str]:
+    def __call__(self, meter: str, ids: list[str]) -> dict[str, int]:
         self.calls.append((meter, list(ids)))
-        return {i for i in ids if (meter, i) in self.held}
+        return {i: self.partition for i in ids if (meter, i) in self.held}
 
 
 def recent_with(*keys: tuple[str, str]) -> RecentIds:
@@ -125,7 +126,10 @@ def test_undecodable_and_invalid_messages_are_dead_letters_with_reasons() -> Non
     assert [d.record for d in out.invalid] == s.records[:-1]  # original bytes are kept
     assert [a.record for a in out.accepted] == [good]
     assert out.duplicates == {} and out.late == []
-    assert out.schema_ids == {CURRENT_SCHEMA_ID}
+    # The intent records the ids the headers name, read without decoding (P1, P7).
+    named = classifier().decoder.named_schema_ids(r.value for r in s.records)
+    assert CURRENT_SCHEMA_ID in named
+    assert 99 in named and named == sorted(set(named))  # the unknown id is named too
 
 
 def test_invalid_first_copy_does_not_shadow_a_valid_later_copy() -> None:
@@ -170,18 +174,22 @@ def test_filter_flagged_ids_confirmed_by_the_ledger_are_duplicates() -> None:
     assert ids(out) == ["new-1"]
     assert out.duplicates == {"api_calls": 1, "tokens": 1}
     assert out.false_positives == 0
-    # The ledger is asked only about what the filter flagged.
-    assert sorted(ledger.calls) == [("api_calls", ["old-1"]), ("tokens", ["old-2"])]
+    # One batched question per meter, about every id of the range.
+    assert sorted(ledger.calls) == [("api_calls", ["new-1", "old-1"]), ("tokens", ["old-2"])]
+    assert out.cross_partition == 0
 
 
-def test_ids_the_filter_does_not_flag_are_not_looked_up() -> None:
+def test_a_copy_the_filter_never_saw_is_still_a_duplicate() -> None:
+    """Another partition wrote it (a producer not keying by id), maybe re-stamped so its
+    ledger identity differs: the dedup key is (meter, event id) all the same."""
     s = Stream()
     s.event("e-1")
-    ledger = FakeLedger(held={("api_calls", "e-1")})
+    s.event("e-2")
+    ledger = FakeLedger(held={("api_calls", "e-1")}, partition=7)
     out = classifier().classify(s.records, SNAPSHOT, recent_with(), ledger)
-    # The filter is the fast path: without a positive the ledger is not consulted here.
-    assert ids(out) == ["e-1"]
-    assert ledger.calls == []
+    assert ids(out) == ["e-2"]
+    assert out.duplicates == {"api_calls": 1}
+    assert out.cross_partition == 1 and out.false_positives == 0
 
 
 def test_filter_positive_the_ledger_denies_is_accepted_and_counted() -> None:
@@ -252,6 +260,7 @@ def test_late_event_the_ledger_holds_is_a_duplicate_not_late() -> None:
     assert out.duplicates == {"api_calls": 1}
     # Late ids are checked against the ledger even without a filter positive.
     assert ledger.calls == [("api_calls", ["seen", "unseen"])]
+    assert out.cross_partition == 0  # the ledger's copy came from this very partition
 
 
 def test_late_copies_in_range_are_one_late_event_and_duplicates() -> None:
@@ -284,7 +293,7 @@ def test_empty_range() -> None:
 
 
 def test_lookup_failure_propagates_instead_of_dead_lettering() -> None:
-    def broken(meter: str, ids: list[str]) -> set[str]:
+    def broken(meter: str, ids: list[str]) -> dict[str, int]:
         raise ConnectionError("ledger unavailable")
 
     s = Stream()

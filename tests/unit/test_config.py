@@ -27,6 +27,23 @@ def test_yaml_file_and_environment_override(
     assert s.meters[0].aggregation == "max"
 
 
+def test_schema_section_from_the_prefixed_environment_and_from_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USAGE_CONSUMER_SCHEMA__REGISTRY_URL", "http://registry:8081")
+    monkeypatch.setenv("USAGE_CONSUMER_SCHEMA__REGISTRY_PASSWORD", "pw")
+    monkeypatch.setenv("SCHEMA__REGISTRY_USERNAME", "not-ours")  # unprefixed: ignored
+    s = load_settings()
+    assert s.schema_.registry_url == "http://registry:8081"
+    assert s.schema_.registry_password is not None
+    assert s.schema_.registry_password.get_secret_value() == "pw"
+    assert s.schema_.registry_username is None
+    f = tmp_path / "c.yaml"
+    f.write_text("schema:\n  mode: plain\n")
+    with pytest.raises(ConfigError, match=r"schema: .*plain_writer_schema"):
+        load_settings(f)
+
+
 def test_error_names_field_and_problem() -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(meters=[{"name": "x", "event_name": "x", "aggregation": "median"}])

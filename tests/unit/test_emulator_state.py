@@ -156,6 +156,56 @@ def test_identifier_is_free_again_after_the_dedup_window() -> None:
     assert totals(state) == {("api_calls", "cus_a"): "4"}
 
 
+def test_identifiers_are_forgotten_after_24_hours_so_a_late_copy_bills_twice() -> None:
+    state, _, token = make()
+    meter(state)
+    send(state, token, ev("a", "2"))
+    state.set_clock_offset(23 * 3600)  # the controllable clock, as /_emulator/clock moves it
+    token = state.create_session()["authentication_token"]
+    send(state, token, ev("a", "2"))
+    assert totals(state) == {("api_calls", "cus_a"): "2"}
+    assert state.snapshot()["identifiers_remembered"] == 1
+    state.set_clock_offset(25 * 3600)
+    assert state.snapshot()["identifiers_remembered"] == 0
+    token = state.create_session()["authentication_token"]
+    send(state, token, ev("a", "2"))
+    assert totals(state) == {("api_calls", "cus_a"): "4"}
+    assert state.snapshot()["duplicates"] == 1
+
+
+def test_the_memory_is_24_hours_from_first_receipt_in_receipt_order() -> None:
+    state, clock, token = make()
+    meter(state)
+    send(state, token, ev("a"))
+    clock.now += 10 * 3600
+    token = state.create_session()["authentication_token"]
+    send(state, token, ev("b"), ev("a"))  # a's copy does not extend a's memory
+    clock.now += 15 * 3600  # a: 25 h, b: 15 h
+    token = state.create_session()["authentication_token"]
+    send(state, token, ev("a"), ev("b"))
+    assert [e.identifier for e in state.stored_events()] == ["a", "b", "a"]
+    assert state.snapshot()["identifiers_remembered"] == 2
+    clock.now += 10 * 3600  # b: 25 h, the second a: 10 h
+    assert state.snapshot()["identifiers_remembered"] == 1
+    token = state.create_session()["authentication_token"]
+    send(state, token, ev("a"), ev("b"))
+    assert [e.identifier for e in state.stored_events()] == ["a", "b", "a", "b"]
+
+
+def test_unknown_customers_are_rejected_after_the_200() -> None:
+    state, _, token = make(unknown_customers="cus_gone, cus_never")
+    meter(state)
+    assert send(state, token, ev("ok", "1"), ev("gone", "2", customer="cus_gone")) == {}
+    assert totals(state) == {("api_calls", "cus_a"): "1"}
+    (report,) = state.error_reports({})["data"]
+    (kind,) = report["data"]["reason"]["error_types"]
+    assert kind["code"] == "meter_event_customer_not_found"
+    assert kind["sample_errors"][0]["request"]["identifier"] == "gone"
+    state.configure({"unknown_customers": ""})
+    send(state, token, ev("back", "2", customer="cus_gone"))
+    assert totals(state)[("api_calls", "cus_gone")] == "2"
+
+
 def test_missing_identifier_gets_a_generated_unique_one() -> None:
     state, _, token = make()
     meter(state)

@@ -1,0 +1,48 @@
+"""What the consume loop and range making share: clients, clock, settings, failure kinds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer
+
+from consumer.classify import Classifier
+from consumer.clock import Clock
+from consumer.commit import CommitSequence
+from consumer.kafka_io import SideOutputError, TopicIdUnavailable
+from consumer.metrics import Metrics
+from consumer.schemas import SchemaSourceUnavailable
+from consumer.store.backend import Backend, StoreError
+
+TRANSIENT = (StoreError, SchemaSourceUnavailable, SideOutputError)
+UNREADY = (StoreError, TopicIdUnavailable)  # what keeps an assignment paused
+# (what failed, the failure, partitions to pause): pause, keep the data, back off
+OnTransient = Callable[[str, Exception, list[int]], None]
+
+
+@dataclass
+class IngestContext:
+    consumer: Consumer
+    store: Backend
+    commits: CommitSequence
+    classifier: Classifier
+    clock: Clock
+    metrics: Metrics
+    topic: str
+    group: str
+    config_hash: str
+    dedup_window_ms: int
+    max_invalid_ratio: float = 0.5
+    flood_min_messages: int = 1000
+    poison_after_attempts: int = 3
+    topic_ids: Callable[[str], str] | None = None  # None: incarnations are not told apart
+
+
+class UnknownConfiguration(Exception):
+    """A bug or a wiped store: an intent names a configuration nobody recorded."""
+
+
+class DeadLetterFlood(Exception):
+    """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
+    than dead-letter everything; nothing of the range is written or committed."""

@@ -1,0 +1,53 @@
+"""Stripe's v1 meters and event summaries: what Stripe actually counted in one minute.
+
+Used only to settle pushes whose outcome is unknown past the identifier memory (see
+delivery.py); never on the hot path. Every call waits on the emitter's request-rate limiter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import stripe
+
+from consumer.exact import exact_sum
+
+
+@dataclass(frozen=True)
+class StripeMeter:
+    id: str
+    formula: str
+    time_window: str | None
+
+
+class SummaryReader:
+    def __init__(self, api: stripe.StripeClient, pace: Callable[[], None]) -> None:
+        self._api = api
+        self._pace = pace
+        self._meters: dict[str, StripeMeter] = {}
+
+    def meter(self, event_name: str) -> StripeMeter | None:
+        """The meter Stripe routes `event_name` to; the list is re-read on a miss."""
+        if event_name not in self._meters:
+            self._load()
+        return self._meters.get(event_name)
+
+    def _load(self) -> None:
+        self._pace()
+        found: dict[str, StripeMeter] = {}
+        for m in self._api.v1.billing.meters.list({"limit": 100}).auto_paging_iter():
+            meter = StripeMeter(m.id, m.default_aggregation.formula, m.event_time_window)
+            if m.status == "active" or m.event_name not in found:
+                found[m.event_name] = meter
+        self._meters = found
+
+    def minute_total(self, meter: StripeMeter, customer: str, minute_ms: int) -> Decimal:
+        """The aggregated value of [minute, minute + 60 s) for one customer."""
+        self._pace()
+        start = minute_ms // 1000
+        page = self._api.v1.billing.meters.event_summaries.list(
+            meter.id, {"customer": customer, "start_time": start, "end_time": start + 60}
+        )
+        return exact_sum(Decimal(repr(float(s.aggregated_value))) for s in page.data)

@@ -1,0 +1,170 @@
+"""Range making: form each partition's next range, record its intent, then classify it.
+
+The intent is durable before anything is decided about the records (P1), so a message that
+crashes decoding or writing is counted against its range and eventually found (P7).
+A transient failure keeps the formed range, with its snapshot, for the next try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from confluent_kafka import TopicPartition
+
+from consumer.classify import Classified, Classifier
+from consumer.config import parse_classification
+from consumer.context import TRANSIENT, IngestContext, OnTransient
+from consumer.forming import Formed, form
+from consumer.sink import RangeWrite, ledger_lookup
+from consumer.store.backend import StoreError
+from consumer.store.migrations import load_config
+from consumer.tracks import Track
+from consumer.validate import DAY_MS, Limits
+
+log = logging.getLogger(__name__)
+
+
+class UnknownConfiguration(Exception):
+    """A bug or a wiped store: an intent names a configuration nobody recorded."""
+
+
+class DeadLetterFlood(Exception):
+    """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
+    than dead-letter everything; nothing of the range is written or committed."""
+
+
+class RangeMaker:
+    """Turns the owned partitions' buffered records into classified ranges."""
+
+    def __init__(self, ctx: IngestContext, tracks: dict[int, Track]) -> None:
+        self.ctx = ctx
+        self.tracks = tracks  # shared with the consume loop
+        self.formed: dict[int, Formed] = {}
+        self._classifiers: dict[str, Classifier] = {}
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked partitions: their formed ranges are dropped uncommitted (re-read later)."""
+        self.formed = {p: f for p, f in self.formed.items() if p not in partitions}
+
+    def make(self, transient: OnTransient) -> list[RangeWrite]:
+        """Form each partition's next range, record the intents, then classify (P1, P7)."""
+        c = self.ctx
+        now_ms = int(c.clock.now() * 1000)
+        pending = [
+            t
+            for t in self.tracks.values()
+            if (t.buffer or t.reform) and t.partition not in self.formed
+        ]
+        if pending:
+            tps = [TopicPartition(c.topic, t.partition) for t in pending]
+            positions = {
+                int(tp.partition or 0): int(tp.offset or -1) for tp in c.consumer.position(tps)
+            }
+            for t in pending:
+                f = form(
+                    t,
+                    positions.get(t.partition, -1),
+                    c.config_hash,
+                    now_ms,
+                    c.poison_after_attempts,
+                )
+                if f is None:
+                    continue
+                ids = c.classifier.decoder.named_schema_ids(r.value for r in f.records)
+                f.snapshot = dataclasses.replace(f.snapshot, schema_ids=ids)
+                t.buffer = [r for r in t.buffer if r.offset >= f.end]
+                self.formed[t.partition] = f
+        if not self._intend([f for f in self.formed.values() if not f.intended], now_ms, transient):
+            return []
+        ranges = []
+        for p, f in list(self.formed.items()):
+            try:
+                ranges.append(self._classify(f))
+            except TRANSIENT as exc:
+                transient(f"partition {p} classification", exc, [p])
+                continue
+            del self.formed[p]
+        return ranges
+
+    def _intend(self, new: list[Formed], now_ms: int, transient: OnTransient) -> bool:
+        if not new:
+            return True
+        try:
+            self.ctx.commits.intend(new, now_ms)
+        except StoreError as exc:
+            transient("intent", exc, list(self.tracks))
+            return False
+        for f in new:
+            f.intended = True
+            t = self.tracks.get(f.partition)
+            if t is not None:
+                t.reform = None  # superseded by the intent just written
+            if f.quarantine:
+                log.error(
+                    "partition %d offset %d crashed the consumer %d times: quarantining it "
+                    "as a dead letter (reason poison)",
+                    f.partition,
+                    f.start,
+                    f.attempt - 1,
+                )
+            elif f.snapshot.suspect is not None and f.attempt == 1:
+                log.warning(
+                    "partition %d: searching [%d, %d) for a message that crashes the consumer; "
+                    "trying [%d, %d)",
+                    f.partition,
+                    *f.snapshot.suspect,
+                    f.start,
+                    f.end,
+                )
+        return True
+
+    def _classify(self, f: Formed) -> RangeWrite:
+        c = self.ctx
+        t = self.tracks[f.partition]
+        if f.quarantine:
+            classified = Classifier.quarantine(f.records, f.snapshot, f.attempt - 1)
+        else:
+            lookup = ledger_lookup(c.store, c.topic, f.partition, f.start, f.end)
+            classifier = self._classifier_for(f.snapshot.config_hash, f.partition)
+            classified = classifier.classify(f.records, f.snapshot, t.recent, lookup)
+            self._check_flood(f, classified)
+        return RangeWrite(c.topic, f.partition, f.start, f.end, f.attempt, f.snapshot, classified)
+
+    def _check_flood(self, f: Formed, classified: Classified) -> None:
+        c = self.ctx
+        bad, n = len(classified.invalid), len(f.records)
+        if n < c.flood_min_messages or bad <= c.max_invalid_ratio * n:
+            return
+        # A deliberate stop, not a crash: withdraw this attempt so that restarts waiting
+        # for an operator never count towards splitting the range as poison (P7).
+        c.commits.intend([dataclasses.replace(f, attempt=f.attempt - 1)], int(c.clock.now() * 1000))
+        reasons = sorted({d.reason for d in classified.invalid})
+        raise DeadLetterFlood(
+            f"partition {f.partition} offsets [{f.start}, {f.end}): {bad} of {n} "
+            f"messages invalid ({', '.join(reasons)}); stopping instead of dead-lettering "
+            "them all (pipeline.max_invalid_ratio)"
+        )
+
+    def _classifier_for(self, config_hash: str, partition: int) -> Classifier:
+        """The classifier of the configuration a range was first formed with (P1)."""
+        c = self.ctx
+        if config_hash == c.config_hash:
+            return c.classifier
+        if config_hash not in self._classifiers:
+            body = load_config(c.store, config_hash)
+            if body is None:
+                raise UnknownConfiguration(
+                    f"partition {partition}: an open range was formed with configuration "
+                    f"{config_hash}, which the store does not hold"
+                )
+            meters, future_s, past_days = parse_classification(body)
+            log.warning(
+                "partition %d: re-forming with the earlier configuration %s", partition, config_hash
+            )
+            self._classifiers[config_hash] = Classifier(
+                c.classifier.decoder,
+                {m.event_name: m for m in meters},
+                Limits(future_s * 1000, past_days * DAY_MS),
+            )
+        return self._classifiers[config_hash]

@@ -1,0 +1,74 @@
+"""A Confluent-compatible schema registry serving schemas/, which the harness can take down."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from consumer.schemas import SCHEMAS_DIR
+
+
+class Registry:
+    """GET /schemas/ids/<id> like a registry; 503 while `down` (counted in `refused`)."""
+
+    def __init__(self) -> None:
+        id_map: dict[str, str] = json.loads((SCHEMAS_DIR / "registry.json").read_text())
+        self.bodies = {
+            int(i): json.dumps({"schema": (SCHEMAS_DIR / name).read_text()}).encode()
+            for i, name in id_map.items()
+        }
+        self.down = threading.Event()
+        self.refused = 0
+        self.served = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if registry.down.is_set():
+                    registry.refused += 1
+                    self._answer(503, {"error_code": 50301, "message": "unavailable"})
+                    return
+                body = registry.bodies.get(_schema_id(self.path))
+                if body is None:
+                    self._answer(404, {"error_code": 40403, "message": "Schema not found"})
+                    return
+                registry.served += 1
+                self._send(200, body)
+
+            def _answer(self, status: int, doc: dict[str, Any]) -> None:
+                self._send(status, json.dumps(doc).encode())
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+def _schema_id(path: str) -> int:
+    prefix = "/schemas/ids/"
+    try:
+        return int(path[len(prefix) :]) if path.startswith(prefix) else -1
+    except ValueError:
+        return -1
