@@ -14,6 +14,9 @@ that the push was already attempted. Ranks, in the only order a push may move th
     5 REDATED     re-dated to the oldest timestamp Stripe accepts (policy); outcome unknown
     6 SENT        delivered: a 2xx, a duplicate answer, or confirmed by an event summary
     7 REJECTED    refused by Stripe's asynchronous error report after a 2xx; not billed
+
+Reads by summary minute (for the delivery checks) are in minutes.py; counts and views for
+alerts and people are in standing.py.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED = 1, 2, 3, 4, 5, 6
 DELIVERED = (SENT_V1, SENT)
 AWAITING = (PENDING, ATTEMPTED, REDATED)
 # Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
-_ATTEMPTED_SQL = (
+ATTEMPTED_SQL = (
     "(status_rank IN (3, 5) OR (status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) > 0))"
 )
-_COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
+# A push row as from_row() reads it; shared with minutes.py so both decode rows alike.
+COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
               toUnixTimestamp64Milli(bucket_start), revision, toString(value),
               toUnixTimestamp64Milli(first_attempt_at), status_rank,
               toUnixTimestamp64Milli(stripe_timestamp), reason,
@@ -75,7 +79,8 @@ class Push:
         return dataclasses.replace(self, status=status, **changes)  # type: ignore[arg-type]
 
 
-def _push(row: Row) -> Push:
+def from_row(row: Row) -> Push:
+    """A push from a row selected with COLUMNS."""
     i, mo, me, s, c, b, r, v, f, rank, ts, why, up = row
     bucket, stripe_ts = int(b), int(ts)
     return Push(
@@ -148,15 +153,15 @@ def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> 
     recently (first attempt after `blind_after_ms`) that Stripe still remembers the
     identifier; and timestamped inside Stripe's window (at or after `limit_ms`)."""
     rows = store.query(
-        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
              AND ((status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) = 0)
-                  OR ({_ATTEMPTED_SQL}
+                  OR ({ATTEMPTED_SQL}
                       AND first_attempt_at > fromUnixTimestamp64Milli({{blind:Int64}}, 'UTC')))
            ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
         {"lim": limit_ms, "blind": blind_after_ms, "n": limit},
     )
-    return [_push(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int) -> list[Push]:
@@ -164,131 +169,25 @@ def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int)
     with `include_expired` the ones already held as expired."""
     ranks = [PENDING, EXPIRED] if include_expired else [PENDING]
     rows = store.query(
-        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
              AND status_rank IN {{ranks:Array(UInt8)}}
              AND toUnixTimestamp64Milli(first_attempt_at) = 0
            ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
         {"lim": limit_ms, "ranks": ranks, "n": limit},
     )
-    return [_push(r) for r in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class BucketKey:
-    """Where Stripe's event summaries can see a push: event name, customer, UTC minute."""
-
-    stripe_event_name: str
-    customer_id: str
-    minute_ms: int
-
-
-def due_buckets(store: Backend, due_ms: int, limit_ms: int, limit: int) -> list[BucketKey]:
-    """Minutes holding an attempted push whose outcome must be checked, not guessed: first
-    attempted at or before `due_ms`, or timestamped before `limit_ms`."""
-    rows = store.query(
-        f"""SELECT stripe_event_name, customer_id,
-                  toUnixTimestamp(toStartOfMinute(stripe_timestamp)) * 1000 AS minute
-           FROM stripe_pushes FINAL
-           WHERE {_ATTEMPTED_SQL}
-             AND (first_attempt_at <= fromUnixTimestamp64Milli({{due:Int64}}, 'UTC')
-                  OR stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC'))
-           GROUP BY stripe_event_name, customer_id, minute
-           ORDER BY minute, stripe_event_name, customer_id LIMIT {{n:UInt32}}""",
-        {"due": due_ms, "lim": limit_ms, "n": limit},
-    )
-    return [BucketKey(str(e), str(c), int(m)) for e, c, m in rows]
-
-
-def bucket_rows(store: Backend, key: BucketKey) -> list[Push]:
-    """Every push, in any status, that Stripe would count in this minute's summary."""
-    rows = store.query(
-        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
-           WHERE stripe_event_name = {{e:String}} AND customer_id = {{c:String}}
-             AND stripe_timestamp >= fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
-             AND stripe_timestamp < fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
-           ORDER BY identifier""",
-        {
-            "e": key.stripe_event_name,
-            "c": key.customer_id,
-            "lo": key.minute_ms,
-            "hi": key.minute_ms + 60_000,
-        },
-    )
-    return [_push(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:
     if not identifiers:
         return []
     rows = store.query(
-        f"""SELECT {_COLUMNS} FROM stripe_pushes FINAL
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE identifier IN {{ids:Array(String)}} ORDER BY identifier""",
         {"ids": list(identifiers)},
     )
-    return [_push(r) for r in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    """What the alerts watch: the awaiting pushes, their oldest Stripe timestamp, how many
-    are near the 35-day limit, and how many are held out of billing."""
-
-    pending: int
-    oldest_ms: int
-    near_limit: int
-    expired: int
-    rejected: int
-
-
-def backlog(store: Backend, alert_before_ms: int) -> Backlog:
-    rows = store.query(
-        """SELECT countIf(status_rank IN (1, 3, 5)),
-                  toUnixTimestamp64Milli(minIf(stripe_timestamp, status_rank IN (1, 3, 5))),
-                  countIf(status_rank IN (1, 3, 5)
-                          AND stripe_timestamp < fromUnixTimestamp64Milli({a:Int64}, 'UTC')),
-                  countIf(status_rank = 4), countIf(status_rank = 7)
-           FROM stripe_pushes FINAL""",
-        {"a": alert_before_ms},
-    )
-    n, oldest, near, expired, rejected = (int(x) for x in rows[0])
-    return Backlog(n, oldest if n else 0, near, expired, rejected)
-
-
-@dataclass(frozen=True, slots=True)
-class Undelivered:
-    """A push held out of billing, for a person to act on."""
-
-    identifier: str
-    meter: str
-    customer_id: str
-    bucket_ms: int
-    value: Decimal
-    status: str
-    reason: str
-
-
-def undelivered(store: Backend) -> list[Undelivered]:
-    """Every rejected or expired push with its reason: usage that was not billed."""
-    rows = store.query(
-        """SELECT identifier, meter, customer_id, toUnixTimestamp64Milli(bucket_start),
-                  toString(value), status, reason
-           FROM stripe_delivery WHERE status IN ('rejected', 'expired')
-           ORDER BY bucket_start, identifier"""
-    )
-    return [
-        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), str(s), str(r))
-        for i, m, c, b, v, s, r in rows
-    ]
-
-
-def status_totals(store: Backend) -> dict[tuple[str, str, str], Decimal]:
-    """(customer, meter, status) -> value: sent is what Stripe billed, the rest is not."""
-    rows = store.query(
-        """SELECT customer_id, meter, status, toString(sum(value)) FROM stripe_delivery
-           GROUP BY customer_id, meter, status ORDER BY customer_id, meter, status"""
-    )
-    return {(str(c), str(m), str(s)): Decimal(v) for c, m, s, v in rows}
+    return [from_row(r) for r in rows]
 
 
 def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> None:

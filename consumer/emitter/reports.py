@@ -9,20 +9,33 @@ counted as unidentified for a person (and reconciliation) to chase.
 The reader keeps a cursor on `created`. It advances only after the caller has recorded a
 batch, so a failed write reads the same reports again; reports at the cursor's millisecond
 are remembered by id, so none is taken twice or skipped.
+
+The taker marks the pushes a report names as rejected, with the reason: a 2xx is not
+billing, and usage Stripe refused must show as not billed rather than as sent.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import stripe
 
+from consumer.emitter import outbox
+from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
+from consumer.emitter.outbox import REJECTED, Push
 from consumer.emitter.sender import rfc3339
+from consumer.metrics import Metrics
+from consumer.store.backend import Backend
 
+# The emitter's messages keep one logger name: log settings and alerts select on it.
+log = logging.getLogger("consumer.emitter.loop")
 REPORT_TYPE = "v1.billing.meter.error_report_triggered"
+REPORT_LOOKBACK_MS = 30 * DAY_MS  # Stripe lists events for 30 days
 
 
 @dataclass(frozen=True)
@@ -94,3 +107,63 @@ class ErrorReportReader:
     def advance(self, batch: ReportBatch) -> None:
         """The batch is recorded: never read it again."""
         self._cursor_ms, self._at_cursor = batch.cursor_ms, batch.at_cursor
+
+
+class ReportTaker:
+    """Reads the reports at most once per `report_interval` and records what they name."""
+
+    def __init__(
+        self,
+        store: Backend,
+        api: stripe.StripeClient,
+        policy: DeliveryPolicy,
+        metrics: Metrics,
+        now_ms: int,
+    ) -> None:
+        self._store = store
+        self._policy = policy
+        self._metrics = metrics
+        self._reader = ErrorReportReader(api, now_ms - REPORT_LOOKBACK_MS)
+        self._next_ms = 0
+
+    def take(self, now_ms: int) -> int:
+        """Mark the pushes Stripe's error reports name as rejected, with the reason."""
+        if now_ms < self._next_ms:
+            return 0
+        self._next_ms = now_ms + self._policy.report_interval_ms
+        try:
+            batch = self._reader.fetch()
+        except (stripe.StripeError, ValueError) as exc:
+            log.warning("cannot read Stripe error reports, retrying later: %s", exc)
+            return 0
+        if batch.unidentified:
+            self._metrics.stripe_rejections_unidentified.inc(batch.unidentified)
+            log.error(
+                "Stripe reported %d rejected meter events without naming them: "
+                "reconcile against event summaries",
+                batch.unidentified,
+            )
+        why = {r.identifier: f"{r.code}: {r.message}" for r in batch.rejections}
+        code = {r.identifier: r.code for r in batch.rejections}
+        ids = sorted(why)
+        rows: list[Push] = []
+        for i in range(0, len(ids), 1000):
+            rows += outbox.by_identifier(self._store, ids[i : i + 1000])
+        rejected = [
+            p.moved(REJECTED, reason=why[p.identifier]) for p in rows if p.status != REJECTED
+        ]
+        outbox.write(self._store, rejected, REJECTED, now_ms)
+        self._reader.advance(batch)
+        for p in rejected:
+            self._metrics.stripe_rejected.labels(code[p.identifier]).inc()
+        if rejected:
+            value = sum((p.value for p in rejected), Decimal(0))
+            log.error(
+                "Stripe rejected %d meter events after a 2xx (value %s, codes %s): marked "
+                "rejected, NOT billed; see the stripe_delivery view. First: %s",
+                len(rejected),
+                value,
+                ", ".join(sorted({code[p.identifier] for p in rejected})),
+                "; ".join(f"{p.identifier} ({p.reason})" for p in rejected[:5]),
+            )
+        return len(rejected)

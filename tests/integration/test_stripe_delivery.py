@@ -29,7 +29,7 @@ import stripe
 
 from consumer.clock import ManualClock
 from consumer.config import Settings, load_settings
-from consumer.emitter import outbox
+from consumer.emitter import outbox, standing
 from consumer.emitter.delivery import DAY_MS, HOUR_MS, MINUTE_MS
 from consumer.emitter.loop import Emitter, MarksBlocked
 from consumer.emitter.outbox import PENDING, SENT, Push
@@ -377,7 +377,7 @@ def test_rejections_reported_after_200_are_marked_rejected_with_the_reason(
     emitter.close()
 
     rejected = {i: r for i, (s, r, _) in rig.statuses().items() if s == "rejected"}
-    gone = {p.identifier for p in outbox.undelivered(rig.store) if p.customer_id == "cus_gone"}
+    gone = {p.identifier for p in standing.undelivered(rig.store) if p.customer_id == "cus_gone"}
     assert len(gone) == 2 and gone <= set(rejected)
     assert all(rejected[i].startswith("meter_event_customer_not_found:") for i in gone)
     assert rejected[too_precise.identifier].startswith("meter_event_value_too_many_digits:")
@@ -389,7 +389,7 @@ def test_rejections_reported_after_200_are_marked_rejected_with_the_reason(
     assert "Stripe rejected 3 meter events after a 2xx" in caplog.text
 
     # Billed + rejected = ground truth, and "sent" in the outbox is exactly what was billed.
-    by_status = outbox.status_totals(rig.store)
+    by_status = standing.status_totals(rig.store)
     meter_of = {"api_calls": "api_calls", "tokens": "tokens"}
     billed = rig.billed()
     for (name, customer), value in truth.items():
@@ -445,7 +445,7 @@ def test_backlog_past_35_days_is_held_as_expired_and_alerts(
     assert all(statuses[i][0] == "sent" for i in near)
     assert rig.metric("usage_consumer_stripe_pushes_held", status="expired") == len(old)
     assert rig.metric("usage_consumer_stripe_pushes_near_limit") == 0
-    held = {p.identifier for p in outbox.undelivered(rig.store)}
+    held = {p.identifier for p in standing.undelivered(rig.store)}
     assert held == old
     state = rig.snapshot()
     assert state["events_rejected_async"] == 0  # nothing was sent for Stripe to refuse
