@@ -75,17 +75,29 @@ class RangeMaker:
                 f.snapshot = dataclasses.replace(f.snapshot, schema_ids=ids)
                 t.buffer = [r for r in t.buffer if r.offset >= f.end]
                 self.formed[t.partition] = f
-        if not self._intend([f for f in self.formed.values() if not f.intended], now_ms, transient):
+        batch = self._batch()
+        if not self._intend([f for f in batch if not f.intended], now_ms, transient):
             return []
         ranges = []
-        for p, f in list(self.formed.items()):
+        for f in batch:
             try:
                 ranges.append(self._classify(f))
             except TRANSIENT as exc:
-                transient(f"partition {p} classification", exc, [p])
+                transient(f"partition {f.partition} classification", exc, [f.partition])
                 continue
-            del self.formed[p]
+            del self.formed[f.partition]
         return ranges
+
+    def _batch(self) -> list[Formed]:
+        """The ranges to write together. A suspect one (re-formed after a crash, or a chunk
+        of a poison search) goes alone, so that a crash while it is open is counted
+        against it only: a poison message in one partition never gets an innocent offset
+        of another partition quarantined (P7)."""
+        formed = sorted(self.formed.values(), key=lambda f: f.partition)
+        for f in formed:
+            if f.attempt > 1 or f.snapshot.suspect is not None or f.quarantine:
+                return [f]
+        return formed
 
     def _intend(self, new: list[Formed], now_ms: int, transient: OnTransient) -> bool:
         if not new:

@@ -6,6 +6,7 @@ One server answers for both SDK base addresses ("api" and "meter_events"), so a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import signal
@@ -94,7 +95,9 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        # A client that went away (a killed consumer) is no error of the emulator's.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(payload)
 
     def log_message(self, format: str, *args: Any) -> None:
         """One line per request on stderr, only when the ``verbose`` option is on."""

@@ -13,6 +13,7 @@ import pytest
 import stripe
 from confluent_kafka import Consumer, TopicPartition
 
+from consumer.broker import free_port
 from consumer.config import MeterConfig, Settings, load_settings
 from consumer.demo import produce
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
@@ -218,3 +219,55 @@ def group_committed(
     finally:
         probe.close()
     return {int(tp.partition or 0): int(tp.offset or 0) for tp in got}
+
+
+# Real images for the testcontainers tests (they skip where no Docker engine runs).
+CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:25.8"
+KAFKA_IMAGE = "apache/kafka:3.9.1"
+
+
+@pytest.fixture(scope="module")
+def clickhouse() -> Iterator[dict[str, Any]]:
+    from testcontainers.clickhouse import ClickHouseContainer
+
+    with ClickHouseContainer(CLICKHOUSE_IMAGE, username="usage", password="s3cret") as ch:
+        yield {
+            "backend": "server",
+            "host": ch.get_container_host_ip(),
+            "port": int(ch.get_exposed_port(8123)),
+            "username": "usage",
+            "password": "s3cret",
+            "database": "usage",
+        }
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[str]:
+    """Single-node KRaft apache/kafka, advertised on a fixed host port."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    port = free_port()
+    env = {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
+        "KAFKA_LISTENERS": "CONTROLLER://:29093,PLAINTEXT_HOST://:9092,PLAINTEXT://:19092",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT_HOST://localhost:{port},"
+        "PLAINTEXT://localhost:19092",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
+        ),
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    }
+    container = DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
+    for k, v in env.items():
+        container = container.with_env(k, v)
+    with container:
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+        yield f"localhost:{port}"

@@ -5,13 +5,11 @@ skipped, with the reason, where it does not."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from consumer.broker import free_port
 from consumer.demo import produce, run_until_drained, stripe_totals
 from consumer.emulator import EmulatorServer
 from consumer.sample import generate
@@ -38,55 +36,6 @@ pytestmark = [
     pytest.mark.docker,
     pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
-CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:25.8"
-KAFKA_IMAGE = "apache/kafka:3.9.1"
-
-
-@pytest.fixture(scope="module")
-def clickhouse() -> Iterator[dict[str, Any]]:
-    from testcontainers.clickhouse import ClickHouseContainer
-
-    with ClickHouseContainer(CLICKHOUSE_IMAGE, username="usage", password="s3cret") as ch:
-        yield {
-            "backend": "server",
-            "host": ch.get_container_host_ip(),
-            "port": int(ch.get_exposed_port(8123)),
-            "username": "usage",
-            "password": "s3cret",
-            "database": "usage",
-        }
-
-
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[str]:
-    """Single-node KRaft apache/kafka, advertised on a fixed host port."""
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.waiting_utils import wait_for_logs
-
-    port = free_port()
-    env = {
-        "KAFKA_NODE_ID": "1",
-        "KAFKA_PROCESS_ROLES": "broker,controller",
-        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
-        "KAFKA_LISTENERS": "CONTROLLER://:29093,PLAINTEXT_HOST://:9092,PLAINTEXT://:19092",
-        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT_HOST://localhost:{port},"
-        "PLAINTEXT://localhost:19092",
-        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
-            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
-        ),
-        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
-        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
-        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
-        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
-    }
-    container = DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
-    for k, v in env.items():
-        container = container.with_env(k, v)
-    with container:
-        wait_for_logs(container, "Kafka Server started", timeout=120)
-        yield f"localhost:{port}"
 
 
 class _Broker:

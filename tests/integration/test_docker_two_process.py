@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +43,7 @@ from tests.integration.conftest import (
     stripe_hourly,
     wait_for,
 )
-from tests.integration.test_docker_backends import CLICKHOUSE_IMAGE, KAFKA_IMAGE, MISSING
+from tests.integration.test_docker_backends import MISSING
 from tests.integration.test_pipeline import ours
 from tests.integration.test_run_command import http_get, metric
 
@@ -55,53 +54,6 @@ pytestmark = [
 ]
 PARTITIONS = 4
 FREEZE_SECONDS = 15  # > session.timeout.ms and max.poll.interval.ms (6 s each)
-
-
-@pytest.fixture(scope="module")
-def clickhouse_server() -> Iterator[dict[str, Any]]:
-    from testcontainers.clickhouse import ClickHouseContainer
-
-    with ClickHouseContainer(CLICKHOUSE_IMAGE, username="usage", password="s3cret") as ch:
-        yield {
-            "backend": "server",
-            "host": ch.get_container_host_ip(),
-            "port": int(ch.get_exposed_port(8123)),
-            "username": "usage",
-            "password": "s3cret",
-            "database": "usage",
-        }
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> Iterator[str]:
-    """Single-node KRaft apache/kafka, advertised on a fixed host port."""
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.waiting_utils import wait_for_logs
-
-    port = free_port()
-    env = {
-        "KAFKA_NODE_ID": "1",
-        "KAFKA_PROCESS_ROLES": "broker,controller",
-        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
-        "KAFKA_LISTENERS": "CONTROLLER://:29093,PLAINTEXT_HOST://:9092,PLAINTEXT://:19092",
-        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT_HOST://localhost:{port},"
-        "PLAINTEXT://localhost:19092",
-        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
-            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
-        ),
-        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
-        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
-        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
-        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
-    }
-    container = DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
-    for k, v in env.items():
-        container = container.with_env(k, v)
-    with container:
-        wait_for_logs(container, "Kafka Server started", timeout=120)
-        yield f"localhost:{port}"
 
 
 def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
@@ -219,18 +171,18 @@ class CommitWatch:
 
 
 def test_two_processes_with_a_frozen_zombie_bill_exactly(
-    kafka_bootstrap: str,
-    clickhouse_server: dict[str, Any],
+    kafka: str,
+    clickhouse: dict[str, Any],
     emulator: EmulatorServer,
     tmp_path: Path,
     unique: str,
 ) -> None:
     name = f"p{unique}"
-    zombie_cfg = process_config(kafka_bootstrap, clickhouse_server, emulator, name, emit=False)
-    owner_cfg = process_config(kafka_bootstrap, clickhouse_server, emulator, name, emit=True)
+    zombie_cfg = process_config(kafka, clickhouse, emulator, name, emit=False)
+    owner_cfg = process_config(kafka, clickhouse, emulator, name, emit=True)
     settings: Settings = load_settings(**owner_cfg)
     k = settings.kafka
-    create_topics(kafka_bootstrap, {k.topic: PARTITIONS, k.dlq_topic: 1, k.late_topic: 1})
+    create_topics(kafka, {k.topic: PARTITIONS, k.dlq_topic: 1, k.late_topic: 1})
     prefix = f"cus_{name}_"
     sample = generate(40_000, 10, PARTITIONS, int(time.time() * 1000), 29, customer_prefix=prefix)
     n = len(sample.messages)
@@ -239,10 +191,10 @@ def test_two_processes_with_a_frozen_zombie_bill_exactly(
     ends: dict[int, int] = {}
 
     def produce(wave: list[Message]) -> None:
-        for p, e in produce_messages(wave, kafka_bootstrap, k.topic).items():
+        for p, e in produce_messages(wave, kafka, k.topic).items():
             ends[p] = max(ends.get(p, 0), e)
 
-    watch = CommitWatch(kafka_bootstrap, k.group_id, k.topic)
+    watch = CommitWatch(kafka, k.group_id, k.topic)
     zombie: Proc | None = None
     owner: Proc | None = None
     codes: dict[str, int] = {}
@@ -295,11 +247,11 @@ def test_two_processes_with_a_frozen_zombie_bill_exactly(
         watch.close()
 
     store: Backend = ServerBackend(
-        clickhouse_server["host"],
-        clickhouse_server["port"],
-        clickhouse_server["username"],
-        clickhouse_server["password"],
-        clickhouse_server["database"],
+        clickhouse["host"],
+        clickhouse["port"],
+        clickhouse["username"],
+        clickhouse["password"],
+        clickhouse["database"],
     )
     try:
         meters = settings.meters
