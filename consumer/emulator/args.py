@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-5xx", type=float, default=0.0, help="share of 500 answers")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
     parser.add_argument(
+        "--reset-rate", type=float, default=0.0, help="share of stream calls reset unanswered"
+    )
+    parser.add_argument(
         "--duplicate-answer",
         choices=("drop", "reject_event", "reject_request"),
         default="drop",
@@ -41,6 +44,7 @@ def to_options(args: argparse.Namespace) -> EmulatorOptions:
         rate_429=args.rate_429,
         rate_5xx=args.rate_5xx,
         latency_seconds=args.latency,
+        reset_rate=args.reset_rate,
         duplicate_answer=args.duplicate_answer,
         unknown_customers=args.unknown_customers,
         seed=args.seed,

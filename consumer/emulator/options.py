@@ -9,7 +9,7 @@ from typing import Literal, cast
 
 DuplicateAnswer = Literal["drop", "reject_event", "reject_request"]
 DUPLICATE_ANSWERS: tuple[str, ...] = ("drop", "reject_event", "reject_request")
-_RATES = ("rate_429", "rate_5xx", "drop_rate")
+_RATES = ("rate_429", "rate_5xx", "drop_rate", "reset_rate")
 
 
 @dataclass
@@ -21,7 +21,11 @@ class EmulatorOptions:
     survive either. ``drop_rate`` loses that fraction of accepted stream events after a 200,
     so reconciliation against event summaries has something to find. ``unknown_customers``
     (comma-separated ids) are customers the account does not hold: their events are answered
-    200 and then rejected in the error-report feed, as Stripe does.
+    200 and then rejected in the error-report feed, as Stripe does. ``reset_rate`` resets
+    that fraction of stream connections after the events were stored, before any answer:
+    the client cannot tell whether they landed. ``latency_seconds`` is a mean: each answer
+    waits between half and one and a half times it, so concurrent requests finish out of
+    order.
     """
 
     token_lifetime_seconds: float = 900.0
@@ -34,6 +38,7 @@ class EmulatorOptions:
     verbose: bool = False
     drop_rate: float = 0.0
     unknown_customers: str = ""
+    reset_rate: float = 0.0
 
     def customers_unknown(self) -> frozenset[str]:
         return frozenset(c.strip() for c in self.unknown_customers.split(",") if c.strip())

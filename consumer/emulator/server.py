@@ -10,6 +10,8 @@ import contextlib
 import json
 import secrets
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -84,7 +86,16 @@ class _Handler(BaseHTTPRequestHandler):
             body = {"error": {"type": "api_error", "message": "Emulator bug; see its stderr."}}
         if kind != "control":
             self._state.record_request(kind if kind in ("stream", "session") else None, status)
+        if kind == "stream" and status == 200 and self._state.reset_answer():
+            self._reset()  # stored, but the client never hears so
+            return
         self._answer(status, body, headers)
+
+    def _reset(self) -> None:
+        """Close with RST (linger 0): the client sees a connection reset, not an answer."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
 
     def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         payload = json.dumps(body).encode()

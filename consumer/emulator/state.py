@@ -115,7 +115,9 @@ class State:
         """
         latency = self.options.latency_seconds
         if latency > 0:
-            time.sleep(latency)
+            with self._lock:
+                spread = 0.5 + self._random.random()
+            time.sleep(latency * spread)
         with self._lock:
             self._inject_fault()
             self._sessions.check(token, self.now())
@@ -131,6 +133,12 @@ class State:
             if repeated and answer == "reject_event":
                 raise errors.duplicates(repeated)
             return {}
+
+    def reset_answer(self) -> bool:
+        """Whether to reset this stream connection instead of answering (after storing)."""
+        with self._lock:
+            rate = self._options.reset_rate
+            return rate > 0 and self._random.random() < rate
 
     def _inject_fault(self) -> None:
         """Draw from the seeded generator only for knobs that are on, so runs stay repeatable."""

@@ -8,7 +8,8 @@ from tests.chaos.harness import POINTS, Scenario
 STRIPE_FAULTS = {
     "rate_429": 0.05,
     "rate_5xx": 0.05,
-    "latency_seconds": 0.005,
+    "latency_seconds": 0.005,  # a mean: concurrent requests finish out of order
+    "reset_rate": 0.03,  # stored, then the connection reset before the answer
     "duplicate_answer": "reject_request",
 }
 

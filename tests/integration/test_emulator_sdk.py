@@ -214,6 +214,22 @@ def test_drop_control_loses_events_after_a_200(
     assert (state["events_dropped"], state["totals"]) == (2, [])
 
 
+def test_reset_stores_the_events_but_the_client_hears_nothing(
+    server: EmulatorServer, client: stripe.StripeClient
+) -> None:
+    """The hard case of a connection error: the request landed, its answer did not. Only the
+    identifier (Stripe's 24-hour dedup) keeps the retry from billing twice."""
+    make_meter(client)
+    token_client = stream(server, client)
+    control(client, "config", reset_rate=1)
+    with pytest.raises(stripe.APIConnectionError):
+        send(token_client, ev("a", "2"))
+    control(client, "config", reset_rate=0)
+    send(token_client, ev("a", "2"), ev("b", "1"))  # the retry, plus something new
+    assert totals(client) == {("api_calls", "cus_a"): "3"}
+    assert snapshot(client)["duplicates"] == 1
+
+
 # -- meters and summaries ----------------------------------------------------------------
 
 
