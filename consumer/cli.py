@@ -8,11 +8,16 @@ import signal
 import sys
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from consumer.config import ConfigError, Settings, load_settings
 from consumer.emulator.args import add_arguments as add_emulator_arguments
 from consumer.store import StoreError
+
+if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
+    from consumer.emitter.standing import Undelivered
 
 log = logging.getLogger("usage_consumer")
 
@@ -78,6 +83,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_totals(args: argparse.Namespace) -> int:
+    from consumer.emitter.standing import undelivered
     from consumer.store import open_store
     from consumer.totals import clickhouse_totals, format_table
 
@@ -85,6 +91,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
     store = open_store(settings.clickhouse)
     try:
         totals = clickhouse_totals(store, settings.meters, args.customer)
+        held = [u for u in undelivered(store) if args.customer in (None, u.customer_id)]
     except StoreError as exc:
         if "UNKNOWN_TABLE" in str(exc):
             raise StoreError("the store has no schema yet: run `usage-consumer migrate`") from None
@@ -94,7 +101,19 @@ def cmd_totals(args: argparse.Namespace) -> int:
     agg = {m.name: m.aggregation for m in settings.meters}
     rows = [[c, m, agg[m], format(v.normalize(), "f")] for (c, m), v in sorted(totals.items())]
     print(format_table(["customer", "meter", "aggregation", "total"], rows))
+    if held:
+        print(f"\nnot billed by Stripe ({len(held)} pushes held for a person):")
+        print(format_table(["customer", "meter", "status", "value", "reason"], _held_rows(held)))
     return 0
+
+
+def _held_rows(held: list[Undelivered]) -> list[list[str]]:
+    """Rejected and expired usage per customer, meter, status and reason."""
+    sums: dict[tuple[str, str, str, str], Decimal] = {}
+    for u in held:
+        key = (u.customer_id, u.meter, u.status, u.reason)
+        sums[key] = sums.get(key, Decimal(0)) + u.value
+    return [[c, m, st, format(v.normalize(), "f"), r] for (c, m, st, r), v in sorted(sums.items())]
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:

@@ -6,11 +6,15 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from consumer.store.migrations import MIGRATIONS
+from consumer.emitter import outbox
+from consumer.emitter.outbox import ATTEMPTED, REJECTED, SENT, Push
+from consumer.store.backend import ChdbBackend
+from consumer.store.migrations import MIGRATIONS, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +42,30 @@ def test_migrate_is_idempotent_and_totals_reads_the_store(tmp_path: Path) -> Non
     assert "up to date" in again.stdout
     totals = cli("totals", env=env)
     assert totals.returncode == 0 and "customer" in totals.stdout
+
+
+def test_totals_lists_usage_stripe_did_not_bill(tmp_path: Path) -> None:
+    env = {"USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(tmp_path / "ch")}
+    store = ChdbBackend(tmp_path / "ch", "usage")
+    try:
+        migrate(store)
+        base = Push("id-1", "per_event", "tokens", "tokens", "cus_1", 0, 0, Decimal("2.5"), 1)
+        outbox.write(store, [base, base.moved(SENT, identifier="id-2")], ATTEMPTED, 2)
+        outbox.write(
+            store,
+            [base.moved(REJECTED, reason="customer_not_found: no such customer")],
+            REJECTED,
+            3,
+        )
+        outbox.write(store, [base.moved(SENT, identifier="id-2")], SENT, 3)
+    finally:
+        store.close()
+    out = cli("totals", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "not billed by Stripe (1 pushes held for a person)" in out.stdout
+    held = out.stdout.split("not billed by Stripe")[1]
+    assert "cus_1" in held and "rejected" in held and "2.5" in held
+    assert "customer_not_found" in held
 
 
 def test_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
