@@ -61,11 +61,9 @@ class Ingestor:
             self.unready.update(int(tp.partition or 0) for tp in ours)
             return
         for tp in ours:
-            start = loaded[int(tp.partition or 0)].next_offset
+            start = self._start(loaded[int(tp.partition or 0)])
             if start is not None:
                 tp.offset = start
-            elif int(tp.partition or 0) in self._recreated:
-                tp.offset = OFFSET_BEGINNING  # the old topic's committed offset means nothing
         consumer.incremental_assign(partitions)
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -108,6 +106,12 @@ class Ingestor:
                 self.catch_up[p] = t.next_offset
         return loaded
 
+    def _start(self, t: Track) -> int | None:
+        """Where a loaded partition resumes; None: Kafka's committed offset (never written)."""
+        if t.next_offset is None and t.partition in self._recreated:
+            return OFFSET_BEGINNING  # the deleted topic's committed offset means nothing
+        return t.next_offset
+
     def _retry_unready(self) -> None:
         if not self.unready:
             return
@@ -118,9 +122,7 @@ class Ingestor:
             self._transient("reading ingest state", exc, [])  # still paused; backs off
             return
         for p in parts:
-            start = loaded[p].next_offset
-            if start is None and p in self._recreated:
-                start = OFFSET_BEGINNING
+            start = self._start(loaded[p])
             if start is not None:
                 self.ctx.consumer.seek(TopicPartition(self.ctx.topic, p, start))
         self.ctx.consumer.resume([TopicPartition(self.ctx.topic, p) for p in parts])
