@@ -85,7 +85,18 @@ class Emitter:
     def run_once(self) -> int:
         """One cycle; returns how much it did (0 = nothing to do)."""
         self.cycles += 1
-        cycle = self.cycles
+        try:
+            work = self._cycle()
+        except BaseException:
+            # A failed cycle is not an idle outbox: drain checks and alerts read this gauge.
+            self._metrics.stripe_idle.set(0)
+            raise
+        if not work:
+            self.last_idle_cycle = self.cycles
+        self._metrics.stripe_idle.set(0 if work else 1)
+        return work
+
+    def _cycle(self) -> int:
         now_ms = self._now_ms()
         self._marks.flush(now_ms)  # 1
         work = self._reports.take(now_ms)  # 2
@@ -100,9 +111,6 @@ class Emitter:
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
-        if not work:
-            self.last_idle_cycle = cycle
-        self._metrics.stripe_idle.set(0 if work else 1)
         return work
 
     def _plan(self, now_ms: int) -> int:

@@ -489,11 +489,13 @@ def test_redate_policy_bills_past_limit_usage_at_the_oldest_accepted_time(
 
 def test_no_sends_while_marks_cannot_be_written(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     truth: Truth = {}
+    settings = {"concurrency": 1, "max_events_per_request": 5}
+    emitter = rig.emitter(**settings)
+    assert emitter.run_once() == 0
+    assert rig.metric("usage_consumer_stripe_outbox_idle") == 1  # nothing to do yet
     base = minute(rig.now_ms() - HOUR_MS)
     for n in range(40):
         per_event(rig, truth, "tokens", f"cus_{n % 4}", f"m{n}", str(n + 1), base + n)
-    settings = {"concurrency": 1, "max_events_per_request": 5}
-    emitter = rig.emitter(**settings)
     rig.store.failing = True
     with caplog.at_level(logging.ERROR, logger="consumer.emitter.loop"):
         with pytest.raises(MarksBlocked):
@@ -506,6 +508,8 @@ def test_no_sends_while_marks_cannot_be_written(rig: Rig, caplog: pytest.LogCapt
     assert rig.snapshot()["requests"]["stream"] == first  # not one more while marks fail
     assert rig.metric("usage_consumer_stripe_sends_paused") == 1
     assert rig.metric("usage_consumer_stripe_mark_failures_total") == 4
+    # Failing cycles are not idle: a drain check must not stop the process on a stale 1.
+    assert rig.metric("usage_consumer_stripe_outbox_idle") == 0
     assert "sending paused until a mark succeeds" in caplog.text
 
     # ClickHouse failing outright: the cycle stops before anything is sent.
