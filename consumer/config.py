@@ -39,6 +39,9 @@ class MeterConfig(_Frozen):
     stripe_event_name: str | None = Field(None, min_length=1, max_length=100)
     emission: Literal["per_event", "aggregated"] = "aggregated"
     max_value: Decimal = Field(Decimal("1e15"), gt=0)
+    stripe_value_format: Literal["whole", "decimal"] = Field(
+        "whole", description="whole: integers, fractions carried between pushes (Stripe's rule)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MeterConfig:
@@ -171,6 +174,7 @@ def default_meters() -> list[MeterConfig]:
             aggregation="last",
             stripe_event_name="storage_gb",
             emission="per_event",
+            stripe_value_format="decimal",
         ),
     ]
 

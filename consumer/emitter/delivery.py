@@ -20,6 +20,7 @@ from typing import Literal
 
 from consumer.config import StripeConfig
 from consumer.emitter.outbox import DELIVERED, Push
+from consumer.emitter.units import billed
 from consumer.exact import EXACT
 
 MINUTE_MS = 60_000
@@ -92,7 +93,7 @@ def _close(a: Decimal, b: Decimal, scale: Decimal) -> bool:
 
 
 def _weight(p: Push, formula: str) -> Decimal:
-    return Decimal(1) if formula == "count" else p.value
+    return Decimal(1) if formula == "count" else billed(p)
 
 
 def judge(
@@ -122,7 +123,7 @@ def judge(
     unknown = [p for p in rows if p.attempted]
     additive = formula in ("sum", "count") and time_window is None
     if not additive:
-        lone = len(unknown) == 1 and not known and unknown[0].value != 0
+        lone = len(unknown) == 1 and not known and billed(unknown[0]) != 0
         if not lone:
             return Unclear(f"a {formula} meter sums nothing: one unknown push per minute only")
     weighted = [(p.identifier, _weight(p, formula)) for p in unknown]

@@ -15,6 +15,7 @@ from consumer.emitter import outbox
 from consumer.emitter.delivery import DeliveryPolicy
 from consumer.emitter.outbox import EXPIRED, REDATED, Push
 from consumer.emitter.sender import rfc3339
+from consumer.emitter.units import Assigner
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 
@@ -23,8 +24,11 @@ log = logging.getLogger("consumer.emitter.loop")
 
 
 class Limits:
-    def __init__(self, store: Backend, policy: DeliveryPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Backend, policy: DeliveryPolicy, metrics: Metrics, assigner: Assigner
+    ) -> None:
         self._store = store
+        self._assigner = assigner
         self._policy = policy
         self._metrics = metrics
 
@@ -75,16 +79,13 @@ class Limits:
 
     def _redate(self, rows: Sequence[Push], oldest: str, now_ms: int) -> None:
         target = self._policy.redate_ms(now_ms)
-        redated = [
-            p.moved(
-                REDATED,
-                stripe_ms=target,
-                first_attempt_ms=now_ms,
-                reason=f"redated from {rfc3339(p.bucket_ms)}",
-            )
+        moved = [
+            p.moved(p.status, stripe_ms=target, reason=f"redated from {rfc3339(p.bucket_ms)}")
             for p in rows
         ]
-        outbox.write(self._store, redated, REDATED, now_ms)
+        # A fresh first attempt: Stripe never saw the new timestamp. Amounts are fixed now.
+        redated = self._assigner.assign(moved, REDATED, now_ms)
+        outbox.write_moved(self._store, redated, now_ms)
         self._metrics.stripe_past_limit.labels("redated").inc(len(redated))
         log.warning(
             "%d Stripe pushes (oldest %s) were past Stripe's 35-day limit: re-dated to %s "

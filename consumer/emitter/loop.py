@@ -11,7 +11,8 @@ A cycle, in order (each concern in its own module; this one only orders them):
   4. check minutes with unknown outcomes past `verify_after` against event summaries
      (verify.py)
   5. hold (or, by policy, re-date) never-sent pushes past the 35-day limit (limits.py)
-  6. record first_attempt_at for pushes about to be sent for the first time
+  6. record first_attempt_at, and the amount each will send (units.py), for pushes about to
+     be sent for the first time
   7. send; mark each request's rows after its 2xx; a failed mark stops the other requests
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
 """
@@ -31,8 +32,9 @@ from consumer.emitter.limits import Limits
 from consumer.emitter.marks import Marks, MarksBlocked
 from consumer.emitter.outbox import ATTEMPTED, Push
 from consumer.emitter.reports import ReportTaker
-from consumer.emitter.sender import Sender, SendFailed
+from consumer.emitter.sender import Sender, SendFailed, event_count
 from consumer.emitter.summaries import SummaryReader
+from consumer.emitter.units import Assigner, rules_for
 from consumer.emitter.verify import Verifier
 from consumer.faults import fault_point
 from consumer.metrics import Metrics
@@ -40,6 +42,20 @@ from consumer.store.backend import Backend, StoreError
 
 __all__ = ["Emitter", "MarksBlocked"]
 log = logging.getLogger(__name__)
+
+
+def _requests(batch: list[Push], per_request: int) -> list[list[Push]]:
+    """Consecutive pushes grouped into requests of at most `per_request` meter events."""
+    chunks: list[list[Push]] = []
+    size = per_request
+    for p in batch:
+        n = event_count(p)
+        if size + n > per_request:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += n
+    return chunks
 
 
 class Emitter:
@@ -70,7 +86,8 @@ class Emitter:
         self._policy = policy
         summaries = SummaryReader(sender.api, sender.pace)
         self._reports = ReportTaker(store, sender.api, policy, metrics, self._now_ms())
-        self._limits = Limits(store, policy, metrics)
+        self._assigner = Assigner(store, rules_for(meters))
+        self._limits = Limits(store, policy, metrics, self._assigner)
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)
         self._alerts = BacklogAlerts(store, policy, metrics)
         self._marks = Marks(store, clock, metrics)
@@ -132,10 +149,12 @@ class Emitter:
             self._policy.blind_after_ms(now_ms),
             limit,
         )
-        fresh = [p.moved(ATTEMPTED, first_attempt_ms=now_ms) for p in batch if not p.attempted]
-        outbox.write(self._store, fresh, ATTEMPTED, now_ms)  # first_attempt_at, before sending
+        # The amount each sends is fixed in the same insert (units.py): a re-send repeats it.
+        fresh = self._assigner.assign([p for p in batch if not p.attempted], ATTEMPTED, now_ms)
+        outbox.write_moved(self._store, fresh, now_ms)  # first_attempt_at, before sending
         recorded = {p.identifier: p for p in fresh}
-        return [recorded.get(p.identifier, p) for p in batch]
+        batch = [recorded.get(p.identifier, p) for p in batch]
+        return [p for p in batch if p.attempted]  # not the ones delivered or refused as they are
 
     # -- 7: send and mark ------------------------------------------------------------------
 
@@ -148,7 +167,7 @@ class Emitter:
 
     def _send(self, batch: list[Push]) -> None:
         self._halt.clear()
-        chunks = [batch[i : i + self._per_request] for i in range(0, len(batch), self._per_request)]
+        chunks = _requests(batch, self._per_request)
         futures: list[Future[list[Push]]] = [
             self._pool.submit(self._send_unless_stopping, c) for c in chunks
         ]

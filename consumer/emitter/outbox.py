@@ -44,7 +44,7 @@ COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
               toUnixTimestamp64Milli(bucket_start), revision, toString(value),
               toUnixTimestamp64Milli(first_attempt_at), status_rank,
               toUnixTimestamp64Milli(stripe_timestamp), reason,
-              toUnixTimestamp64Milli(updated_at)"""
+              toUnixTimestamp64Milli(updated_at), toString(sent_value)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,7 @@ class Push:
     stripe_ms: int = 0  # the timestamp sent to Stripe; 0 = bucket_ms (not re-dated)
     reason: str = ""
     updated_ms: int = 0
+    sent: Decimal | None = None  # what the first send carried (units.py); fixed from then on
 
     @property
     def timestamp_ms(self) -> int:
@@ -81,7 +82,7 @@ class Push:
 
 def from_row(row: Row) -> Push:
     """A push from a row selected with COLUMNS."""
-    i, mo, me, s, c, b, r, v, f, rank, ts, why, up = row
+    i, mo, me, s, c, b, r, v, f, rank, ts, why, up, sent = row
     bucket, stripe_ts = int(b), int(ts)
     return Push(
         str(i),
@@ -97,6 +98,7 @@ def from_row(row: Row) -> Push:
         0 if stripe_ts == bucket else stripe_ts,
         str(why),
         int(up),
+        None if sent is None else Decimal(sent),
     )
 
 
@@ -192,6 +194,12 @@ def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:
 
 def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> None:
     """Write every push at `rank` (its first attempt, timestamp and reason as they are)."""
+    write_moved(store, [p.moved(rank) for p in pushes], now_ms)
+
+
+def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
+    """Write pushes, each at its own rank, in one insert: what one cycle decides about a set
+    of pushes lands together or not at all."""
     if not pushes:
         return
     n = len(pushes)
@@ -206,16 +214,11 @@ def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> Non
             "bucket_start": pa.array([p.bucket_ms for p in pushes], TIME_MS),
             "revision": pa.array([p.revision for p in pushes], pa.uint32()),
             "value": pa.array([p.value for p in pushes], DECIMAL),
-            "status_rank": pa.array([rank] * n, pa.uint8()),
+            "status_rank": pa.array([p.status for p in pushes], pa.uint8()),
             "first_attempt_at": pa.array([p.first_attempt_ms for p in pushes], TIME_MS),
             "updated_at": pa.array([now_ms] * n, TIME_MS),
             "stripe_timestamp": pa.array([p.timestamp_ms for p in pushes], TIME_MS),
             "reason": pa.array([p.reason for p in pushes]),
+            "sent_value": pa.array([p.sent for p in pushes], DECIMAL),
         },
     )
-
-
-def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
-    """Write pushes that may carry different ranks, one insert per rank."""
-    for rank in sorted({p.status for p in pushes}):
-        write(store, [p for p in pushes if p.status == rank], rank, now_ms)

@@ -1,15 +1,18 @@
 """Sends one request of at most 100 meter events and learns exactly which were delivered.
 
-A 2xx delivers the whole request. A duplicate-identifier 400 means some events were already
+A push is one event, or several when its amount needs more than 15 significant digits
+(units.parts); its extra events carry the push's identifier with a part suffix. A 2xx
+delivers the whole request. A duplicate-identifier 400 means some events were already
 delivered: the request is split down to single events, and a single duplicate counts as
-delivered. 429, 5xx and connection errors back off with jitter; session expiry refreshes.
+delivered. A push is delivered when all its events are. 429, 5xx and connection errors back
+off with jitter; session expiry refreshes.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,8 +22,8 @@ from consumer.clock import Clock
 from consumer.emitter.outbox import Push
 from consumer.emitter.ratelimit import TokenBucket
 from consumer.emitter.session import SessionKeeper, stripe_client
+from consumer.emitter.units import billed, part_count, parts
 from consumer.metrics import Metrics
-from consumer.sink import exact
 
 log = logging.getLogger(__name__)
 EXPIRED_CODE = "billing_meter_event_session_expired"
@@ -37,13 +40,28 @@ def rfc3339(ms: int) -> str:
     )
 
 
-def to_event(p: Push) -> dict[str, Any]:
-    return {
-        "event_name": p.stripe_event_name,
-        "identifier": p.identifier,
-        "timestamp": rfc3339(p.timestamp_ms),
-        "payload": {"stripe_customer_id": p.customer_id, "value": exact(p.value)},
-    }
+PayloadKeys = Mapping[str, tuple[str, str]]  # Stripe event name -> (customer key, value key)
+DEFAULT_KEYS = ("stripe_customer_id", "value")
+
+
+def to_events(p: Push, keys: PayloadKeys | None = None) -> list[dict[str, Any]]:
+    """The meter events that send `p`: its amount, split where it has too many digits."""
+    customer_key, value_key = (keys or {}).get(p.stripe_event_name, DEFAULT_KEYS)
+    values = parts(billed(p), "decimal")
+    return [
+        {
+            "event_name": p.stripe_event_name,
+            "identifier": p.identifier if i == 0 else f"{p.identifier}-p{i}",
+            "timestamp": rfc3339(p.timestamp_ms),
+            "payload": {customer_key: p.customer_id, value_key: v},
+        }
+        for i, v in enumerate(values)
+    ]
+
+
+def event_count(p: Push) -> int:
+    """How many meter events `p` takes in a request."""
+    return max(1, part_count(billed(p), "decimal"))
 
 
 def _code(err: stripe.StripeError) -> str | None:
@@ -74,7 +92,9 @@ class Sender:
         metrics: Metrics,
         max_retries: int,
         rng: random.Random | None = None,
+        keys: PayloadKeys | None = None,
     ) -> None:
+        self._keys = dict(keys or {})
         self._sessions = sessions
         self._bases = base_addresses
         self._clock = clock
@@ -95,20 +115,28 @@ class Sender:
 
     def send(self, pushes: Sequence[Push]) -> list[Push]:
         """Deliver `pushes`; returns those Stripe now holds (all of them unless it raises)."""
+        events = [e for p in pushes for e in to_events(p, self._keys)]
+        self._deliver(events)
+        return list(pushes)
+
+    def _deliver(self, events: list[dict[str, Any]]) -> None:
+        """Post `events`; on a duplicate answer, halve until each duplicate stands alone (a
+        lone duplicate is already delivered)."""
+        if not events:
+            return
         try:
-            self._post(pushes)
+            self._post(events)
         except stripe.InvalidRequestError as exc:
             if _code(exc) not in DUPLICATE_CODES:
                 raise
-            if len(pushes) == 1:
+            if len(events) == 1:
                 self._metrics.stripe_requests.labels("duplicate").inc()
-                return list(pushes)
-            mid = len(pushes) // 2
-            return self.send(pushes[:mid]) + self.send(pushes[mid:])
-        return list(pushes)
+                return
+            mid = len(events) // 2
+            self._deliver(events[:mid])
+            self._deliver(events[mid:])
 
-    def _post(self, pushes: Sequence[Push]) -> None:
-        events = [to_event(p) for p in pushes]
+    def _post(self, events: list[dict[str, Any]]) -> None:
         attempt = 0
         while True:
             token = self._sessions.token()

@@ -232,6 +232,27 @@ MIGRATIONS.append(
     )
 )
 
+MIGRATIONS.append(
+    (
+        9,
+        "stripe amounts sent",
+        [
+            # What a push's first send carried (whole numbers carry fractions between pushes,
+            # consumer/emitter/units.py); NULL for rows sent exactly before it was recorded.
+            """ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS
+        sent_value Nullable(Decimal(38, 9)) DEFAULT NULL""",
+            # `billed` is what Stripe bills for a sent push; `value` stays the exact usage.
+            """CREATE OR REPLACE VIEW stripe_delivery AS
+        SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
+               multiIf(status_rank IN (2, 6), 'sent', status_rank = 7, 'rejected',
+                       status_rank = 4, 'expired', 'pending') AS status,
+               stripe_timestamp != bucket_start AS redated, reason, first_attempt_at, updated_at,
+               ifNull(sent_value, value) AS billed
+        FROM stripe_pushes FINAL""",
+        ],
+    )
+)
+
 
 def record_config(store: Backend, config_hash: str, body: str) -> None:
     if not store.query(

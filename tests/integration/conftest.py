@@ -44,6 +44,7 @@ METERS = [
         "aggregation": "last",
         "stripe_event_name": "storage_gb",
         "emission": "per_event",
+        "stripe_value_format": "decimal",
     },
 ]
 

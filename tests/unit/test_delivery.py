@@ -30,7 +30,7 @@ from consumer.emitter.outbox import (
     Push,
 )
 from consumer.emitter.reports import parse_ms, parse_report
-from consumer.emitter.sender import to_event
+from consumer.emitter.sender import to_events
 
 T = 1_767_225_600_000
 
@@ -179,8 +179,8 @@ def test_config_keeps_the_blind_window_well_inside_stripes_24_hours() -> None:
 
 def test_a_redated_push_is_sent_with_its_new_timestamp() -> None:
     p = push("a", "1").moved(REDATED, stripe_ms=T + MINUTE_MS)
-    assert to_event(p)["timestamp"] == "2026-01-01T00:01:00.000Z"
-    assert to_event(push("a", "1"))["timestamp"] == "2026-01-01T00:00:00.000Z"
+    assert to_events(p)[0]["timestamp"] == "2026-01-01T00:01:00.000Z"
+    assert to_events(push("a", "1"))[0]["timestamp"] == "2026-01-01T00:00:00.000Z"
 
 
 # -- error reports ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from consumer.clock import ManualClock
 from consumer.emitter import sender as sender_module
 from consumer.emitter.outbox import Push
 from consumer.emitter.ratelimit import TokenBucket
-from consumer.emitter.sender import Sender, SendFailed, rfc3339, to_event
+from consumer.emitter.sender import Sender, SendFailed, rfc3339, to_events
 from consumer.emitter.session import SessionKeeper
 from consumer.metrics import Metrics
 from consumer.sink import exact
@@ -573,12 +573,27 @@ def test_to_event_values_are_strings_and_timestamps_rfc3339() -> None:
         value=Decimal("1E+3"),
         first_attempt_ms=5,
     )
-    assert to_event(p) == {
-        "event_name": "api_calls",
-        "identifier": "uc1a_abc",
-        "timestamp": "2023-11-14T22:14:00.000Z",
-        "payload": {"stripe_customer_id": "cus_9", "value": "1000"},
-    }
+    assert to_events(p) == [
+        {
+            "event_name": "api_calls",
+            "identifier": "uc1a_abc",
+            "timestamp": "2023-11-14T22:14:00.000Z",
+            "payload": {"stripe_customer_id": "cus_9", "value": "1000"},
+        }
+    ]
+
+
+def test_an_amount_over_15_digits_goes_as_several_events_that_sum_to_it() -> None:
+    p = Push("uc1e_x", "per_event", "m", "m", "cus_1", 0, 0, Decimal("12345678901234567.5"), 5)
+    p = p.moved(p.status, sent=p.value)
+    events = to_events(p, {"m": ("customer", "amount")})
+    values = [e["payload"]["amount"] for e in events]
+    assert sum(Decimal(v) for v in values) == p.value
+    assert all(len(v.replace(".", "").lstrip("0")) <= 15 for v in values)
+    assert [e["identifier"] for e in events] == ["uc1e_x"] + [
+        f"uc1e_x-p{i}" for i in range(1, len(events))
+    ]
+    assert {e["payload"]["customer"] for e in events} == {"cus_1"}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,181 @@
+"""What a push sends: exact usage turned into the values Stripe accepts, fixed before the
+first send.
+
+Stripe's meter values are whole numbers sent as strings, of at most 15 significant digits.
+Usage is kept exact (Decimal(38, 9)), so in `whole` format a push of a sum meter sends
+floor(everything assigned so far for its meter and customer, plus this push) minus what was
+already sent for them: fractions carry to the next push instead of being rounded away, and
+what Stripe holds for a customer never exceeds the exact usage, nor trails it by a unit or
+more once the outbox is drained. In `decimal` format the exact value is sent. Either way a
+value with more than 15 significant digits is split into several events (`parts`).
+
+The amount is assigned once, in the same insert that records the push's first attempt, so a
+re-send after a crash sends exactly what the first send did. Pushes Stripe did not bill
+(rejected) are left out of the carry, as if they never happened; a person decides on them.
+A push that cannot be sent as it is (a fractional `last` value in whole format, or a value
+needing more than one request of parts) is rejected here with its reason, never rounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
+
+from consumer.config import MeterConfig
+from consumer.emitter.outbox import REJECTED, SENT, Push
+from consumer.exact import EXACT
+from consumer.sink import exact
+from consumer.store.backend import Backend
+
+log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share one logger
+MAX_DIGITS = 15
+MAX_WHOLE = 10**MAX_DIGITS - 1
+MAX_PARTS = 100  # one request
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one meter's usage becomes Stripe values."""
+
+    format: str  # "whole" or "decimal"
+    carries: bool  # additive (sum/count): fractions carry between pushes
+
+
+def rules_for(meters: Sequence[MeterConfig]) -> dict[str, Rule]:
+    return {
+        m.name: Rule(m.stripe_value_format, m.aggregation in ("sum", "count"))
+        for m in meters
+        if m.stripe_event_name
+    }
+
+
+def significant_digits(value: Decimal) -> int:
+    digits = exact(value).replace("-", "").replace(".", "").lstrip("0")
+    return max(1, len(digits))
+
+
+def parts(amount: Decimal, fmt: str) -> list[str]:
+    """The value strings that together send `amount`, each of at most 15 significant
+    digits; empty for zero (nothing to send)."""
+    if amount == 0:
+        return []
+    if fmt == "decimal" and significant_digits(amount) <= MAX_DIGITS:
+        return [exact(amount)]
+    whole = int(amount.to_integral_value(ROUND_FLOOR))
+    out = [str(MAX_WHOLE)] * (whole // MAX_WHOLE)
+    if whole % MAX_WHOLE:
+        out.append(str(whole % MAX_WHOLE))
+    fraction = EXACT.subtract(amount, Decimal(whole))
+    if fraction:  # at most 9 places: one more part
+        out.append(exact(fraction))
+    return out
+
+
+def part_count(amount: Decimal, fmt: str) -> int:
+    """len(parts(amount, fmt)), without building them (a huge value needs thousands)."""
+    if amount == 0:
+        return 0
+    if fmt == "decimal" and significant_digits(amount) <= MAX_DIGITS:
+        return 1
+    whole = int(amount.to_integral_value(ROUND_FLOOR))
+    return int(-(-whole // MAX_WHOLE)) + (0 if amount == whole else 1)
+
+
+def floor(value: Decimal) -> Decimal:
+    return value.to_integral_value(ROUND_FLOOR)
+
+
+def _carried(store: Backend, pushes: Sequence[Push]) -> dict[tuple[str, str], Decimal]:
+    """(meter, customer) -> exact usage assigned so far minus what was sent for it."""
+    keys = sorted({(p.meter, p.customer_id) for p in pushes})
+    if not keys:
+        return {}
+    rows = store.query(
+        """SELECT meter, customer_id, toString(sum(value)),
+                  toString(sum(ifNull(sent_value, value)))
+           FROM stripe_pushes FINAL
+           WHERE (meter, customer_id) IN {keys:Array(Tuple(String, String))}
+             AND toUnixTimestamp64Milli(first_attempt_at) > 0
+             AND status_rank != {rejected:UInt8}
+           GROUP BY meter, customer_id""",
+        {"keys": keys, "rejected": REJECTED},
+    )
+    return {(str(m), str(c)): EXACT.subtract(Decimal(s), Decimal(u)) for m, c, s, u in rows}
+
+
+class Assigner:
+    """Fixes what each never-sent push will send, carrying fractions per meter and customer."""
+
+    def __init__(self, store: Backend, rules: Mapping[str, Rule]) -> None:
+        self._store = store
+        self._rules = rules
+
+    def assign(self, pushes: Sequence[Push], status: int, first_attempt_ms: int) -> list[Push]:
+        """`pushes` moved to `status` with a first attempt now (see `settle`). The caller
+        writes them all in one insert: a push's carry depends on every push assigned before
+        it."""
+        fresh = [p for p in pushes if p.first_attempt_ms == 0 and p.sent is None]
+        out = settle(pushes, self._rules, _carried(self._store, fresh), status, first_attempt_ms)
+        refused = [p for p in out if p.status == REJECTED]
+        if refused:
+            log.error(
+                "%d Stripe pushes cannot be sent as they are and were NOT billed (held as "
+                "rejected; see the stripe_delivery view). First: %s (%s)",
+                len(refused),
+                refused[0].identifier,
+                refused[0].reason,
+            )
+        return out
+
+
+def settle(
+    pushes: Sequence[Push],
+    rules: Mapping[str, Rule],
+    carry: dict[tuple[str, str], Decimal],
+    status: int,
+    at: int,
+) -> list[Push]:
+    """`pushes` moved to `status`, first attempted `at`. The never-attempted ones get their
+    amount, in order, from `carry` ((meter, customer) -> usage assigned but not yet sent,
+    updated as it goes); the others keep theirs. A push with nothing whole to send is
+    delivered as it is (SENT, no request); one that cannot be sent is REJECTED with why."""
+    out = []
+    for p in pushes:
+        if p.first_attempt_ms or p.sent is not None:
+            out.append(p.moved(status, first_attempt_ms=at))  # its amount is fixed
+        else:
+            out.append(_one(p, rules.get(p.meter, Rule("decimal", False)), status, carry, at))
+    return out
+
+
+def _one(p: Push, rule: Rule, status: int, carry: dict[tuple[str, str], Decimal], at: int) -> Push:
+    key = (p.meter, p.customer_id)
+    total = p.value
+    if rule.format == "whole" and rule.carries:
+        total = EXACT.add(carry.get(key, Decimal(0)), p.value)
+        amount = max(Decimal(0), floor(total))
+    elif rule.format == "whole" and p.value != floor(p.value):
+        why = (
+            f"value {exact(p.value)} is not a whole number and a {p.meter} value cannot "
+            "carry (not a sum): set the meter's stripe_value_format to decimal"
+        )
+        return p.moved(REJECTED, first_attempt_ms=at, sent=Decimal(0), reason=why)
+    else:
+        amount = p.value
+    n = part_count(amount, rule.format)
+    if n > MAX_PARTS:
+        why = f"value {exact(amount)} needs {n} meter events (at most {MAX_PARTS})"
+        return p.moved(REJECTED, first_attempt_ms=at, sent=Decimal(0), reason=why)
+    if rule.format == "whole" and rule.carries:
+        carry[key] = EXACT.subtract(total, amount)
+    if n == 0:
+        return p.moved(SENT, first_attempt_ms=at, sent=amount, reason="nothing whole to send")
+    return p.moved(status, first_attempt_ms=at, sent=amount)
+
+
+def billed(p: Push) -> Decimal:
+    """What Stripe bills for a delivered push (its exact value for rows sent before amounts
+    were recorded)."""
+    return p.value if p.sent is None else p.sent
