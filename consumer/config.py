@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -126,11 +127,21 @@ class StripeConfig(_Frozen):
         3600.0, ge=0, le=86400, description="kept inside Stripe's 35-day timestamp limit"
     )
     error_report_interval_seconds: float = Field(60.0, ge=0)
+    period_anchor: datetime | None = Field(
+        None, description="a billing-period boundary (UTC, whole minute); buckets are cut there"
+    )
+    period: Literal["month", "week", "day"] = "month"
 
     @model_validator(mode="after")
     def _check(self) -> StripeConfig:
         if self.verify_after_hours * 3600 - self.verify_settle_seconds < 3600:
             raise ValueError("verify_after_hours must exceed verify_settle_seconds by an hour")
+        a = self.period_anchor
+        if a is not None and (a.tzinfo is None or a.second or a.microsecond):
+            raise ValueError(
+                "period_anchor must be a whole minute with a time zone (e.g. "
+                "2026-01-01T00:00:00Z): usage is windowed by the minute"
+            )
         return self
 
 

@@ -27,6 +27,7 @@ from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
 from consumer.emitter import outbox
 from consumer.emitter.alerts import BacklogAlerts
+from consumer.emitter.buckets import anchors
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
 from consumer.emitter.limits import Limits
 from consumer.emitter.marks import Marks, MarksBlocked
@@ -82,7 +83,9 @@ class Emitter:
         self._poll = poll_interval
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="stripe")
         self._concurrency = concurrency
-        policy = DeliveryPolicy.from_config(config or StripeConfig())
+        config = config or StripeConfig()
+        self._anchor, self._period = config.period_anchor, config.period
+        policy = DeliveryPolicy.from_config(config)
         self._policy = policy
         summaries = SummaryReader(sender.api, sender.pace)
         self._reports = ReportTaker(store, sender.api, policy, metrics, self._now_ms())
@@ -133,8 +136,10 @@ class Emitter:
     def _plan(self, now_ms: int) -> int:
         """Write aggregated deltas as new intents; only written intents are ever sent."""
         planned = []
+        since = now_ms - self._lookback_ms
+        cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
         for meter in self._aggregated:
-            planned += outbox.plan_aggregated(self._store, meter, now_ms - self._lookback_ms)
+            planned += outbox.plan_aggregated(self._store, meter, since, cuts)
         outbox.write(self._store, planned, outbox.PENDING, now_ms)
         return len(planned)
 

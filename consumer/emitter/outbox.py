@@ -29,6 +29,7 @@ from decimal import Decimal
 import pyarrow as pa
 
 from consumer.config import MeterConfig
+from consumer.emitter.buckets import bucket_sql
 from consumer.identifiers import aggregated_identifier
 from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row
 
@@ -44,7 +45,8 @@ COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
               toUnixTimestamp64Milli(bucket_start), revision, toString(value),
               toUnixTimestamp64Milli(first_attempt_at), status_rank,
               toUnixTimestamp64Milli(stripe_timestamp), reason,
-              toUnixTimestamp64Milli(updated_at), toString(sent_value)"""
+              toUnixTimestamp64Milli(updated_at), toString(sent_value),
+              toUnixTimestamp64Milli(bucket_end)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class Push:
     reason: str = ""
     updated_ms: int = 0
     sent: Decimal | None = None  # what the first send carried (units.py); fixed from then on
+    bucket_end_ms: int = 0  # aggregated: where the bucket ends (buckets.py); 0 = per event
 
     @property
     def timestamp_ms(self) -> int:
@@ -82,7 +85,7 @@ class Push:
 
 def from_row(row: Row) -> Push:
     """A push from a row selected with COLUMNS."""
-    i, mo, me, s, c, b, r, v, f, rank, ts, why, up, sent = row
+    i, mo, me, s, c, b, r, v, f, rank, ts, why, up, sent, end = row
     bucket, stripe_ts = int(b), int(ts)
     return Push(
         str(i),
@@ -99,21 +102,34 @@ def from_row(row: Row) -> Push:
         str(why),
         int(up),
         None if sent is None else Decimal(sent),
+        int(end),
     )
 
 
-def plan_aggregated(store: Backend, meter: MeterConfig, since_ms: int) -> list[Push]:
+class BucketingChanged(Exception):
+    """Pushes were planned under other buckets; planning the new ones would bill twice."""
+
+
+def plan_aggregated(
+    store: Backend, meter: MeterConfig, since_ms: int, anchors_ms: Sequence[int] = ()
+) -> list[Push]:
     """New intents for every bucket whose total moved past what was already intended.
 
     Rejected and expired pushes count as intended: their usage is held for a person, never
-    planned again behind their back."""
+    planned again behind their back. Buckets are cut at `anchors_ms` (buckets.py)."""
+    params = {
+        "m": meter.name,
+        "sec": meter.window_seconds,
+        "since": since_ms,
+        "anchors": list(anchors_ms),
+    }
+    _check_bucketing(store, meter, params)
+    start, end = bucket_sql("window_start")
     measure = "sum_value" if meter.aggregation == "sum" else "toDecimal128(event_count, 9)"
     rows = store.query(
         f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket), toString(w.total - p.pushed),
-                  p.max_rev
-           FROM (SELECT customer_id,
-                        toDateTime64(toStartOfInterval(window_start,
-                                     INTERVAL {{sec:UInt32}} SECOND), 3, 'UTC') AS bucket,
+                  p.max_rev, toUnixTimestamp64Milli(w.bucket_end)
+           FROM (SELECT customer_id, {start} AS bucket, any({end}) AS bucket_end,
                         sum({measure}) AS total
                  FROM usage_windows FINAL
                  WHERE meter = {{m:String}}
@@ -127,27 +143,41 @@ def plan_aggregated(store: Backend, meter: MeterConfig, since_ms: int) -> list[P
              ON w.customer_id = p.customer_id AND w.bucket = p.bucket
            WHERE w.total != p.pushed
            ORDER BY w.bucket, w.customer_id""",
-        {"m": meter.name, "sec": meter.window_seconds, "since": since_ms},
+        params,
     )
     name = meter.stripe_event_name or ""
     out = []
-    for customer, bucket_ms, delta, max_rev in rows:
+    for customer, bucket_ms, delta, max_rev, end_ms in rows:
         rev = int(max_rev) + 1
         ident = aggregated_identifier(meter.name, str(customer), int(bucket_ms), rev)
-        out.append(
-            Push(
-                ident,
-                "aggregated",
-                meter.name,
-                name,
-                str(customer),
-                int(bucket_ms),
-                rev,
-                Decimal(delta),
-                0,
-            )
-        )
+        push = Push(
+            ident, "aggregated", meter.name, name, str(customer), int(bucket_ms), rev,
+            Decimal(delta), 0, bucket_end_ms=int(end_ms),
+        )  # fmt: skip
+        out.append(push)
     return out
+
+
+def _check_bucketing(store: Backend, meter: MeterConfig, params: dict[str, object]) -> None:
+    """Refuse to plan when recent pushes were made for buckets the configuration no longer
+    draws: their minutes would be planned again, and billed twice."""
+    start, end = bucket_sql("bucket_start")
+    rows = store.query(
+        f"""SELECT count(), any(toString(bucket_start)) FROM stripe_pushes FINAL
+           WHERE mode = 'aggregated' AND meter = {{m:String}}
+             AND bucket_start >= fromUnixTimestamp64Milli({{since:Int64}}, 'UTC')
+             AND toUnixTimestamp64Milli(bucket_end) > 0
+             AND (bucket_start != {start} OR bucket_end != {end})""",
+        params,
+    )
+    if rows and int(rows[0][0]):
+        raise BucketingChanged(
+            f"meter {meter.name}: {rows[0][0]} pushes of the last 35 days (first at "
+            f"{rows[0][1]}) were planned for other buckets than window_seconds="
+            f"{meter.window_seconds} and stripe.period_anchor now draw. Planning the new "
+            "buckets would bill those minutes twice: restore the previous settings, or "
+            "change them only once no push of the last 35 days is left"
+        )
 
 
 def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> list[Push]:
@@ -220,5 +250,6 @@ def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
             "stripe_timestamp": pa.array([p.timestamp_ms for p in pushes], TIME_MS),
             "reason": pa.array([p.reason for p in pushes]),
             "sent_value": pa.array([p.sent for p in pushes], DECIMAL),
+            "bucket_end": pa.array([p.bucket_end_ms for p in pushes], TIME_MS),
         },
     )

@@ -116,7 +116,11 @@ class Assigner:
         """`pushes` moved to `status` with a first attempt now (see `settle`). The caller
         writes them all in one insert: a push's carry depends on every push assigned before
         it."""
-        fresh = [p for p in pushes if p.first_attempt_ms == 0 and p.sent is None]
+        fresh = [
+            p
+            for p in pushes
+            if p.first_attempt_ms == 0 and p.sent is None and self._carries(p.meter)
+        ]
         out = settle(pushes, self._rules, _carried(self._store, fresh), status, first_attempt_ms)
         refused = [p for p in out if p.status == REJECTED]
         if refused:
@@ -128,6 +132,10 @@ class Assigner:
                 refused[0].reason,
             )
         return out
+
+    def _carries(self, meter: str) -> bool:
+        rule = self._rules.get(meter)
+        return rule is not None and rule.format == "whole" and rule.carries
 
 
 def settle(

@@ -499,6 +499,9 @@ def test_no_sends_while_marks_cannot_be_written(rig: Rig, caplog: pytest.LogCapt
     base = minute(rig.now_ms() - HOUR_MS)
     for n in range(40):
         per_event(rig, truth, "tokens", f"cus_{n % 4}", f"m{n}", str(n + 1), base + n)
+    rig.control(
+        "config", latency_seconds=0.05
+    )  # requests outlast a mark write, even on a busy host
     rig.store.failing = True
     with caplog.at_level(logging.ERROR, logger="consumer.emitter.loop"):
         with pytest.raises(MarksBlocked):
