@@ -83,10 +83,10 @@ def test_the_planner_cuts_an_hour_bucket_at_a_period_anchor(store: Backend) -> N
         minute_window(store, "cus_a", T0 + m * MINUTE_MS, 1)
     planned = outbox.plan_aggregated(store, meter(3600), T0 - HOUR_MS, [anchor])
     got = sorted((p.bucket_ms, p.bucket_end_ms, p.value) for p in planned)
-    assert got == [(T0, anchor, 2), (anchor, T0 + HOUR_MS, 2)]
+    assert got == [(T0, anchor, Decimal(2)), (anchor, T0 + HOUR_MS, Decimal(2))]
     # without the anchor the hour is one bucket (on a store with nothing planned yet)
     whole = outbox.plan_aggregated(store, meter(3600), T0 - HOUR_MS)
-    assert [(p.bucket_ms, p.value) for p in whole] == [(T0, 4)]
+    assert [(p.bucket_ms, p.value) for p in whole] == [(T0, Decimal(4))]
 
 
 def test_planning_stops_when_the_bucketing_changed_under_existing_pushes(store: Backend) -> None:
