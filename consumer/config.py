@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -103,6 +104,9 @@ class ClickHouseConfig(_Frozen):
     fsync_after_insert: bool = False
 
 
+_ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")
+
+
 class StripeConfig(_Frozen):
     enabled: bool = True
     api_key: SecretStr | None = None
@@ -131,9 +135,22 @@ class StripeConfig(_Frozen):
         None, description="a billing-period boundary (UTC, whole minute); buckets are cut there"
     )
     period: Literal["month", "week", "day"] = "month"
+    account_property: str | None = Field(
+        None,
+        min_length=1,
+        description="Connect: the event property naming the tenant (its connected account)",
+    )
+    accounts: dict[str, str] = Field(
+        default_factory=dict, description="Connect: tenant -> acct_ id; empty = the property is one"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StripeConfig:
+        bad = sorted(t for t, a in self.accounts.items() if not _ACCOUNT.match(a))
+        if bad:
+            raise ValueError(f"accounts: not a connected account id (acct_...) for {bad}")
+        if self.accounts and self.account_property is None:
+            raise ValueError("accounts needs account_property: the event property naming a tenant")
         if self.verify_after_hours * 3600 - self.verify_settle_seconds < 3600:
             raise ValueError("verify_after_hours must exceed verify_settle_seconds by an hour")
         a = self.period_anchor

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
 from consumer.emitter import outbox
+from consumer.emitter.accounts import AccountResolver
 from consumer.emitter.alerts import BacklogAlerts
 from consumer.emitter.buckets import anchors
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
@@ -46,16 +47,18 @@ log = logging.getLogger(__name__)
 
 
 def _requests(batch: list[Push], per_request: int) -> list[list[Push]]:
-    """Consecutive pushes grouped into requests of at most `per_request` meter events."""
+    """Pushes grouped into requests of at most `per_request` meter events, each request for
+    one account (the platform's or a connected account), in batch order within each."""
     chunks: list[list[Push]] = []
-    size = per_request
-    for p in batch:
-        n = event_count(p)
-        if size + n > per_request:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(p)
-        size += n
+    for account in dict.fromkeys(p.account for p in batch):
+        size = per_request
+        for p in (p for p in batch if p.account == account):
+            n = event_count(p)
+            if size + n > per_request:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(p)
+            size += n
     return chunks
 
 
@@ -89,7 +92,7 @@ class Emitter:
         self._policy = policy
         summaries = SummaryReader(sender.api, sender.pace)
         self._reports = ReportTaker(store, sender.api, policy, metrics, self._now_ms())
-        self._assigner = Assigner(store, rules_for(meters))
+        self._assigner = Assigner(store, rules_for(meters), AccountResolver(store, config))
         self._limits = Limits(store, policy, metrics, self._assigner)
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)
         self._alerts = BacklogAlerts(store, policy, metrics)

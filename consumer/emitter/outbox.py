@@ -46,7 +46,7 @@ COLUMNS = """identifier, mode, meter, stripe_event_name, customer_id,
               toUnixTimestamp64Milli(first_attempt_at), status_rank,
               toUnixTimestamp64Milli(stripe_timestamp), reason,
               toUnixTimestamp64Milli(updated_at), toString(sent_value),
-              toUnixTimestamp64Milli(bucket_end)"""
+              toUnixTimestamp64Milli(bucket_end), stripe_account"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,7 @@ class Push:
     updated_ms: int = 0
     sent: Decimal | None = None  # what the first send carried (units.py); fixed from then on
     bucket_end_ms: int = 0  # aggregated: where the bucket ends (buckets.py); 0 = per event
+    account: str = ""  # the connected account it goes to (accounts.py); "" = the platform
 
     @property
     def timestamp_ms(self) -> int:
@@ -85,7 +86,7 @@ class Push:
 
 def from_row(row: Row) -> Push:
     """A push from a row selected with COLUMNS."""
-    i, mo, me, s, c, b, r, v, f, rank, ts, why, up, sent, end = row
+    i, mo, me, s, c, b, r, v, f, rank, ts, why, up, sent, end, acct = row
     bucket, stripe_ts = int(b), int(ts)
     return Push(
         str(i),
@@ -103,6 +104,7 @@ def from_row(row: Row) -> Push:
         int(up),
         None if sent is None else Decimal(sent),
         int(end),
+        str(acct),
     )
 
 
@@ -251,5 +253,6 @@ def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
             "reason": pa.array([p.reason for p in pushes]),
             "sent_value": pa.array([p.sent for p in pushes], DECIMAL),
             "bucket_end": pa.array([p.bucket_end_ms for p in pushes], TIME_MS),
+            "stripe_account": pa.array([p.account for p in pushes]),
         },
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -103,6 +104,8 @@ class Sender:
         self._max_retries = max_retries
         self._rng = rng or random.Random()
         self._clients: dict[str, stripe.StripeClient] = {}
+        self._keepers: dict[str, SessionKeeper] = {"": sessions}
+        self._lock = threading.Lock()
 
     @property
     def api(self) -> stripe.StripeClient:
@@ -114,18 +117,30 @@ class Sender:
         self._metrics.stripe_rate_wait.inc(self._limiter.acquire())
 
     def send(self, pushes: Sequence[Push]) -> list[Push]:
-        """Deliver `pushes`; returns those Stripe now holds (all of them unless it raises)."""
+        """Deliver `pushes` (all for one account); returns those Stripe now holds (all of
+        them unless it raises)."""
+        accounts = {p.account for p in pushes}
+        if len(accounts) > 1:
+            raise ValueError(f"one request goes to one account, got {sorted(accounts)}")
+        account = accounts.pop() if accounts else ""
         events = [e for p in pushes for e in to_events(p, self._keys)]
-        self._deliver(events)
+        self._deliver(events, self._keeper(account), account)
         return list(pushes)
 
-    def _deliver(self, events: list[dict[str, Any]]) -> None:
+    def _keeper(self, account: str) -> SessionKeeper:
+        with self._lock:
+            keeper = self._keepers.get(account)
+            if keeper is None:
+                keeper = self._keepers[account] = self._sessions.for_account(account)
+            return keeper
+
+    def _deliver(self, events: list[dict[str, Any]], keeper: SessionKeeper, account: str) -> None:
         """Post `events`; on a duplicate answer, halve until each duplicate stands alone (a
         lone duplicate is already delivered)."""
         if not events:
             return
         try:
-            self._post(events)
+            self._post(events, keeper, account)
         except stripe.InvalidRequestError as exc:
             if _code(exc) not in DUPLICATE_CODES:
                 raise
@@ -133,28 +148,33 @@ class Sender:
                 self._metrics.stripe_requests.labels("duplicate").inc()
                 return
             mid = len(events) // 2
-            self._deliver(events[:mid])
-            self._deliver(events[mid:])
+            self._deliver(events[:mid], keeper, account)
+            self._deliver(events[mid:], keeper, account)
 
-    def _post(self, events: list[dict[str, Any]]) -> None:
+    def _post(self, events: list[dict[str, Any]], keeper: SessionKeeper, account: str) -> None:
         attempt = 0
+        options: Any = {"stripe_account": account} if account else None
         while True:
-            token = self._sessions.token()
+            token = keeper.token()
             self._metrics.stripe_rate_wait.inc(self._limiter.acquire())
             try:
                 params: Any = {"events": events}
-                self._client(token).v2.billing.meter_event_stream.create(params)
+                stream = self._client(token).v2.billing.meter_event_stream
+                if options:
+                    stream.create(params, options)
+                else:
+                    stream.create(params)
                 self._metrics.stripe_requests.labels("200").inc()
                 return
             except stripe.TemporarySessionExpiredError:
                 self._metrics.stripe_requests.labels("session_expired").inc()
-                self._sessions.expired(token)
+                keeper.expired(token)
                 continue
             except stripe.AuthenticationError as exc:
                 if _code(exc) != EXPIRED_CODE:
                     raise
                 self._metrics.stripe_requests.labels("session_expired").inc()
-                self._sessions.expired(token)
+                keeper.expired(token)
                 continue
             except (stripe.RateLimitError, stripe.APIError, stripe.APIConnectionError) as exc:
                 status = str(exc.http_status or type(exc).__name__)
@@ -175,6 +195,7 @@ class Sender:
     def _client(self, token: str) -> stripe.StripeClient:
         client = self._clients.get(token)
         if client is None:
-            self._clients = {token: stripe_client(token, self._bases)}
-            client = self._clients[token]
+            if len(self._clients) > 4 * len(self._keepers):  # tokens of expired sessions
+                self._clients.clear()
+            client = self._clients[token] = stripe_client(token, self._bases)
         return client

@@ -21,7 +21,8 @@ def stripe_client(key: str, base_addresses: dict[str, str]) -> stripe.StripeClie
 
 
 class SessionKeeper:
-    """Hands out a valid session token; thread-safe, one refresh at a time."""
+    """Hands out a valid session token; thread-safe, one refresh at a time. A session
+    belongs to one account: the platform's, or a connected account's (`account`)."""
 
     def __init__(
         self,
@@ -30,8 +31,10 @@ class SessionKeeper:
         margin_seconds: float,
         metrics: Metrics,
         on_refresh: Callable[[], None] | None = None,
+        account: str = "",
     ) -> None:
         self._api = api
+        self._account = account
         self._clock = clock
         self._margin = margin_seconds
         self._metrics = metrics
@@ -43,6 +46,15 @@ class SessionKeeper:
     @property
     def api(self) -> stripe.StripeClient:
         return self._api
+
+    def for_account(self, account: str) -> SessionKeeper:
+        """A keeper of sessions in connected account `account` (Stripe Connect), made with
+        the same key, clock and margin."""
+        if account == self._account:
+            return self
+        return SessionKeeper(
+            self._api, self._clock, self._margin, self._metrics, self._on_refresh, account
+        )
 
     def token(self) -> str:
         with self._lock:
@@ -60,7 +72,11 @@ class SessionKeeper:
     def _refresh(self, cause: str) -> None:
         if self._on_refresh is not None:
             self._on_refresh()
-        s = self._api.v2.billing.meter_event_session.create()
+        service = self._api.v2.billing.meter_event_session
+        if self._account:
+            s = service.create(options={"stripe_account": self._account})
+        else:
+            s = service.create()
         fault_point("session_refresh")  # Stripe made a session; we never stored it
         self._token = s.authentication_token
         self._expires_at = datetime.fromisoformat(s.expires_at).timestamp()

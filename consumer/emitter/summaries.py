@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import stripe
 
@@ -22,32 +23,42 @@ class StripeMeter:
     time_window: str | None
 
 
+def _options(account: str) -> Any:
+    return {"stripe_account": account} if account else None
+
+
 class SummaryReader:
     def __init__(self, api: stripe.StripeClient, pace: Callable[[], None]) -> None:
         self._api = api
         self._pace = pace
-        self._meters: dict[str, StripeMeter] = {}
+        self._meters: dict[str, dict[str, StripeMeter]] = {}  # account -> event name -> meter
 
-    def meter(self, event_name: str) -> StripeMeter | None:
-        """The meter Stripe routes `event_name` to; the list is re-read on a miss."""
-        if event_name not in self._meters:
-            self._load()
-        return self._meters.get(event_name)
+    def meter(self, event_name: str, account: str = "") -> StripeMeter | None:
+        """The meter Stripe routes `event_name` to in `account` ("" = the platform; a
+        connected account has meters of its own); the list is re-read on a miss."""
+        if event_name not in self._meters.get(account, {}):
+            self._load(account)
+        return self._meters[account].get(event_name)
 
-    def _load(self) -> None:
+    def _load(self, account: str) -> None:
         self._pace()
         found: dict[str, StripeMeter] = {}
-        for m in self._api.v1.billing.meters.list({"limit": 100}).auto_paging_iter():
+        listing = self._api.v1.billing.meters.list({"limit": 100}, _options(account))
+        for m in listing.auto_paging_iter():
             meter = StripeMeter(m.id, m.default_aggregation.formula, m.event_time_window)
             if m.status == "active" or m.event_name not in found:
                 found[m.event_name] = meter
-        self._meters = found
+        self._meters[account] = found
 
-    def minute_total(self, meter: StripeMeter, customer: str, minute_ms: int) -> Decimal:
+    def minute_total(
+        self, meter: StripeMeter, customer: str, minute_ms: int, account: str = ""
+    ) -> Decimal:
         """The aggregated value of [minute, minute + 60 s) for one customer."""
         self._pace()
         start = minute_ms // 1000
         page = self._api.v1.billing.meters.event_summaries.list(
-            meter.id, {"customer": customer, "start_time": start, "end_time": start + 60}
+            meter.id,
+            {"customer": customer, "start_time": start, "end_time": start + 60},
+            _options(account),
         )
         return exact_sum(Decimal(repr(float(s.aggregated_value))) for s in page.data)

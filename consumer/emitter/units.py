@@ -18,12 +18,14 @@ needing more than one request of parts) is rejected here with its reason, never 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 
 from consumer.config import MeterConfig
+from consumer.emitter.accounts import AccountResolver, Unbillable
 from consumer.emitter.outbox import REJECTED, SENT, Push
 from consumer.exact import EXACT
 from consumer.sink import exact
@@ -108,20 +110,25 @@ def _carried(store: Backend, pushes: Sequence[Push]) -> dict[tuple[str, str], De
 class Assigner:
     """Fixes what each never-sent push will send, carrying fractions per meter and customer."""
 
-    def __init__(self, store: Backend, rules: Mapping[str, Rule]) -> None:
+    def __init__(
+        self, store: Backend, rules: Mapping[str, Rule], accounts: AccountResolver | None = None
+    ) -> None:
         self._store = store
         self._rules = rules
+        self._accounts = accounts
 
     def assign(self, pushes: Sequence[Push], status: int, first_attempt_ms: int) -> list[Push]:
         """`pushes` moved to `status` with a first attempt now (see `settle`). The caller
         writes them all in one insert: a push's carry depends on every push assigned before
         it."""
+        pushes, unplaced = self._place(pushes, first_attempt_ms)
         fresh = [
             p
             for p in pushes
             if p.first_attempt_ms == 0 and p.sent is None and self._carries(p.meter)
         ]
         out = settle(pushes, self._rules, _carried(self._store, fresh), status, first_attempt_ms)
+        out += unplaced
         refused = [p for p in out if p.status == REJECTED]
         if refused:
             log.error(
@@ -132,6 +139,26 @@ class Assigner:
                 refused[0].reason,
             )
         return out
+
+    def _place(self, pushes: Sequence[Push], at: int) -> tuple[list[Push], list[Push]]:
+        """Never-attempted pushes with their connected account set, and those refused
+        because their customer has no single account."""
+        fresh = [p for p in pushes if p.first_attempt_ms == 0 and p.sent is None]
+        if self._accounts is None or not fresh:
+            return list(pushes), []
+        where = self._accounts.resolve(fresh)
+        placed, refused = [], []
+        for p in pushes:
+            account = where.get((p.meter, p.customer_id), p.account)
+            if p.first_attempt_ms or p.sent is not None:
+                placed.append(p)
+            elif isinstance(account, Unbillable):
+                refused.append(
+                    p.moved(REJECTED, first_attempt_ms=at, sent=Decimal(0), reason=account.reason)
+                )
+            else:
+                placed.append(dataclasses.replace(p, account=account))
+        return placed, refused
 
     def _carries(self, meter: str) -> bool:
         rule = self._rules.get(meter)

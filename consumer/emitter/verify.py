@@ -97,11 +97,12 @@ class Verifier:
             self._recheck[key] = now_ms + max(policy.settle_ms, RECHECK_MIN_MS)
             return 0
         try:
-            meter = self._summaries.meter(key.stripe_event_name)
+            account = next((p.account for p in rows if p.account), "")  # a customer's one
+            meter = self._summaries.meter(key.stripe_event_name, account)
             if meter is None:
                 self._hold(key, len(unknown), now_ms, "Stripe has no meter for this event name")
                 return 0
-            summary = self._summaries.minute_total(meter, key.customer_id, key.minute_ms)
+            summary = self._summaries.minute_total(meter, key.customer_id, key.minute_ms, account)
         except stripe.StripeError as exc:
             log.warning("cannot read Stripe event summaries, retrying later: %s", exc)
             self._recheck[key] = now_ms + RECHECK_MIN_MS

@@ -235,7 +235,7 @@ MIGRATIONS.append(
 MIGRATIONS.append(
     (
         9,
-        "stripe amounts sent and bucket ends",
+        "stripe amounts sent, bucket ends and connected accounts",
         [
             # What a push's first send carried (whole numbers carry fractions between pushes,
             # consumer/emitter/units.py); NULL for rows sent exactly before it was recorded.
@@ -244,6 +244,8 @@ MIGRATIONS.append(
             # Where an aggregated bucket ends (cut at billing-period anchors); 0 = unknown.
             """ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS
         bucket_end DateTime64(3, 'UTC') DEFAULT toDateTime64(0, 3, 'UTC')""",
+            # Stripe Connect: the connected account a push is sent to ('' = the platform).
+            "ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS stripe_account String DEFAULT ''",
             # `billed` is what Stripe bills for a sent push; `value` stays the exact usage.
             """CREATE OR REPLACE VIEW stripe_delivery AS
         SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
