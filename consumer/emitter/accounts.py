@@ -32,7 +32,7 @@ def account_for(tenants: Sequence[str], accounts: Mapping[str, str]) -> str | Un
     """The account of a customer whose events named `tenants` (distinct values)."""
     named = sorted(t for t in tenants if t)
     if len(named) != 1 or len(named) != len(tenants):
-        shown = ", ".join(repr(t) for t in sorted(tenants)) or "none"
+        shown = ", ".join(repr(t) if t else "no tenant" for t in sorted(tenants)) or "no tenant"
         return Unbillable(f"one connected account per customer; its events name {shown}")
     tenant = named[0]
     if not accounts:

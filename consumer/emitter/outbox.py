@@ -213,6 +213,14 @@ def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int)
     return [from_row(r) for r in rows]
 
 
+def accounts(store: Backend) -> list[str]:
+    """The connected accounts pushes have gone to (Stripe Connect), besides the platform."""
+    rows = store.query(
+        "SELECT DISTINCT stripe_account FROM stripe_pushes WHERE stripe_account != '' ORDER BY 1"
+    )
+    return [str(r[0]) for r in rows]
+
+
 def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:
     if not identifiers:
         return []

@@ -17,6 +17,7 @@ billing, and usage Stripe refused must show as not billed rather than as sent.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +37,7 @@ from consumer.store.backend import Backend
 log = logging.getLogger("consumer.emitter.loop")
 REPORT_TYPE = "v1.billing.meter.error_report_triggered"
 REPORT_LOOKBACK_MS = 30 * DAY_MS  # Stripe lists events for 30 days
+_PART = re.compile(r"^(uc1[ae]_[0-9a-f]+)-p\d+$")
 
 
 @dataclass(frozen=True)
@@ -78,17 +80,31 @@ def parse_report(event: Mapping[str, Any]) -> tuple[list[Rejection], int]:
     return named, max(0, counted - len(named))
 
 
+def push_identifier(identifier: str) -> str:
+    """The push a meter event belongs to: a value split into parts sends `<id>-p<n>`."""
+    match = _PART.match(identifier)
+    return match.group(1) if match else identifier
+
+
 class ErrorReportReader:
-    def __init__(self, api: stripe.StripeClient, start_ms: int) -> None:
+    """One account's report feed ("" = the platform's; a connected account has its own)."""
+
+    def __init__(self, api: stripe.StripeClient, start_ms: int, account: str = "") -> None:
         self._api = api
         self._cursor_ms = start_ms
         self._at_cursor: set[str] = set()
+        self._options: Any = {"stripe_account": account} if account else None
 
     def fetch(self) -> ReportBatch:
         """Reports created at or after the cursor that were not taken yet."""
         params: Any = {"types": [REPORT_TYPE], "created": {"gte": rfc3339(self._cursor_ms)}}
         batch = ReportBatch(cursor_ms=self._cursor_ms, at_cursor=set(self._at_cursor))
-        for item in self._api.v2.core.events.list(params).auto_paging_iter():
+        listing = (
+            self._api.v2.core.events.list(params, self._options)
+            if self._options
+            else self._api.v2.core.events.list(params)
+        )
+        for item in listing.auto_paging_iter():
             event = item.to_dict()
             report_id = str(event.get("id"))
             if event.get("type") != REPORT_TYPE or report_id in self._at_cursor:
@@ -123,7 +139,9 @@ class ReportTaker:
         self._store = store
         self._policy = policy
         self._metrics = metrics
-        self._reader = ErrorReportReader(api, now_ms - REPORT_LOOKBACK_MS)
+        self._api = api
+        self._start_ms = now_ms - REPORT_LOOKBACK_MS
+        self._readers = {"": ErrorReportReader(api, self._start_ms)}
         self._next_ms = 0
 
     def take(self, now_ms: int) -> int:
@@ -131,8 +149,14 @@ class ReportTaker:
         if now_ms < self._next_ms:
             return 0
         self._next_ms = now_ms + self._policy.report_interval_ms
+        for account in outbox.accounts(self._store):
+            if account not in self._readers:
+                self._readers[account] = ErrorReportReader(self._api, self._start_ms, account)
+        return sum(self._take(reader, now_ms) for reader in self._readers.values())
+
+    def _take(self, reader: ErrorReportReader, now_ms: int) -> int:
         try:
-            batch = self._reader.fetch()
+            batch = reader.fetch()
         except (stripe.StripeError, ValueError) as exc:
             log.warning("cannot read Stripe error reports, retrying later: %s", exc)
             return 0
@@ -143,8 +167,8 @@ class ReportTaker:
                 "reconcile against event summaries",
                 batch.unidentified,
             )
-        why = {r.identifier: f"{r.code}: {r.message}" for r in batch.rejections}
-        code = {r.identifier: r.code for r in batch.rejections}
+        why = {push_identifier(r.identifier): f"{r.code}: {r.message}" for r in batch.rejections}
+        code = {push_identifier(r.identifier): r.code for r in batch.rejections}
         ids = sorted(why)
         rows: list[Push] = []
         for i in range(0, len(ids), 1000):
@@ -153,7 +177,7 @@ class ReportTaker:
             p.moved(REJECTED, reason=why[p.identifier]) for p in rows if p.status != REJECTED
         ]
         outbox.write(self._store, rejected, REJECTED, now_ms)
-        self._reader.advance(batch)
+        reader.advance(batch)
         for p in rejected:
             self._metrics.stripe_rejected.labels(code[p.identifier]).inc()
         if rejected:

@@ -72,6 +72,20 @@ class Route:
     kind: str
 
 
+_ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")
+
+
+def stripe_account(request: Request, v2: bool) -> str:
+    """The connected account a request acts for (the Stripe-Account header, or v2's
+    Stripe-Context); "" = the platform."""
+    names = ("stripe-account", "stripe-context")
+    value = next((v for k, v in request.headers.items() if k.lower() in names), "")
+    if value and not _ACCOUNT.match(value):
+        message = f"No such account: '{value}'"
+        raise errors.v2_error(400, message) if v2 else errors.v1_error(400, message)
+    return value
+
+
 def require_key(request: Request, v2: bool) -> None:
     """Secret and restricted keys pass; session tokens and anything else get a 401."""
     if not request.bearer().startswith(API_KEY_PREFIXES):

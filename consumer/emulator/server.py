@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from consumer.emulator.errors import EmulatorError
 from consumer.emulator.options import EmulatorOptions
-from consumer.emulator.routes import Request, find_route
+from consumer.emulator.routes import Request, find_route, stripe_account
 from consumer.emulator.state import State
 
 __all__ = ["EmulatorServer", "main", "serve"]
@@ -74,10 +74,13 @@ class _Handler(BaseHTTPRequestHandler):
         request = self._read_request()
         kind = "unknown"
         headers: dict[str, str] = {}
+        state = self._state
         try:
             route, groups = find_route(request.method, request.path)
             kind = route.kind
-            status, body = 200, route.handler(self._state, request, groups)
+            if kind != "control":
+                state = state.account(stripe_account(request, v2=request.path.startswith("/v2")))
+            status, body = 200, route.handler(state, request, groups)
         except EmulatorError as exc:
             status, body, headers = exc.status, exc.body, exc.headers
         except Exception:
@@ -85,8 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 500
             body = {"error": {"type": "api_error", "message": "Emulator bug; see its stderr."}}
         if kind != "control":
-            self._state.record_request(kind if kind in ("stream", "session") else None, status)
-        if kind == "stream" and status == 200 and self._state.reset_answer():
+            state.record_request(kind if kind in ("stream", "session") else None, status)
+        if kind == "stream" and status == 200 and state.reset_answer():
             self._reset()  # stored, but the client never hears so
             return
         self._answer(status, body, headers)

@@ -58,6 +58,8 @@ class State:
         self._counts: Counter[str] = Counter()
         self._by_status: Counter[str] = Counter()
         self._order = 0
+        self._children: dict[str, State] = {}  # connected accounts (Stripe Connect)
+        self._expiries = 0  # how many times every session was expired (children follow)
 
     # -- time and knobs -------------------------------------------------------------------
 
@@ -94,6 +96,30 @@ class State:
         """The current offset in seconds."""
         return self._offset
 
+    # -- connected accounts ---------------------------------------------------------------
+
+    def account(self, account: str) -> State:
+        """The connected account `account` (the Stripe-Account header), or this one for "".
+        A connected account has its own meters, events, sessions and identifiers; it shares
+        its platform's knobs, clock and session expiries, so tests set them once."""
+        if not account:
+            return self
+        with self._lock:
+            child = self._children.get(account)
+            if child is None:
+                child = self._children[account] = State(self.now, self._options)
+            options, expiries = self._options, self._expiries
+        child._follow(options, expiries)
+        return child
+
+    def _follow(self, options: EmulatorOptions, expiries: int) -> None:
+        with self._lock:
+            if options != self._options:
+                self._options = dataclasses.replace(options)
+            if expiries > self._expiries:
+                self._expiries = expiries
+                self._sessions.expire_all(self.now())
+
     # -- sessions -------------------------------------------------------------------------
 
     def create_session(self) -> dict[str, Any]:
@@ -104,6 +130,7 @@ class State:
     def expire_sessions(self) -> int:
         """Expire every live token at once; returns how many were live."""
         with self._lock:
+            self._expiries += 1
             return self._sessions.expire_all(self.now())
 
     # -- the stream -----------------------------------------------------------------------
@@ -340,4 +367,5 @@ class State:
                 "duplicates": counts["duplicates"],
                 "identifiers_remembered": len(self._seen),
                 "clock_offset_seconds": self._offset,
+                "accounts": {a: c.snapshot() for a, c in sorted(self._children.items())},
             }

@@ -26,9 +26,9 @@ def test_without_a_mapping_the_property_is_the_account_id() -> None:
 @pytest.mark.parametrize(
     ("tenants", "says"),
     [
-        ([], "name none"),
-        ([""], "name ''"),
-        (["acme", ""], "name '', 'acme'"),
+        ([], "name no tenant"),
+        ([""], "name no tenant"),
+        (["acme", ""], "name no tenant, 'acme'"),
         (["acme", "globex"], "name 'acme', 'globex'"),
         (["initech"], "'initech' has no connected account"),
     ],
