@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from consumer.config import ClickHouseConfig, MeterConfig
@@ -16,8 +15,9 @@ from consumer.emitter import outbox
 from consumer.emitter.buckets import bucket_of, bucket_sql
 from consumer.emitter.outbox import BucketingChanged
 from consumer.store import open_store
-from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.store.backend import Backend
 from consumer.store.migrations import migrate
+from tests.integration.test_stripe_delivery import insert_window
 
 pytestmark = pytest.mark.integration
 HOUR_MS, MINUTE_MS = 3_600_000, 60_000
@@ -42,24 +42,7 @@ def meter(window_seconds: int) -> MeterConfig:
 
 
 def minute_window(store: Backend, customer: str, at_ms: int, value: int) -> None:
-    v = Decimal(value)
-    store.insert_columns(
-        "usage_windows",
-        {
-            "meter": pa.array(["api_calls"]),
-            "customer_id": pa.array([customer]),
-            "window_start": pa.array([at_ms // 1000], pa.timestamp("s", tz="UTC")),
-            "sum_value": pa.array([v], DECIMAL),
-            "event_count": pa.array([1], pa.uint64()),
-            "min_value": pa.array([v], DECIMAL),
-            "max_value": pa.array([v], DECIMAL),
-            "first_value": pa.array([v], DECIMAL),
-            "first_time": pa.array([at_ms], TIME_MS),
-            "last_value": pa.array([v], DECIMAL),
-            "last_time": pa.array([at_ms], TIME_MS),
-            "computed_at": pa.array([at_ms], TIME_MS),
-        },
-    )
+    insert_window(store, customer, at_ms, Decimal(value))
 
 
 def test_clickhouse_cuts_buckets_where_buckets_py_does(store: Backend) -> None:

@@ -160,8 +160,8 @@ class Rig:
         return {str(i): (str(s), str(r), int(t)) for i, s, r, t in rows}
 
 
-@pytest.fixture
-def rig(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
+def open_rig(server: EmulatorServer, tmp_path: Path, meters: list[dict[str, Any]]) -> Rig:
+    """A rig on its own store (close `rig.store` when done)."""
     settings = load_settings(
         clickhouse={"chdb_path": str(tmp_path / "chdb")},
         stripe={
@@ -174,16 +174,21 @@ def rig(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
             "poll_interval_seconds": 0.05,
             "error_report_interval_seconds": 0,
         },
-        # exact decimals: these tests are about delivery; whole numbers are test_stripe_values
-        meters=[{**m, "stripe_value_format": "decimal"} for m in METERS],
+        meters=meters,
     )
     inner = open_store(settings.clickhouse)
     migrate(inner)
-    store = MarkFailingStore(inner)
+    return Rig(server, MarkFailingStore(inner), ManualClock(time.time()), settings, Metrics())
+
+
+@pytest.fixture
+def rig(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
+    # exact decimals: these tests are about delivery; whole numbers are test_stripe_values
+    r = open_rig(server, tmp_path, [{**m, "stripe_value_format": "decimal"} for m in METERS])
     try:
-        yield Rig(server, store, ManualClock(time.time()), settings, Metrics())
+        yield r
     finally:
-        store.close()
+        r.store.close()
 
 
 def per_event(
@@ -212,28 +217,32 @@ def value_of(name: str, old: Decimal | None, new: Decimal) -> Decimal:
     return new if name == "storage_gb" else (old or Decimal(0)) + new
 
 
-def window(rig: Rig, truth: Truth, customer: str, minute_ms: int, value: str) -> None:
-    """A minute window of the aggregated meter (api_calls); the planner makes its intent."""
-    v = Decimal(value)
-    rig.store.insert_columns(
+def insert_window(store: Backend, customer: str, minute_ms: int, value: Decimal) -> None:
+    """One minute window of the aggregated meter (api_calls), as the sink writes it."""
+    store.insert_columns(
         "usage_windows",
         {
             "meter": pa.array(["api_calls"]),
             "customer_id": pa.array([customer]),
             "window_start": pa.array([minute_ms // 1000], pa.timestamp("s", tz="UTC")),
-            "sum_value": pa.array([v], DECIMAL),
+            "sum_value": pa.array([value], DECIMAL),
             "event_count": pa.array([1], pa.uint64()),
-            "min_value": pa.array([v], DECIMAL),
-            "max_value": pa.array([v], DECIMAL),
-            "first_value": pa.array([v], DECIMAL),
+            "min_value": pa.array([value], DECIMAL),
+            "max_value": pa.array([value], DECIMAL),
+            "first_value": pa.array([value], DECIMAL),
             "first_time": pa.array([minute_ms], TIME_MS),
-            "last_value": pa.array([v], DECIMAL),
+            "last_value": pa.array([value], DECIMAL),
             "last_time": pa.array([minute_ms], TIME_MS),
             "computed_at": pa.array([minute_ms], TIME_MS),
         },
     )
+
+
+def window(rig: Rig, truth: Truth, customer: str, minute_ms: int, value: str) -> None:
+    """A minute window of the aggregated meter (api_calls); the planner makes its intent."""
+    insert_window(rig.store, customer, minute_ms, Decimal(value))
     key = ("api_calls", customer)
-    truth[key] = truth.get(key, Decimal(0)) + v
+    truth[key] = truth.get(key, Decimal(0)) + Decimal(value)
 
 
 def minute(ms: int) -> int:

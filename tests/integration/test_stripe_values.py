@@ -3,28 +3,22 @@ billed twice across a lost mark, and values over 15 digits arrive split but exac
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
 
-from consumer.clock import ManualClock
-from consumer.config import load_settings
 from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
 from consumer.emulator import EmulatorServer
-from consumer.metrics import Metrics
-from consumer.store import open_store
-from consumer.store.migrations import migrate
-from tests.integration.conftest import METERS, STRIPE_KEY
+from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
-    MarkFailingStore,
     Rig,
     Truth,
     drain,
     lost_marks,
     minute,
+    open_rig,
     per_event,
     server,
     window,
@@ -37,27 +31,11 @@ __all__ = ["server"]  # the emulator fixture, shared with the delivery tests
 @pytest.fixture
 def whole(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
     """Sum meters in whole format (the default); storage_gb, a `last` meter, in decimal."""
-    settings = load_settings(
-        clickhouse={"chdb_path": str(tmp_path / "chdb")},
-        stripe={
-            "api_key": STRIPE_KEY,
-            "api_base": server.url,
-            "meter_events_base": server.url,
-            "requests_per_second": 1000,
-            "concurrency": 2,
-            "max_retries": 0,
-            "poll_interval_seconds": 0.05,
-            "error_report_interval_seconds": 0,
-        },
-        meters=METERS,
-    )
-    inner = open_store(settings.clickhouse)
-    migrate(inner)
-    store = MarkFailingStore(inner)
+    rig = open_rig(server, tmp_path, METERS)
     try:
-        yield Rig(server, store, ManualClock(time.time()), settings, Metrics())
+        yield rig
     finally:
-        store.close()
+        rig.store.close()
 
 
 def floor(v: Decimal) -> Decimal:
