@@ -1,4 +1,4 @@
-"""`usage-consumer`: run, produce, migrate, totals, stripe-emulator, demo."""
+"""`usage-consumer`: run, produce, migrate, totals, reconcile, stripe-emulator, demo."""
 
 from __future__ import annotations
 
@@ -116,6 +116,47 @@ def _held_rows(held: list[Undelivered]) -> list[list[str]]:
     return [[c, m, st, format(v.normalize(), "f"), r] for (c, m, st, r), v in sorted(sums.items())]
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from consumer.clock import SystemClock
+    from consumer.emitter.ratelimit import TokenBucket
+    from consumer.emitter.session import stripe_client
+    from consumer.emitter.summaries import SummaryReader
+    from consumer.metrics import Metrics
+    from consumer.reconcile import ReconcileError, format_report, parse_time, reconcile
+    from consumer.store import open_store
+
+    settings = _settings(args)
+    s = settings.stripe
+    if s.api_key is None:
+        raise ConfigError("stripe.api_key: required to read Stripe's event summaries")
+    try:
+        end = parse_time(args.to) if args.to else int(time.time())
+        end = min(end, int(time.time() - args.settle_seconds)) // 60 * 60
+        start = parse_time(args.start) if args.start else end - 86400
+        tolerance = Decimal(args.tolerance)
+        if not tolerance.is_finite() or tolerance < 0:
+            raise ReconcileError("--tolerance must be a number of units, 0 or more")
+    except (ReconcileError, ArithmeticError) as exc:
+        print(f"usage-consumer reconcile: {exc}", file=sys.stderr)
+        return 2
+    limiter = TokenBucket(s.requests_per_second, SystemClock())
+    api = stripe_client(s.api_key.get_secret_value(), {"api": s.api_base})
+    store = open_store(settings.clickhouse)
+    try:
+        summaries = SummaryReader(api, limiter.acquire)
+        report = reconcile(
+            store, summaries, settings.meters, start, end,
+            window=args.window, customer=args.customer, metrics=Metrics(),
+        )  # fmt: skip
+    except ReconcileError as exc:
+        print(f"usage-consumer reconcile: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(format_report(report, args.all))
+    return 0 if report.within(tolerance) else 1
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from consumer.emulator.args import to_options
     from consumer.emulator.server import main as emulator_main
@@ -149,6 +190,16 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply the ClickHouse schema migrations")
     t = sub.add_parser("totals", help="per-customer totals from ClickHouse")
     t.add_argument("--customer", default=None)
+    r = sub.add_parser("reconcile", help="ClickHouse and the outbox against Stripe's summaries")
+    r.add_argument("--from", dest="start", default=None, help="RFC 3339 or epoch s (24 h ago)")
+    r.add_argument("--to", default=None, help="RFC 3339 or epoch seconds (default: now)")
+    r.add_argument("--customer", default=None)
+    r.add_argument("--window", choices=["hour", "day"], default="hour")
+    r.add_argument("--tolerance", default="0", help="drift per window allowed (default exact)")
+    r.add_argument(
+        "--settle-seconds", type=float, default=300.0, help="recent time left out (default 300)"
+    )
+    r.add_argument("--all", action="store_true", help="show every window, not only drift")
     e = sub.add_parser("stripe-emulator", help="serve the Stripe meter APIs locally")
     add_emulator_arguments(e)
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
@@ -165,6 +216,7 @@ COMMANDS = {
     "produce": cmd_produce,
     "migrate": cmd_migrate,
     "totals": cmd_totals,
+    "reconcile": cmd_reconcile,
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
 }

@@ -145,6 +145,26 @@ def run_until_drained(
     return done
 
 
+def reconcile_run(settings: Settings, api_url: str) -> str:
+    """Reconcile the whole run against the emulator's summaries; returns the verdict line."""
+    from consumer.emitter.summaries import SummaryReader
+    from consumer.reconcile import format_report, reconcile
+
+    end = (int(time.time()) // 60 + 10) * 60  # drained: nothing is settling
+    start = (end - 40 * 86400) // 3600 * 3600  # the sample spans hours; Stripe takes 35 days
+    store = open_store(settings.clickhouse)
+    try:
+        api = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": api_url})
+        summaries = SummaryReader(api, lambda: None)
+        report = reconcile(store, summaries, settings.meters, start, end, window="day")
+    finally:
+        store.close()
+    lines = format_report(report).splitlines()
+    if len(lines) > 1:
+        print("\n".join(lines[:-1]))
+    return lines[-1]
+
+
 def compare(sample: Sample, ch: Totals, st: Totals) -> tuple[list[list[str]], int]:
     rows, mismatches = [], 0
     for key in sorted(set(sample.truth) | set(ch) | set(st)):
@@ -199,6 +219,7 @@ def main(
             run_until_drained(settings, ends, timeout=600)
             st = stripe_totals(settings, emulator.url)
             gc.collect()  # free the Kafka clients (held in callback cycles) before the broker stops
+            verdict = reconcile_run(settings, emulator.url)
         finally:
             emulator.stop()
     store = open_store(settings.clickhouse)
@@ -231,7 +252,8 @@ def main(
         and late_ids - sample.late_ids <= sample.accepted_ids
     )
     summary = f"events={kinds['accepted']} customers={customers} meters={sample.meters}"
-    if bad or not side_ok:
+    print(verdict)
+    if bad or not side_ok or not verdict.startswith("reconcile: drift=0 "):
         print(f"demo: MISMATCH {summary} rows={bad} side_outputs_ok={side_ok}")
         return 1
     print(f"demo: OK {summary}")

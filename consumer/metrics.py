@@ -170,6 +170,16 @@ class Metrics:
         self.stripe_sends_paused = Gauge(
             p + "stripe_sends_paused", "1 while marks cannot be written.", registry=r
         )
+        # Last reconciliation: |Stripe - delivered| summed over windows, and windows drifting.
+        self.reconcile_drift = Gauge(
+            p + "reconcile_drift", "Drift found by the last reconcile.", ["meter"], registry=r
+        )
+        self.reconcile_windows = Gauge(
+            p + "reconcile_drifting_windows",
+            "Windows drifting in the last reconcile.",
+            ["meter"],
+            registry=r,
+        )
         # Delivery marks that failed to write (each pauses sending until one succeeds).
         self.stripe_mark_failures = Counter(
             p + "stripe_mark_failures", "Failed delivery mark writes.", registry=r

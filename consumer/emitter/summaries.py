@@ -6,14 +6,23 @@ delivery.py); never on the hot path. Every call waits on the emitter's request-r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import stripe
 
-from consumer.exact import exact_sum
+from consumer.exact import EXACT, exact_sum
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window [start, end) in epoch seconds; `grouped` = a whole hour or day."""
+
+    start: int
+    end: int
+    grouped: bool
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ def _options(account: str) -> Any:
 
 
 class SummaryReader:
-    def __init__(self, api: stripe.StripeClient, pace: Callable[[], None]) -> None:
+    def __init__(self, api: stripe.StripeClient, pace: Callable[[], object]) -> None:
         self._api = api
         self._pace = pace
         self._meters: dict[str, dict[str, StripeMeter]] = {}  # account -> event name -> meter
@@ -62,3 +71,28 @@ class SummaryReader:
             _options(account),
         )
         return exact_sum(Decimal(repr(float(s.aggregated_value))) for s in page.data)
+
+    def window_totals(
+        self, meter: StripeMeter, customer: str, cuts: Sequence[Window], grouping: str, account: str
+    ) -> dict[int, Decimal]:
+        """Stripe's aggregated value per window (start in epoch seconds): whole hours or days
+        in one grouped, paginated read; a partial window on its own."""
+        out: dict[int, Decimal] = {}
+        whole = [w for w in cuts if w.grouped]
+        reads: list[tuple[int, int, str | None]] = [
+            (w.start, w.end, None) for w in cuts if not w.grouped
+        ]
+        if whole:
+            reads.append((whole[0].start, whole[-1].end, grouping))
+        for start, end, group in reads:
+            self._pace()
+            params: Any = {"customer": customer, "start_time": start, "end_time": end}
+            if group:
+                params["value_grouping_window"] = group
+            page = self._api.v1.billing.meters.event_summaries.list(
+                meter.id, params, _options(account)
+            )
+            for s in page.auto_paging_iter():
+                value = Decimal(repr(float(s.aggregated_value)))
+                out[int(s.start_time)] = EXACT.add(out.get(int(s.start_time), Decimal(0)), value)
+        return out

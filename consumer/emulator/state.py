@@ -40,6 +40,17 @@ from consumer.emulator.sessions import SessionBook
 __all__ = ["EmulatorOptions", "State"]
 
 
+def _dropped(event: IncomingEvent, meter: Meter, value: Decimal) -> dict[str, str]:
+    """What a test needs to know of an event lost after its 200."""
+    return {
+        "identifier": event.identifier,
+        "event_name": event.event_name,
+        "customer": event.payload[meter.customer_key],
+        "timestamp": str(int(event.timestamp)),
+        "value": format_decimal(value),
+    }
+
+
 class State:
     """The emulated Stripe account. ``clock`` returns epoch seconds; tests pass a fake one."""
 
@@ -59,6 +70,7 @@ class State:
         self._by_status: Counter[str] = Counter()
         self._order = 0
         self._children: dict[str, State] = {}  # connected accounts (Stripe Connect)
+        self._dropped: list[dict[str, str]] = []  # lost after a 200 (drop_rate), for tests
         self._expiries = 0  # how many times every session was expired (children follow)
 
     # -- time and knobs -------------------------------------------------------------------
@@ -219,6 +231,7 @@ class State:
             drop = self._options.drop_rate
             if drop > 0 and self._random.random() < drop:
                 self._counts["events_dropped"] += 1
+                self._dropped.append(_dropped(event, *outcome))
                 continue
             self._store(event, *outcome, now)
         if failures:
@@ -364,6 +377,7 @@ class State:
                 "events_accepted": counts["events_accepted"],
                 "events_rejected_async": counts["events_rejected_async"],
                 "events_dropped": counts["events_dropped"],
+                "dropped": list(self._dropped),
                 "duplicates": counts["duplicates"],
                 "identifiers_remembered": len(self._seen),
                 "clock_offset_seconds": self._offset,
