@@ -1,4 +1,5 @@
-"""`usage-consumer`: run, produce, migrate, totals, reconcile, stripe-emulator, demo."""
+"""`usage-consumer`: run, produce, migrate, totals, reconcile, meters sync, stripe-emulator,
+demo."""
 
 from __future__ import annotations
 
@@ -157,6 +158,29 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if report.within(tolerance) else 1
 
 
+def cmd_meters(args: argparse.Namespace) -> int:
+    from consumer.clock import SystemClock
+    from consumer.emitter.ratelimit import TokenBucket
+    from consumer.emitter.session import stripe_client
+    from consumer.meters_sync import accounts_of, apply, format_plan, plan
+
+    settings = _settings(args)
+    s = settings.stripe
+    if s.api_key is None:
+        raise ConfigError("stripe.api_key: required to read and create Stripe meters")
+    api = stripe_client(s.api_key.get_secret_value(), {"api": s.api_base})
+    pace = TokenBucket(s.requests_per_second, SystemClock()).acquire
+    actions = plan(api, settings.meters, accounts_of(s), pace)
+    conflicts = [a for a in actions if a.action == "conflict"]
+    if not args.dry_run:
+        actions = apply(api, actions, settings.meters, pace)
+    print(format_plan(actions))
+    changes = sum(a.action in ("create", "reactivate", "created", "reactivated") for a in actions)
+    verb = "would change" if args.dry_run else "changed"
+    print(f"meters: {verb} {changes}, conflicts {len(conflicts)}, of {len(actions)}")
+    return 1 if conflicts else 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from consumer.emulator.args import to_options
     from consumer.emulator.server import main as emulator_main
@@ -200,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
         "--settle-seconds", type=float, default=300.0, help="recent time left out (default 300)"
     )
     r.add_argument("--all", action="store_true", help="show every window, not only drift")
+    ms = sub.add_parser("meters", help="the Stripe meters the configuration bills")
+    ms_sub = ms.add_subparsers(dest="meters_command", required=True)
+    sync = ms_sub.add_parser("sync", help="create or verify them (idempotent)")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     e = sub.add_parser("stripe-emulator", help="serve the Stripe meter APIs locally")
     add_emulator_arguments(e)
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
@@ -217,6 +245,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "totals": cmd_totals,
     "reconcile": cmd_reconcile,
+    "meters": cmd_meters,
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
 }

@@ -44,6 +44,23 @@ class MeterConfig(_Frozen):
     stripe_value_format: Literal["whole", "decimal"] = Field(
         "whole", description="whole: integers, fractions carried between pushes (Stripe's rule)"
     )
+    stripe_formula: Literal["sum", "count", "last"] | None = Field(
+        None, description="the Stripe meter's formula; derived from aggregation and emission"
+    )
+    stripe_event_time_window: Literal["hour", "day"] | None = Field(
+        None, description="a pre-aggregated Stripe meter: only each window's last event counts"
+    )
+    stripe_customer_key: str = Field("stripe_customer_id", min_length=1, max_length=100)
+    stripe_value_key: str = Field("value", min_length=1, max_length=100)
+
+    @property
+    def formula(self) -> str:
+        """The Stripe meter formula this meter bills through."""
+        if self.stripe_formula is not None:
+            return self.stripe_formula
+        if self.emission == "aggregated":
+            return "sum"  # pushes carry partial sums, even of a count
+        return self.aggregation
 
     @model_validator(mode="after")
     def _check(self) -> MeterConfig:
@@ -60,6 +77,22 @@ class MeterConfig(_Frozen):
             raise ValueError(
                 "aggregated emission sends deltas, which only a sum (or count) can take; "
                 "use emission per_event"
+            )
+        if self.emission == "aggregated" and self.formula != "sum":
+            raise ValueError(
+                f"aggregated emission needs a Stripe sum meter: a {self.formula} meter would "
+                "count or keep pushes (partial sums), not usage"
+            )
+        if self.emission == "per_event" and self.formula != self.aggregation:
+            raise ValueError(
+                f"a per_event {self.aggregation} meter bills through a Stripe "
+                f"{self.aggregation} meter, not {self.formula}: Stripe would bill otherwise "
+                "than ClickHouse counts"
+            )
+        if self.stripe_event_time_window is not None and self.formula != "last":
+            raise ValueError(
+                "stripe_event_time_window meters keep only the last event of each window, so "
+                f"they cannot take partial sums or counts ({self.formula}); use a last meter"
             )
         return self
 
@@ -135,6 +168,9 @@ class StripeConfig(_Frozen):
         None, description="a billing-period boundary (UTC, whole minute); buckets are cut there"
     )
     period: Literal["month", "week", "day"] = "month"
+    verify_meters: bool = Field(
+        True, description="check at start that Stripe holds the billed meters as configured"
+    )
     account_property: str | None = Field(
         None,
         min_length=1,
@@ -208,6 +244,13 @@ def default_meters() -> list[MeterConfig]:
 
 
 _SCHEMA_ENV = "usage_consumer_schema"
+_STRIPE_ONLY = {
+    "stripe_value_format",
+    "stripe_formula",
+    "stripe_event_time_window",
+    "stripe_customer_key",
+    "stripe_value_key",
+}
 
 
 class Settings(BaseSettings):
@@ -254,11 +297,13 @@ class Settings(BaseSettings):
         return {m.event_name: m for m in self.meters}
 
     def classification_body(self) -> str:
-        """What classification depends on, as canonical JSON; kept per hash (P1)."""
+        """What classification depends on, as canonical JSON; kept per hash (P1). How a
+        meter reaches Stripe after the outbox (formula, payload keys, value format) is not
+        part of it: changing those never re-classifies a range."""
         p = self.pipeline
         return json.dumps(
             {
-                "meters": [m.model_dump(mode="json") for m in self.meters],
+                "meters": [m.model_dump(mode="json", exclude=_STRIPE_ONLY) for m in self.meters],
                 "future_tolerance_seconds": p.future_tolerance_seconds,
                 "max_past_days": p.max_past_days,
             },

@@ -35,20 +35,11 @@ STRIPE_KEY = "sk_test_demo"
 
 def create_meters(settings: Settings, api_url: str) -> None:
     """Create the Stripe meters the configuration bills (the emulator starts empty)."""
+    from consumer.meters_sync import accounts_of, apply, plan
+
     client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": api_url})
-    for m in settings.meters:
-        if m.stripe_event_name is None:
-            continue
-        formula = "last" if m.aggregation == "last" else "sum"
-        client.v1.billing.meters.create(
-            {
-                "display_name": m.name,
-                "event_name": m.stripe_event_name,
-                "default_aggregation": {"formula": formula},
-                "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
-                "value_settings": {"event_payload_key": "value"},
-            }
-        )
+    actions = plan(client, settings.meters, accounts_of(settings.stripe))
+    apply(client, actions, settings.meters)
 
 
 def produce(sample: Sample, bootstrap: str, topic: str) -> dict[int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer
 
+from consumer import meters_sync
 from consumer.classify import Classifier
 from consumer.clock import Clock
 from consumer.commit import CommitSequence
@@ -132,9 +133,18 @@ def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Met
     bases = {"api": s.api_base, "meter_events": s.meter_events_base}
     api = stripe_client(s.api_key.get_secret_value(), bases)
     sessions = SessionKeeper(api, clock, s.session_refresh_margin_seconds, metrics)
-    sender = Sender(
-        sessions, bases, clock, TokenBucket(s.requests_per_second, clock), metrics, s.max_retries
-    )
+    limiter = TokenBucket(s.requests_per_second, clock)
+    keys = {
+        m.stripe_event_name: (m.stripe_customer_key, m.stripe_value_key)
+        for m in settings.meters
+        if m.stripe_event_name
+    }
+    sender = Sender(sessions, bases, clock, limiter, metrics, s.max_retries, keys=keys)
+    meters = list(settings.meters)
+
+    def check_meters() -> None:
+        meters_sync.verify(api, meters, s, limiter.acquire)
+
     return Emitter(
         store,
         sender,
@@ -146,6 +156,7 @@ def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Met
         s.lookback_days,
         s.poll_interval_seconds,
         config=s,
+        check=check_meters if s.verify_meters else None,
     )
 
 

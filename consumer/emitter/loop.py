@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+
+import stripe
 
 from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
@@ -75,8 +78,10 @@ class Emitter:
         lookback_days: int,
         poll_interval: float,
         config: StripeConfig | None = None,
+        check: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._check = check  # run before the first cycle sends: are Stripe's meters right?
         self._sender = sender
         self._aggregated = [m for m in meters if m.stripe_event_name and m.emission == "aggregated"]
         self._clock = clock
@@ -120,6 +125,8 @@ class Emitter:
         return work
 
     def _cycle(self) -> int:
+        if self._check is not None:
+            self._verify_meters()
         now_ms = self._now_ms()
         self._marks.flush(now_ms)  # 1
         work = self._reports.take(now_ms)  # 2
@@ -135,6 +142,16 @@ class Emitter:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
         return work
+
+    def _verify_meters(self) -> None:
+        """Nothing is sent until Stripe holds the billed meters as configured: a mismatch
+        stops the emitter loudly (MeterMismatch); Stripe being unreachable is retried."""
+        assert self._check is not None
+        try:
+            self._check()
+        except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as exc:
+            raise SendFailed(f"cannot read Stripe's meters yet: {exc}") from exc
+        self._check = None
 
     def _plan(self, now_ms: int) -> int:
         """Write aggregated deltas as new intents; only written intents are ever sent."""

@@ -42,12 +42,13 @@ class Rule:
     """How one meter's usage becomes Stripe values."""
 
     format: str  # "whole" or "decimal"
-    carries: bool  # additive (sum/count): fractions carry between pushes
+    carries: bool  # a sum: fractions carry between pushes
+    one: bool = False  # a Stripe count meter counts events: each push sends 1
 
 
 def rules_for(meters: Sequence[MeterConfig]) -> dict[str, Rule]:
     return {
-        m.name: Rule(m.stripe_value_format, m.aggregation in ("sum", "count"))
+        m.name: Rule(m.stripe_value_format, m.formula == "sum", m.formula == "count")
         for m in meters
         if m.stripe_event_name
     }
@@ -188,6 +189,8 @@ def settle(
 def _one(p: Push, rule: Rule, status: int, carry: dict[tuple[str, str], Decimal], at: int) -> Push:
     key = (p.meter, p.customer_id)
     total = p.value
+    if rule.one:
+        return p.moved(status, first_attempt_ms=at, sent=Decimal(1))
     if rule.format == "whole" and rule.carries:
         total = EXACT.add(carry.get(key, Decimal(0)), p.value)
         amount = max(Decimal(0), floor(total))

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="comma-separated customer ids whose events are rejected after a 200",
     )
+    parser.add_argument(
+        "--whole-values-only", action="store_true", help="refuse values with a fraction"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="one line per request")
 
@@ -47,6 +50,7 @@ def to_options(args: argparse.Namespace) -> EmulatorOptions:
         reset_rate=args.reset_rate,
         duplicate_answer=args.duplicate_answer,
         unknown_customers=args.unknown_customers,
+        whole_values_only=args.whole_values_only,
         seed=args.seed,
         verbose=args.log_requests,
     )

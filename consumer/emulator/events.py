@@ -140,8 +140,9 @@ def significant_digits(value: Decimal) -> int:
     return max(1, len(digits))
 
 
-def parse_value(text: str | None, key: str) -> Decimal | Problem:
-    """A non-negative decimal string with at most 15 significant digits."""
+def parse_value(text: str | None, key: str, whole: bool = False) -> Decimal | Problem:
+    """A non-negative decimal string with at most 15 significant digits (and no fraction
+    when `whole`)."""
     if text is None:
         return Problem("meter_event_invalid_value", f"payload is missing the value key '{key}'")
     if not _DECIMAL.match(text):
@@ -149,6 +150,8 @@ def parse_value(text: str | None, key: str) -> Decimal | Problem:
     value = Decimal(text)
     if value < 0:
         return Problem("meter_event_invalid_value", f"value {text!r} is negative")
+    if whole and value != value.to_integral_value():
+        return Problem("meter_event_invalid_value", f"value {text!r} is not a whole number")
     if significant_digits(value) > MAX_DIGITS:
         message = f"value {text!r} has more than {MAX_DIGITS} significant digits"
         return Problem("meter_event_value_too_many_digits", message)
@@ -169,6 +172,7 @@ def validate(
     meter: Meter | None,
     now: float,
     unknown_customers: frozenset[str] = frozenset(),
+    whole: bool = False,
 ) -> tuple[Meter, Decimal] | Problem:
     """The asynchronous checks: the meter and value when the event is good, else the first
     problem found. ``unknown_customers`` are ids the account does not hold."""
@@ -185,5 +189,5 @@ def validate(
         return Problem("meter_event_customer_not_found", f"No such customer: '{customer}'")
     if meter.formula == "count" and meter.value_key not in event.payload:
         return meter, Decimal(1)
-    value = parse_value(event.payload.get(meter.value_key), meter.value_key)
+    value = parse_value(event.payload.get(meter.value_key), meter.value_key, whole)
     return value if isinstance(value, Problem) else (meter, value)

@@ -25,7 +25,9 @@ class EmulatorOptions:
     that fraction of stream connections after the events were stored, before any answer:
     the client cannot tell whether they landed. ``latency_seconds`` is a mean: each answer
     waits between half and one and a half times it, so concurrent requests finish out of
-    order.
+    order. ``whole_values_only`` refuses (asynchronously, ``meter_event_invalid_value``) any
+    value with a fraction, as Stripe's docs word the rule; by default decimals of at most 15
+    significant digits pass, as API versions since 2026-04-22 accept.
     """
 
     token_lifetime_seconds: float = 900.0
@@ -39,6 +41,7 @@ class EmulatorOptions:
     drop_rate: float = 0.0
     unknown_customers: str = ""
     reset_rate: float = 0.0
+    whole_values_only: bool = False
 
     def customers_unknown(self) -> frozenset[str]:
         return frozenset(c.strip() for c in self.unknown_customers.split(",") if c.strip())

@@ -224,7 +224,7 @@ class State:
         unknown = self._options.customers_unknown()
         for event in incoming:
             meter = self._meters.active_for(event.event_name)
-            outcome = validate(event, meter, now, unknown)
+            outcome = validate(event, meter, now, unknown, self._options.whole_values_only)
             if isinstance(outcome, Problem):
                 failures.append((event.identifier, outcome))
                 continue

@@ -32,6 +32,7 @@ __all__ = ["server"]  # the emulator fixture, shared with the delivery tests
 def whole(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
     """Sum meters in whole format (the default); storage_gb, a `last` meter, in decimal."""
     rig = open_rig(server, tmp_path, METERS)
+    rig.control("config", whole_values_only=True)  # Stripe's documented rule, enforced
     try:
         yield rig
     finally:
@@ -72,6 +73,7 @@ def test_whole_numbers_carry_fractions_and_stripe_bills_the_floor_of_the_usage(
     assert whole.billed() == {k: floor(v) for k, v in truth.items()}
     statuses = {s for s, _, _ in whole.statuses().values()}
     assert statuses == {"sent"}  # a push with nothing whole to send is done, not pending
+    assert whole.snapshot()["events_rejected_async"] == 0
 
 
 def test_a_re_send_after_a_lost_mark_repeats_the_same_amounts(whole: Rig) -> None:

@@ -110,3 +110,43 @@ def test_config_hash_changes_with_meters() -> None:
     b = load_settings(meters=[MeterConfig(name="x", event_name="x").model_dump()])
     assert a.config_hash() == Settings().config_hash()
     assert a.config_hash() != b.config_hash()
+
+
+def meter_config(**fields: object) -> MeterConfig:
+    base: dict[str, object] = {"name": "m", "event_name": "e", "stripe_event_name": "s"}
+    return MeterConfig.model_validate({**base, **fields})
+
+
+def test_the_stripe_formula_follows_emission_and_aggregation() -> None:
+    assert meter_config(aggregation="count").formula == "sum"  # aggregated counts are sums
+    assert meter_config(aggregation="count", emission="per_event").formula == "count"
+    assert meter_config(aggregation="last", emission="per_event").formula == "last"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"aggregation": "count", "stripe_formula": "count"}, "needs a Stripe sum meter"),
+        ({"emission": "per_event", "stripe_formula": "last"}, "not last"),
+        ({"stripe_event_time_window": "hour"}, "cannot take partial sums"),
+        ({"aggregation": "avg"}, "ClickHouse-only"),
+        ({"aggregation": "last"}, "only a sum"),
+    ],
+)
+def test_meter_semantics_are_checked_at_load(fields: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        meter_config(**fields)
+
+
+def test_a_pre_aggregated_last_meter_is_allowed() -> None:
+    m = meter_config(aggregation="last", emission="per_event", stripe_event_time_window="day")
+    assert m.formula == "last" and m.stripe_event_time_window == "day"
+
+
+def test_how_usage_reaches_stripe_never_changes_the_classification_hash() -> None:
+    base = load_settings()
+    meters = [m.model_dump() for m in base.meters]
+    meters[0] |= {"stripe_customer_key": "customer", "stripe_value_format": "decimal"}
+    assert load_settings(meters=meters).config_hash() == base.config_hash()
+    meters[0] |= {"allowed_lateness_seconds": 60}
+    assert load_settings(meters=meters).config_hash() != base.config_hash()

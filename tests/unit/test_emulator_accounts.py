@@ -55,3 +55,11 @@ def test_the_account_header_is_read_and_checked() -> None:
     with pytest.raises(EmulatorError) as err:
         stripe_account(request({"Stripe-Account": "cus_1"}), v2=True)
     assert err.value.status == 400 and "No such account" in str(err.value.body)
+
+
+def test_whole_values_only_refuses_a_fraction_after_the_200() -> None:
+    state, _, token = make(whole_values_only=True)
+    meter(state)
+    send(state, token, ev("a", "2"), ev("b", "2.5"))
+    assert totals(state) == {("api_calls", "cus_a"): "2"}
+    assert state.snapshot()["events_rejected_async"] == 1

@@ -123,3 +123,9 @@ def test_a_value_needing_more_than_one_request_is_refused_and_carries_nothing() 
 def test_a_never_sent_push_keeps_its_rank_when_moved_by_the_caller() -> None:
     (p,) = settle([push(0, Decimal(4))], WHOLE_SUM, {}, PENDING, 1)
     assert p.status == PENDING and p.sent == 4
+
+
+def test_a_count_meter_sends_one_per_event_whatever_its_value() -> None:
+    count = {"m": Rule("whole", False, one=True)}
+    out = settle([push(0, Decimal("0.25")), push(1, Decimal(0))], count, {}, ATTEMPTED, 1)
+    assert [(p.status, p.sent) for p in out] == [(ATTEMPTED, Decimal(1))] * 2
