@@ -13,7 +13,8 @@ A cycle, in order (each concern in its own module; this one only orders them):
   5. hold (or, by policy, re-date) never-sent pushes past the 35-day limit (limits.py)
   6. record first_attempt_at, and the amount each will send (units.py), for pushes about to
      be sent for the first time
-  7. send; mark each request's rows after its 2xx; a failed mark stops the other requests
+  7. send, keeping requests in flight and topping the queue up with never-sent pushes
+     (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 import stripe
 
@@ -33,36 +34,20 @@ from consumer.emitter.accounts import AccountResolver
 from consumer.emitter.alerts import BacklogAlerts
 from consumer.emitter.buckets import anchors
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
+from consumer.emitter.dispatch import Dispatch
 from consumer.emitter.limits import Limits
 from consumer.emitter.marks import Marks, MarksBlocked
 from consumer.emitter.outbox import ATTEMPTED, Push
 from consumer.emitter.reports import ReportTaker
-from consumer.emitter.sender import Sender, SendFailed, event_count
+from consumer.emitter.sender import Sender, SendFailed
 from consumer.emitter.summaries import SummaryReader
 from consumer.emitter.units import Assigner, rules_for
 from consumer.emitter.verify import Verifier
-from consumer.faults import fault_point
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend, StoreError
 
 __all__ = ["Emitter", "MarksBlocked"]
 log = logging.getLogger(__name__)
-
-
-def _requests(batch: list[Push], per_request: int) -> list[list[Push]]:
-    """Pushes grouped into requests of at most `per_request` meter events, each request for
-    one account (the platform's or a connected account), in batch order within each."""
-    chunks: list[list[Push]] = []
-    for account in dict.fromkeys(p.account for p in batch):
-        size = per_request
-        for p in (p for p in batch if p.account == account):
-            n = event_count(p)
-            if size + n > per_request:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(p)
-            size += n
-    return chunks
 
 
 class Emitter:
@@ -102,7 +87,7 @@ class Emitter:
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)
         self._alerts = BacklogAlerts(store, policy, metrics)
         self._marks = Marks(store, clock, metrics)
-        self._halt = threading.Event()  # set when marks are kept: stop starting requests
+        self._dispatch = Dispatch(self._pool, sender, self._marks, clock, per_request, concurrency)
         self.cycles = 0
         self.stopping = threading.Event()
         self.last_idle_cycle = 0
@@ -137,7 +122,7 @@ class Emitter:
         work += len(to_send)
         self._alerts.report(now_ms)
         try:
-            self._send(to_send)  # 7
+            work += self._send(to_send)  # 7
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
@@ -183,35 +168,18 @@ class Emitter:
 
     # -- 7: send and mark ------------------------------------------------------------------
 
-    def _send_unless_stopping(self, chunk: list[Push]) -> list[Push]:
-        """On shutdown or a failed mark, requests not yet started are skipped (they stay
-        pending, attempted)."""
-        if self.stopping.is_set() or self._halt.is_set():
-            return []
-        return self._sender.send(chunk)
+    def _more(self) -> list[Push]:
+        """Never-sent pushes to top the queue up with, first attempts written first."""
+        now_ms = self._now_ms()
+        limit = self._per_request * self._concurrency * 4
+        batch = outbox.never_sent(self._store, self._policy.limit_ms(now_ms), limit)
+        fresh = self._assigner.assign(batch, ATTEMPTED, now_ms)
+        outbox.write_moved(self._store, fresh, now_ms)
+        return [p for p in fresh if p.attempted]
 
-    def _send(self, batch: list[Push]) -> None:
-        self._halt.clear()
-        chunks = _requests(batch, self._per_request)
-        futures: list[Future[list[Push]]] = [
-            self._pool.submit(self._send_unless_stopping, c) for c in chunks
-        ]
-        failure: BaseException | None = None
-        for done, fut in enumerate(as_completed(futures)):
-            if done == 1:
-                fault_point("stripe_mid_batch")  # some requests answered, some in flight
-            try:
-                delivered = fut.result()
-            except SendFailed as exc:
-                failure = exc
-                continue
-            if delivered:
-                fault_point("after_stripe_2xx")
-                if not self._marks.write(delivered):
-                    self._halt.set()  # requests not yet started are skipped
-        self._marks.raise_if_kept()
-        if failure is not None:
-            raise failure
+    def _send(self, batch: list[Push]) -> int:
+        self._dispatch.stopping = self.stopping
+        return self._dispatch.run(batch, self._more)
 
     def drained_since(self, cycle: int) -> bool:
         """True once a cycle that started after `cycle` found nothing to plan or send."""

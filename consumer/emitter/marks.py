@@ -9,6 +9,7 @@ until a later cycle writes them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 from consumer.clock import Clock
@@ -53,7 +54,7 @@ class Marks:
 
     def write(self, delivered: Sequence[Push]) -> bool:
         """Mark `delivered` sent; False if the marks are kept for later (sending must stop)."""
-        marks = [p.moved(SENT) for p in delivered]
+        marks = list(delivered)  # written at rank SENT
         if not self._unmarked:
             try:
                 outbox.write(self._store, marks, SENT, int(self._clock.now() * 1000))
@@ -77,5 +78,5 @@ class Marks:
             raise MarksBlocked(f"{len(self._unmarked)} delivery marks unwritten")
 
     def _count_emitted(self, pushes: Sequence[Push]) -> None:
-        for p in pushes:
-            self._metrics.stripe_events.labels(p.mode).inc()
+        for mode, n in Counter(p.mode for p in pushes).items():
+            self._metrics.stripe_events.labels(mode).inc(n)

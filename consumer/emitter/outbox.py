@@ -198,6 +198,18 @@ def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> 
     return [from_row(r) for r in rows]
 
 
+def never_sent(store: Backend, limit_ms: int, limit: int) -> list[Push]:
+    """Pushes never attempted, timestamped inside Stripe's window, oldest first."""
+    rows = store.query(
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
+           WHERE stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+             AND status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) = 0
+           ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
+        {"lim": limit_ms, "n": limit},
+    )
+    return [from_row(r) for r in rows]
+
+
 def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int) -> list[Push]:
     """Never-attempted pushes timestamped before `limit_ms` (Stripe would refuse them), and
     with `include_expired` the ones already held as expired."""
@@ -234,12 +246,16 @@ def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:
 
 def write(store: Backend, pushes: Sequence[Push], rank: int, now_ms: int) -> None:
     """Write every push at `rank` (its first attempt, timestamp and reason as they are)."""
-    write_moved(store, [p.moved(rank) for p in pushes], now_ms)
+    _insert(store, pushes, [rank] * len(pushes), now_ms)
 
 
 def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
     """Write pushes, each at its own rank, in one insert: what one cycle decides about a set
     of pushes lands together or not at all."""
+    _insert(store, pushes, [p.status for p in pushes], now_ms)
+
+
+def _insert(store: Backend, pushes: Sequence[Push], ranks: list[int], now_ms: int) -> None:
     if not pushes:
         return
     n = len(pushes)
@@ -254,7 +270,7 @@ def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
             "bucket_start": pa.array([p.bucket_ms for p in pushes], TIME_MS),
             "revision": pa.array([p.revision for p in pushes], pa.uint32()),
             "value": pa.array([p.value for p in pushes], DECIMAL),
-            "status_rank": pa.array([p.status for p in pushes], pa.uint8()),
+            "status_rank": pa.array(ranks, pa.uint8()),
             "first_attempt_at": pa.array([p.first_attempt_ms for p in pushes], TIME_MS),
             "updated_at": pa.array([now_ms] * n, TIME_MS),
             "stripe_timestamp": pa.array([p.timestamp_ms for p in pushes], TIME_MS),

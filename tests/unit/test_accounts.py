@@ -8,7 +8,7 @@ import pytest
 
 from consumer.config import StripeConfig
 from consumer.emitter.accounts import Unbillable, account_for
-from consumer.emitter.loop import _requests
+from consumer.emitter.dispatch import requests_of
 from consumer.emitter.outbox import Push
 
 ACCOUNTS = {"acme": "acct_1Acme", "globex": "acct_2Globex"}
@@ -54,7 +54,7 @@ def push(i: int, account: str, value: str = "1") -> Push:
 def test_a_request_goes_to_one_account_and_holds_at_most_its_events() -> None:
     batch = [push(i, "acct_a" if i % 3 else "") for i in range(10)]
     batch.append(push(10, "acct_a", "1234567890123456"))  # two events
-    chunks = _requests(batch, 3)
+    chunks = requests_of(batch, 3)
     for chunk in chunks:
         assert len({p.account for p in chunk}) == 1
         assert sum(2 if p.identifier == "id10" else 1 for p in chunk) <= 3

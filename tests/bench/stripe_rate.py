@@ -1,0 +1,170 @@
+"""How close the emitter comes to its configured request rate while the outbox has work.
+
+For each configured rate: a chDB store whose outbox holds more pending pushes than the run
+can send, the bundled emulator answering with network-like latency, and the real emitter
+(wired as `run` wires it). Requests the emulator answered are counted over a steady interval
+after a warm-up; the ratio to the configured rate is the figure. Run it with
+`make bench-stripe`; it writes tests/bench/stripe_rate.json beside itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import stripe
+
+from consumer.clock import SystemClock
+from consumer.config import Settings, load_settings
+from consumer.emitter import outbox
+from consumer.emitter.outbox import PENDING, Push
+from consumer.identifiers import per_event_identifier
+from consumer.meters_sync import apply, plan
+from consumer.metrics import Metrics
+from consumer.pipeline import build_emitter
+from consumer.store import open_store
+from consumer.store.backend import Backend
+from consumer.store.migrations import migrate
+
+KEY = "sk_test_bench"
+LATENCY = 0.03  # mean seconds per answer; each waits 0.5x to 1.5x of it
+WARMUP, MEASURE = 3.0, 10.0
+RUNS = [(20.0, 4), (50.0, 8), (100.0, 16), (200.0, 32)]  # (requests/s, concurrency)
+
+
+class Emulator:
+    """The bundled emulator in a process of its own, as in production it is another host:
+    in this process it would compete with the emitter for the interpreter."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "consumer.cli", "stripe-emulator", "--port", str(port)]
+        self._proc = subprocess.Popen([*cmd, "--latency", str(LATENCY)])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.requests()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def requests(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/_emulator/state", timeout=10) as resp:
+            return int(json.loads(resp.read())["requests"]["stream"])
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
+
+
+def seed(store: Backend, n: int, now_ms: int) -> None:
+    """`n` pending per-event pushes of whole values, an hour old, 100 customers."""
+    batch = 50_000
+    for lo in range(0, n, batch):
+        pushes = [
+            Push(
+                per_event_identifier("tokens", f"bench-{i}"),
+                "per_event",
+                "tokens",
+                "tokens",
+                f"cus_{i % 100:03d}",
+                now_ms - 3_600_000 + i % 3_000_000,
+                0,
+                Decimal(i % 9 + 1),
+                0,
+            )
+            for i in range(lo, min(n, lo + batch))
+        ]
+        outbox.write(store, pushes, PENDING, now_ms)
+
+
+def settings_for(tmp: Path, emu: Emulator, rate: float, concurrency: int) -> Settings:
+    return load_settings(
+        clickhouse={"chdb_path": str(tmp / "chdb")},
+        stripe={
+            "api_key": KEY,
+            "api_base": emu.url,
+            "meter_events_base": emu.url,
+            "requests_per_second": rate,
+            "concurrency": concurrency,
+            "poll_interval_seconds": 0.05,
+        },
+        meters=[
+            {
+                "name": "tokens",
+                "event_name": "tokens",
+                "stripe_event_name": "tokens",
+                "emission": "per_event",
+            }
+        ],
+    )
+
+
+def measure(rate: float, concurrency: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stripe-"))
+    emu = Emulator()
+    try:
+        settings = settings_for(tmp, emu, rate, concurrency)
+        api = stripe.StripeClient(KEY, base_addresses={"api": emu.url})
+        apply(api, plan(api, settings.meters, [""]), settings.meters)
+        store = open_store(settings.clickhouse)
+        migrate(store)
+        per_request = settings.stripe.max_events_per_request
+        seed(store, int(rate * (WARMUP + MEASURE + 5) * per_request), int(time.time() * 1000))
+        emitter = build_emitter(settings, store, SystemClock(), Metrics())
+        stop = threading.Event()
+        worker = threading.Thread(target=emitter.run, args=(stop,))
+        worker.start()
+        time.sleep(WARMUP)
+        n0, t0 = emu.requests(), time.monotonic()
+        time.sleep(MEASURE)
+        n1, t1 = emu.requests(), time.monotonic()
+        stop.set()
+        worker.join()
+        emitter.close()
+        store.close()
+        achieved = (n1 - n0) / (t1 - t0)
+        return {
+            "configured_rps": rate,
+            "concurrency": concurrency,
+            "achieved_rps": round(achieved, 2),
+            "ratio": round(achieved / rate, 3),
+            "events_per_request": per_request,
+            "latency_mean_s": LATENCY,
+        }
+    finally:
+        emu.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    results = []
+    print(f"{'rate/s':>8} {'conc':>5} {'achieved/s':>11} {'ratio':>6}")
+    for rate, concurrency in RUNS:
+        r = measure(rate, concurrency)
+        results.append(r)
+        print(f"{rate:>8.0f} {concurrency:>5} {r['achieved_rps']:>11.2f} {r['ratio']:>6.3f}")
+    out = Path(__file__).with_name("stripe_rate.json")
+    out.write_text(json.dumps({"runs": results}, indent=2) + "\n")
+    worst = min(r["ratio"] for r in results)
+    print(f"stripe rate: worst ratio {worst:.3f} (target >= 0.95); written to {out}")
+    return 0 if worst >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
