@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration chaos clean
+.PHONY: demo test lint typecheck unit integration chaos bench-stripe clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP) lint typecheck
 # The full crash matrix (200+ kills); the CI-sized run is part of `make test`.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos
+
+# The emitter's achieved request rate against the emulator (writes tests/bench/stripe_rate.json).
+bench-stripe: $(STAMP)
+	$(BIN)/python -m tests.bench.stripe_rate
 
 clean:
 	rm -rf .demo .data .chaos .pytest_cache .mypy_cache .ruff_cache
