@@ -118,8 +118,9 @@ class Emitter:
         work += self._plan(now_ms)  # 3
         limit = self._per_request * self._concurrency * 4
         work += self._verifier.check_due(now_ms) + self._limits.past_limit(now_ms, limit)  # 4, 5
-        to_send = self._first_attempts(now_ms, limit)  # 6
-        work += len(to_send)
+        batch = self._first_attempts(now_ms, limit)  # 6
+        work += len(batch)  # also pushes settled without a request: more may wait behind them
+        to_send = [p for p in batch if p.attempted]
         self._alerts.report(now_ms)
         try:
             work += self._send(to_send)  # 7
@@ -150,7 +151,8 @@ class Emitter:
 
     def _first_attempts(self, now_ms: int, limit: int) -> list[Push]:
         """What may be sent now, with first_attempt_at written for the never-sent ones before
-        they go: from then on their outcome counts as unknown."""
+        they go: from then on their outcome counts as unknown. Some are settled as they are
+        (nothing whole to send, or refused): only the attempted ones are sent."""
         # Re-sends the checks allowed and re-dated pushes carry a fresh first attempt now,
         # so they come back with the rest of what may be sent.
         batch = outbox.sendable(
@@ -163,19 +165,22 @@ class Emitter:
         fresh = self._assigner.assign([p for p in batch if not p.attempted], ATTEMPTED, now_ms)
         outbox.write_moved(self._store, fresh, now_ms)  # first_attempt_at, before sending
         recorded = {p.identifier: p for p in fresh}
-        batch = [recorded.get(p.identifier, p) for p in batch]
-        return [p for p in batch if p.attempted]  # not the ones delivered or refused as they are
+        return [recorded.get(p.identifier, p) for p in batch]
 
     # -- 7: send and mark ------------------------------------------------------------------
 
     def _more(self) -> list[Push]:
         """Never-sent pushes to top the queue up with, first attempts written first."""
-        now_ms = self._now_ms()
         limit = self._per_request * self._concurrency * 4
-        batch = outbox.never_sent(self._store, self._policy.limit_ms(now_ms), limit)
-        fresh = self._assigner.assign(batch, ATTEMPTED, now_ms)
-        outbox.write_moved(self._store, fresh, now_ms)
-        return [p for p in fresh if p.attempted]
+        for _ in range(3):  # a batch may settle entirely without requests (nothing whole)
+            now_ms = self._now_ms()
+            batch = outbox.never_sent(self._store, self._policy.limit_ms(now_ms), limit)
+            fresh = self._assigner.assign(batch, ATTEMPTED, now_ms)
+            outbox.write_moved(self._store, fresh, now_ms)
+            attempted = [p for p in fresh if p.attempted]
+            if attempted or not fresh:
+                return attempted
+        return []
 
     def _send(self, batch: list[Push]) -> int:
         self._dispatch.stopping = self.stopping

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from consumer.emitter import outbox
 from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
+from consumer.emitter.outbox import PENDING, Push
 from consumer.emulator import EmulatorServer
+from consumer.identifiers import per_event_identifier
 from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
     Rig,
@@ -111,3 +114,28 @@ def test_a_value_too_large_for_one_request_is_held_with_its_reason(whole: Rig) -
     assert whole.billed() == {}
     ((status, reason, _),) = whole.statuses().values()
     assert status == "rejected" and "needs 101 meter events" in reason
+
+
+def test_a_cycle_of_pushes_with_nothing_whole_to_send_is_not_an_idle_outbox(whole: Rig) -> None:
+    """More fractions than one cycle takes, all settled without a request: the outbox is
+    not drained until the push that completes a whole unit is sent."""
+    start = minute(whole.now_ms() - HOUR_MS)
+    pushes = [
+        Push(
+            per_event_identifier("tokens", f"tiny{n:04d}"),
+            "per_event",
+            "tokens",
+            "tokens",
+            "cus_t",
+            start + n,
+            0,
+            Decimal("0.001"),
+            0,
+        )
+        for n in range(1000)
+    ]
+    outbox.write(whole.store, pushes, PENDING, whole.now_ms())
+    emitter = whole.emitter()  # 2 x 100 events x 4 = 800 pushes a cycle
+    drain(emitter)
+    emitter.close()
+    assert whole.billed() == {("tokens", "cus_t"): Decimal(1)}
