@@ -1,5 +1,8 @@
 """Classify stage: every record of a range becomes exactly one of
-accepted | duplicate | late | invalid.
+accepted | cancel | duplicate | late | invalid.
+
+A cancel (an event whose `cancels` names an earlier event id) is never usage: it is neither
+deduplicated against the ledger nor late. It is idempotent by what it cancels (sink.py).
 
 Deterministic (P1): the outcome depends only on the records, the range snapshot and the
 ledger rows outside the range (P2). Transient failures (schema registry down, ledger
@@ -84,6 +87,7 @@ class DeadLetter:
 @dataclass
 class Classified:
     accepted: list[Accepted] = field(default_factory=list)
+    cancels: list[Accepted] = field(default_factory=list)
     late: list[Late] = field(default_factory=list)
     invalid: list[DeadLetter] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
@@ -121,7 +125,10 @@ class Classifier:
             except (DecodeError, Invalid) as exc:
                 out.invalid.append(DeadLetter(rec, exc.reason, exc.detail))
                 continue
-            valid.append((rec, event, meter))
+            if event.cancels:
+                out.cancels.append(Accepted(rec, event, meter))
+            else:
+                valid.append((rec, event, meter))
         known = self._confirmed_in_ledger(valid, recent, in_ledger, out)
         seen: set[tuple[str, str]] = set()
         late: list[Late] = []

@@ -4,8 +4,10 @@
                         written when the range is formed, before it is classified, so a
                         message that crashes classification is counted against it (P7)
   2. side outputs       dead letters and late events produced, delivery confirmed (P5)
-  3. ledger write       usage_events, dead_letters, late_events, per-event pushes (P3)
-  4. windows            the touched minute windows recomputed from the ledger (P3)
+  3. ledger write       usage_events, per-event pushes, cancellations, dead_letters,
+                        late_events (P3)
+  4. windows            the touched minute windows, and those of cancelled events,
+                        recomputed from the ledger without cancelled events (P3)
   5. record done        ingest_state rank 2, with the watermarks after the range
   6. commit Kafka       offsets = range ends (consumer positions, P8); offsets only grow
 
@@ -25,7 +27,7 @@ from consumer.faults import fault_point
 from consumer.forming import Formed
 from consumer.kafka_io import SideOutputs
 from consumer.metrics import Metrics
-from consumer.sink import RangeWrite, batch_id, recompute_windows, write_effects
+from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
 from consumer.state import DONE, INTENT, RangeState, write_states
 from consumer.store.backend import Backend
 
@@ -89,7 +91,8 @@ class CommitSequence:
         )
         self._timed("usage_events", lambda: write_effects(self.store, token, ranges, now_ms))
         fault_point("after_insert")
-        self._timed("usage_windows", lambda: recompute_windows(self.store, token, now_ms))
+        cancels = cancels_of(ranges)
+        self._timed("usage_windows", lambda: recompute_windows(self.store, token, now_ms, cancels))
         self._timed("ingest_state", lambda: self._done(ranges, now_ms))
         fault_point("after_done")
         self._commit_kafka(ranges)

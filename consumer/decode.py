@@ -45,6 +45,7 @@ class DecodedEvent:
     timestamp_ms: int
     properties: dict[str, str]
     schema_id: int  # 0 in plain mode
+    cancels: str = ""  # the event_id this event takes back ("" = usage); v4 on
 
 
 class DecodeError(Exception):
@@ -257,6 +258,7 @@ class Decoder:
             rec["timestamp"],
             rec["properties"] if plan.has_properties else {},
             schema_id,
+            rec.get("cancels", ""),
         )
 
     def _decimal(self, raw: bytes) -> Decimal:

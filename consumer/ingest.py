@@ -206,6 +206,8 @@ class Ingestor:
                 m.events_accepted.labels(a.meter.name).inc()
                 if t is not None:
                     t.recent.add(id_hash(a.meter.name, a.event.event_id), a.event.timestamp_ms)
+            for c in cl.cancels:
+                m.events_cancel.labels(c.meter.name).inc()
             for meter, n in cl.duplicates.items():
                 m.events_duplicate.labels(meter).inc(n)
             for x in cl.late:
@@ -217,6 +219,7 @@ class Ingestor:
             m.insert_rows.labels("usage_events").inc(len(cl.accepted))
             m.insert_rows.labels("dead_letters").inc(len(cl.invalid))
             m.insert_rows.labels("late_events").inc(len(cl.late))
+            m.insert_rows.labels("cancellations").inc(len(cl.cancels))
             m.ranges_committed.inc()
             if r.attempt > 1:
                 m.ranges_reformed.inc()

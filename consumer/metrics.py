@@ -26,6 +26,10 @@ class Metrics:
         self.events_late = Counter(
             p + "events_late", "Events later than the allowed lateness.", ["meter"], registry=r
         )
+        # Cancel events recorded: each takes an earlier event's usage back out of the totals.
+        self.events_cancel = Counter(
+            p + "events_cancel", "Cancel events recorded.", ["meter"], registry=r
+        )
         # Dead letters by reason (bounded set of reasons).
         self.events_invalid = Counter(
             p + "events_invalid", "Dead-lettered messages.", ["reason"], registry=r
@@ -165,6 +169,21 @@ class Metrics:
         # Pending pushes older than the alert age (Stripe refuses them past 35 days).
         self.stripe_near_limit = Gauge(
             p + "stripe_pushes_near_limit", "Pending pushes near the 35-day limit.", registry=r
+        )
+        # Cancelled usage taken back from Stripe: adjusted (cancelled there), unsent (never
+        # sent), or late (Stripe keeps billing it: past 24 hours, or refused; a person decides).
+        self.stripe_corrections = Counter(
+            p + "stripe_corrections",
+            "Cancelled usage taken back from Stripe, by outcome.",
+            ["meter", "outcome"],
+            registry=r,
+        )
+        # Usage Stripe bills that was cancelled too late to take back (late corrections).
+        self.stripe_overbilled = Gauge(
+            p + "stripe_late_corrections_value",
+            "Cancelled usage Stripe still bills, by meter.",
+            ["meter"],
+            registry=r,
         )
         # 1 while sending is paused because delivery marks cannot be written.
         self.stripe_sends_paused = Gauge(

@@ -6,9 +6,10 @@
            value=Decimal("1"), timestamp_ms=1_763_000_000_000)
     p.flush()
 
-It encodes the current schema in Confluent framing and keys every message by
-`<event_name>/<event_id>`, so all copies of an event land in one partition and the
-consumer's per-partition dedup sees them. Delivery is idempotent (`enable.idempotence`).
+It encodes the current schema (v4, or the id it is given) in Confluent framing and keys
+every message by `<event_name>/<event_id>`, so all copies of an event land in one
+partition and the consumer's per-partition dedup sees them. Delivery is idempotent
+(`enable.idempotence`). `cancel()` takes back an event sent earlier.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from consumer.schemas import reader_schema
+from consumer.schemas import LocalSchemaSource
 from consumer.wire import encode_confluent
 
-CURRENT_SCHEMA_ID = 2
+CURRENT_SCHEMA_ID = 4
 DeliveryCallback = Callable[[Any, Any], None]
 
 
@@ -37,9 +38,11 @@ def event_record(
     value: Decimal | int | str,
     timestamp_ms: int,
     properties: Mapping[str, str] | None = None,
+    cancels: str = "",
 ) -> dict[str, Any]:
-    """The Avro record for one usage event; values are exact Decimals (9 places at most)."""
-    return {
+    """The Avro record for one usage event; values are exact Decimals (9 places at most).
+    A record with `cancels` takes back the earlier event of that id (schema v4 on)."""
+    record: dict[str, Any] = {
         "event_id": event_id,
         "event_name": event_name,
         "customer_id": customer_id,
@@ -47,6 +50,9 @@ def event_record(
         "timestamp": timestamp_ms,
         "properties": dict(properties or {}),
     }
+    if cancels:
+        record["cancels"] = cancels
+    return record
 
 
 class UsageProducer:
@@ -65,7 +71,7 @@ class UsageProducer:
         conf.update(config)
         self._producer = Producer(conf)
         self._topic = topic
-        self._schema = reader_schema()
+        self._schema = LocalSchemaSource().writer_schema(schema_id)
         self._schema_id = schema_id
 
     def send(
@@ -80,6 +86,30 @@ class UsageProducer:
         on_delivery: DeliveryCallback | None = None,
     ) -> None:
         record = event_record(event_id, event_name, customer_id, value, timestamp_ms, properties)
+        self._encode_and_send(record, on_delivery)
+
+    def cancel(
+        self,
+        *,
+        event_id: str,
+        event_name: str,
+        customer_id: str,
+        cancels: str,
+        timestamp_ms: int,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """Take back the earlier event `cancels` of this meter and customer: its usage leaves
+        the totals, and Stripe cancels it while it still can (within 24 hours). `event_id`
+        is the cancel's own idempotency key."""
+        if not any(f["name"] == "cancels" for f in self._schema["fields"]):
+            raise ValueError(f"schema id {self._schema_id} has no cancels field (v4 on)")
+        record = event_record(event_id, event_name, customer_id, 0, timestamp_ms, cancels=cancels)
+        self._encode_and_send(record, on_delivery)
+
+    def _encode_and_send(
+        self, record: dict[str, Any], on_delivery: DeliveryCallback | None
+    ) -> None:
+        event_name, event_id = record["event_name"], record["event_id"]
         payload = encode_confluent(record, self._schema, self._schema_id)
         self.send_raw(message_key(event_name, event_id), payload, on_delivery=on_delivery)
 

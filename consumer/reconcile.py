@@ -6,7 +6,8 @@ minus the amounts of the pushes marked sent there is the drift. Windows are hour
 between minute-aligned bounds; a partial first or last window is read on its own, and the
 trailing minutes that may still be settling into Stripe's summaries are left out. Usage
 that is not billed yet, or held for a person (rejected, expired), is shown beside the drift,
-never counted as drift.
+never counted as drift; so is cancelled usage Stripe still bills because it was cancelled
+too late to take back (late corrections, consumer/emitter/corrections.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Line:
     usage: Decimal = Decimal(0)
     delivered: Decimal = Decimal(0)
     unbilled: Decimal = Decimal(0)
+    late: Decimal = Decimal(0)  # cancelled usage Stripe still bills
     stripe: Decimal = Decimal(0)
     account: str = ""
     _last_at: int = -1
@@ -82,6 +84,10 @@ class Report:
     @property
     def drifting(self) -> list[Line]:
         return [x for x in self.lines if x.drift != 0]
+
+    @property
+    def corrected_late(self) -> list[Line]:
+        return [x for x in self.lines if x.late != 0]
 
     def total_drift(self) -> Decimal:
         return sum((abs(x.drift) for x in self.lines), Decimal(0))
@@ -117,6 +123,7 @@ def _collect(
                   status_rank IN (2, 6), toString(ifNull(sent_value, value)), toString(value)
            FROM stripe_pushes FINAL
            WHERE meter = {m:String} AND ({c:String} = '' OR customer_id = {c:String})
+             AND status_rank != 8
              AND stripe_timestamp >= toDateTime64({lo:Int64}, 3, 'UTC')
              AND stripe_timestamp < toDateTime64({hi:Int64}, 3, 'UTC')""",
         params,
@@ -140,6 +147,18 @@ def _collect(
              AND window_start < toDateTime({hi:Int64}, 'UTC')""",
         params,
     )
+    late = store.query(
+        """SELECT customer_id, toUnixTimestamp(bucket_start), toString(value)
+           FROM stripe_corrections FINAL
+           WHERE meter = {m:String} AND ({c:String} = '' OR customer_id = {c:String})
+             AND outcome = 'late'
+             AND bucket_start >= toDateTime64({lo:Int64}, 3, 'UTC')
+             AND bucket_start < toDateTime64({hi:Int64}, 3, 'UTC')""",
+        params,
+    )
+    for c, ts, value in late:
+        x = line(str(c), int(ts))
+        x.late = EXACT.add(x.late, Decimal(value))
     at: dict[tuple[str, int], int] = defaultdict(lambda: -1)
     for c, ts, s, n, lv, lt in usage:
         x = line(str(c), int(ts))
@@ -204,8 +223,11 @@ def _num(v: Decimal) -> str:
 
 def format_report(report: Report, show_all: bool = False) -> str:
     """The drift table (every window with `show_all`) and the one-line verdict."""
-    shown = report.lines if show_all else report.drifting
-    header = ["customer", "meter", "window", "usage", "billed", "stripe", "drift", "not billed"]
+    shown = report.lines if show_all else [x for x in report.lines if x.drift or x.late]
+    header = [
+        "customer", "meter", "window", "usage", "billed", "stripe", "drift", "not billed",
+        "late corrections",
+    ]  # fmt: skip
     rows = [
         [
             x.customer,
@@ -216,6 +238,7 @@ def format_report(report: Report, show_all: bool = False) -> str:
             _num(x.stripe),
             _num(x.drift),
             _num(x.unbilled),
+            _num(x.late),
         ]
         for x in shown
     ]
@@ -224,6 +247,7 @@ def format_report(report: Report, show_all: bool = False) -> str:
         f"reconcile: drift={_num(report.total_drift())} windows={len(report.drifting)}"
         f"/{len(report.lines)} customers={customers} "
         f"not_billed={_num(sum((x.unbilled for x in report.lines), Decimal(0)))} "
+        f"late_corrections={_num(sum((x.late for x in report.lines), Decimal(0)))} "
         f"settling_after={_iso(report.settling_from)}"
     )
     return (format_table(header, rows) + "\n" if rows else "") + verdict

@@ -17,7 +17,7 @@ from typing import Any
 
 from consumer.exact import EXACT
 from consumer.producer import event_record, message_key
-from consumer.schemas import SCHEMAS_DIR, load_schema, reader_schema
+from consumer.schemas import SCHEMAS_DIR, load_schema
 from consumer.wire import encode_confluent, frame_confluent
 
 METERS = {  # event_name -> (meter name, aggregation, share of events)
@@ -82,7 +82,7 @@ def generate(
     """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones."""
     rng = random.Random(seed)
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
-    v2 = reader_schema()
+    v2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
     cust = [f"{customer_prefix}{i:04d}" for i in range(customers)]
     names = list(METERS)
     weights = [METERS[k][2] for k in names]

@@ -23,7 +23,7 @@ import fastavro
 from fastavro.schema import SchemaParseException
 
 SCHEMAS_DIR: Path = Path(__file__).resolve().parent.parent / "schemas"
-READER_SCHEMA_FILE = "usage_event.avsc"
+READER_SCHEMA_FILE = "usage_event.v4.avsc"
 _MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _NOT_FOUND_CODE = 40403
 # What fastavro.parse_schema raises for a malformed schema (UnknownType is a ValueError).
@@ -67,7 +67,7 @@ def load_schema(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def reader_schema() -> dict[str, Any]:
-    """The current contract (v2); every writer version is decoded into this shape.
+    """The current contract (v4); every writer version is decoded into this shape.
 
     Cached: callers share one parsed object and must not mutate it.
     """

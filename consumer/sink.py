@@ -64,7 +64,8 @@ def ledger_lookup(store: Backend, topic: str, partition: int, start: int, end: i
 
 
 def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int) -> int:
-    """Ledger, dead letters, late events, dirty windows and per-event pushes; returns accepted."""
+    """Ledger, dirty windows, per-event pushes, cancellations, dead letters and late events;
+    returns how many events were accepted."""
     accepted = [a for r in ranges for a in r.classified.accepted]
     if accepted:
         store.insert_columns(
@@ -100,6 +101,7 @@ def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_
         fault_point("after_write_dirty_windows")
         _write_per_event_pushes(store, token, ranges, now_ms)
         fault_point("after_write_stripe_pushes")
+    _write_cancellations(store, token, ranges)
     _write_dead_letters(store, token, ranges, now_ms)
     fault_point("after_write_dead_letters")
     _write_late(store, token, ranges)
@@ -186,6 +188,25 @@ def _write_dead_letters(
     )
 
 
+def _write_cancellations(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> None:
+    """Cancel events, keyed by what they cancel: a repeated cancel converges."""
+    cancels = [c for r in ranges for c in r.classified.cancels]
+    if not cancels:
+        return
+    store.insert_columns(
+        "cancellations",
+        {
+            **_source_columns([c.record for c in cancels]),
+            "meter": pa.array([c.meter.name for c in cancels]),
+            "customer_id": pa.array([c.event.customer_id for c in cancels]),
+            "cancelled_id": pa.array([c.event.cancels for c in cancels]),
+            "event_id": pa.array([c.event.event_id for c in cancels]),
+            "event_time": pa.array([c.event.timestamp_ms for c in cancels], TIME_MS),
+        },
+        token=token,
+    )
+
+
 def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> None:
     late = [x for r in ranges for x in r.classified.late]
     if not late:
@@ -205,24 +226,62 @@ def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> Non
     )
 
 
-def recompute_windows(store: Backend, token: str, now_ms: int) -> None:
-    """Upsert every minute window the batch touched, recomputed from the whole ledger."""
+Cancel = tuple[str, str, str]  # (meter, customer, cancelled event id)
+
+
+def cancels_of(ranges: Sequence[RangeWrite]) -> list[Cancel]:
+    """What the batch's cancel events take back, in a stable order."""
+    return sorted(
+        {
+            (c.meter.name, c.event.customer_id, c.event.cancels)
+            for r in ranges
+            for c in r.classified.cancels
+        }
+    )
+
+
+def recompute_windows(
+    store: Backend, token: str, now_ms: int, cancels: Sequence[Cancel] = ()
+) -> None:
+    """Upsert every minute window the batch touched, recomputed from the whole ledger
+    without cancelled events. The windows of events the batch cancels are found in the
+    ledger now, not when the cancels were written, so a retry finds an original that another
+    partition wrote meanwhile. A window left without events is written as a zero row (the
+    analyst views leave those out)."""
+    cancelled_windows = (
+        """UNION DISTINCT
+               SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')
+               FROM usage_events
+               WHERE (meter, customer_id, event_id) IN {c:Array(Tuple(String, String, String))}"""
+        if cancels
+        else ""
+    )
     store.command(
-        """INSERT INTO usage_windows
-           SELECT meter, customer_id, toStartOfMinute(event_time) AS window_start,
-                  sum(value), count(), min(value), max(value),
-                  argMin(value, (event_time, event_id)), min(event_time),
-                  argMax(value, (event_time, event_id)), max(event_time),
-                  fromUnixTimestamp64Milli({now:Int64}, 'UTC')
-           FROM usage_events FINAL
-           WHERE (meter, customer_id, toStartOfHour(event_time)) IN (
-                    SELECT DISTINCT meter, customer_id, toStartOfHour(window_start)
-                    FROM dirty_windows WHERE batch_id = {b:String})
-             AND (meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')) IN (
-                    SELECT meter, customer_id, window_start
-                    FROM dirty_windows WHERE batch_id = {b:String})
-           GROUP BY meter, customer_id, window_start""",
-        {"b": token, "now": now_ms},
+        f"""INSERT INTO usage_windows
+           WITH dirty AS (
+               SELECT meter, customer_id, window_start FROM dirty_windows
+               WHERE batch_id = {{b:String}}
+               {cancelled_windows})
+           SELECT d.meter, d.customer_id, d.window_start, a.s, a.n, a.lo, a.hi, a.fv, a.ft,
+                  a.lv, a.lt, fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
+           FROM (SELECT DISTINCT meter, customer_id, window_start FROM dirty) AS d
+           LEFT JOIN (
+               SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC') AS ws,
+                      sum(value) AS s, count() AS n, min(value) AS lo, max(value) AS hi,
+                      argMin(value, (event_time, event_id)) AS fv, min(event_time) AS ft,
+                      argMax(value, (event_time, event_id)) AS lv, max(event_time) AS lt
+               FROM usage_events FINAL
+               WHERE (meter, customer_id, toStartOfHour(event_time)) IN (
+                        SELECT DISTINCT meter, customer_id, toStartOfHour(window_start) FROM dirty)
+                 AND (meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')) IN (
+                        SELECT meter, customer_id, window_start FROM dirty)
+                 AND (meter, customer_id, event_id) NOT IN (
+                        SELECT meter, customer_id, cancelled_id FROM cancellations
+                        WHERE (meter, customer_id) IN (
+                            SELECT DISTINCT meter, customer_id FROM dirty))
+               GROUP BY meter, customer_id, ws) AS a
+             ON d.meter = a.meter AND d.customer_id = a.customer_id AND d.window_start = a.ws""",
+        {"b": token, "now": now_ms, "c": list(cancels)},
     )
 
 

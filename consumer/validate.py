@@ -40,6 +40,10 @@ def validate(
         raise Invalid("unknown_meter", f"no meter for event_name {event.event_name[:100]!r}")
     _check_id("event_id", event.event_id)
     _check_id("customer_id", event.customer_id)
+    if event.cancels:
+        _check_id("cancels", event.cancels)
+        if event.cancels == event.event_id:
+            raise Invalid("cancels_itself", "an event cannot cancel itself")
     value = event.value
     if not value.is_finite():
         raise Invalid("value_not_finite", "value is NaN or infinite")

@@ -7,13 +7,15 @@ A cycle, in order (each concern in its own module; this one only orders them):
   1. write marks left over from a cycle whose marks failed; until that works, send nothing
      (marks.py)
   2. mark rows that Stripe's error reports rejected (a 2xx is not billing) (reports.py)
-  3. plan aggregated deltas as new intents (outbox.py)
-  4. check minutes with unknown outcomes past `verify_after` against event summaries
+  3. take cancelled usage back: never send it, cancel it at Stripe within 24 hours, or
+     record it as a late correction (corrections.py)
+  4. plan aggregated deltas as new intents (outbox.py)
+  5. check minutes with unknown outcomes past `verify_after` against event summaries
      (verify.py)
-  5. hold (or, by policy, re-date) never-sent pushes past the 35-day limit (limits.py)
-  6. record first_attempt_at, and the amount each will send (units.py), for pushes about to
+  6. hold (or, by policy, re-date) never-sent pushes past the 35-day limit (limits.py)
+  7. record first_attempt_at, and the amount each will send (units.py), for pushes about to
      be sent for the first time
-  7. send, keeping requests in flight and topping the queue up with never-sent pushes
+  8. send, keeping requests in flight and topping the queue up with never-sent pushes
      (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
 """
@@ -33,6 +35,7 @@ from consumer.emitter import outbox
 from consumer.emitter.accounts import AccountResolver
 from consumer.emitter.alerts import BacklogAlerts
 from consumer.emitter.buckets import anchors
+from consumer.emitter.corrections import Corrector
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
 from consumer.emitter.dispatch import Dispatch
 from consumer.emitter.limits import Limits
@@ -87,6 +90,9 @@ class Emitter:
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)
         self._alerts = BacklogAlerts(store, policy, metrics)
         self._marks = Marks(store, clock, metrics)
+        self._corrector = Corrector(
+            store, sender, meters, metrics, self._anchor, self._period, lookback_days
+        )
         self._dispatch = Dispatch(self._pool, sender, self._marks, clock, per_request, concurrency)
         self.cycles = 0
         self.stopping = threading.Event()
@@ -115,15 +121,16 @@ class Emitter:
         now_ms = self._now_ms()
         self._marks.flush(now_ms)  # 1
         work = self._reports.take(now_ms)  # 2
-        work += self._plan(now_ms)  # 3
+        work += self._corrector.run(now_ms)  # 3
+        work += self._plan(now_ms)  # 4
         limit = self._per_request * self._concurrency * 4
-        work += self._verifier.check_due(now_ms) + self._limits.past_limit(now_ms, limit)  # 4, 5
-        batch = self._first_attempts(now_ms, limit)  # 6
+        work += self._verifier.check_due(now_ms) + self._limits.past_limit(now_ms, limit)  # 5, 6
+        batch = self._first_attempts(now_ms, limit)  # 7
         work += len(batch)  # also pushes settled without a request: more may wait behind them
         to_send = [p for p in batch if p.attempted]
         self._alerts.report(now_ms)
         try:
-            work += self._send(to_send)  # 7
+            work += self._send(to_send)  # 8
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
@@ -167,7 +174,7 @@ class Emitter:
         recorded = {p.identifier: p for p in fresh}
         return [recorded.get(p.identifier, p) for p in batch]
 
-    # -- 7: send and mark ------------------------------------------------------------------
+    # -- 8: send and mark ------------------------------------------------------------------
 
     def _more(self) -> list[Push]:
         """Never-sent pushes to top the queue up with, first attempts written first."""

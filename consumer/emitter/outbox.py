@@ -14,6 +14,8 @@ that the push was already attempted. Ranks, in the only order a push may move th
     5 REDATED     re-dated to the oldest timestamp Stripe accepts (policy); outcome unknown
     6 SENT        delivered: a 2xx, a duplicate answer, or confirmed by an event summary
     7 REJECTED    refused by Stripe's asynchronous error report after a 2xx; not billed
+    8 CANCELLED   its usage was cancelled: never sent, or cancelled at Stripe by an
+                  adjustment (corrections.py); not billed
 
 Reads by summary minute (for the delivery checks) are in minutes.py; counts and views for
 alerts and people are in standing.py.
@@ -33,7 +35,7 @@ from consumer.emitter.buckets import bucket_sql
 from consumer.identifiers import aggregated_identifier
 from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row
 
-PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED = 1, 2, 3, 4, 5, 6, 7
+PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED, CANCELLED = 1, 2, 3, 4, 5, 6, 7, 8
 DELIVERED = (SENT_V1, SENT)
 AWAITING = (PENDING, ATTEMPTED, REDATED)
 # Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
@@ -115,49 +117,63 @@ class BucketingChanged(Exception):
 def plan_aggregated(
     store: Backend, meter: MeterConfig, since_ms: int, anchors_ms: Sequence[int] = ()
 ) -> list[Push]:
-    """New intents for every bucket whose total moved past what was already intended.
+    """New intents for every bucket whose total grew past what was already intended.
 
     Rejected and expired pushes count as intended: their usage is held for a person, never
-    planned again behind their back. Buckets are cut at `anchors_ms` (buckets.py)."""
+    planned again behind their back. Cancelled pushes do not count. A bucket whose total
+    fell (its usage was cancelled) is never planned a negative delta: corrections.py takes
+    its pushes back first. Buckets are cut at `anchors_ms` (buckets.py)."""
+    name = meter.stripe_event_name or ""
+    out = []
+    for customer, bucket_ms, end_ms, delta, max_rev in bucket_deltas(
+        store, meter, since_ms, anchors_ms, "w.total > p.pushed"
+    ):
+        rev = max_rev + 1
+        ident = aggregated_identifier(meter.name, customer, bucket_ms, rev)
+        push = Push(
+            ident, "aggregated", meter.name, name, customer, bucket_ms, rev, delta, 0,
+            bucket_end_ms=end_ms,
+        )  # fmt: skip
+        out.append(push)
+    return out
+
+
+def bucket_deltas(
+    store: Backend, meter: MeterConfig, since_ms: int, anchors_ms: Sequence[int], where: str
+) -> list[tuple[str, int, int, Decimal, int]]:
+    """(customer, bucket, bucket end, total - intended, highest revision) of every bucket
+    matching `where` (on `w.total` and `p.pushed`), oldest first."""
     params = {
         "m": meter.name,
         "sec": meter.window_seconds,
         "since": since_ms,
         "anchors": list(anchors_ms),
+        "cancelled": CANCELLED,
     }
     _check_bucketing(store, meter, params)
     start, end = bucket_sql("window_start")
     measure = "sum_value" if meter.aggregation == "sum" else "toDecimal128(event_count, 9)"
     rows = store.query(
-        f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket), toString(w.total - p.pushed),
-                  p.max_rev, toUnixTimestamp64Milli(w.bucket_end)
+        f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket),
+                  toUnixTimestamp64Milli(w.bucket_end), toString(w.total - p.pushed), p.max_rev
            FROM (SELECT customer_id, {start} AS bucket, any({end}) AS bucket_end,
                         sum({measure}) AS total
                  FROM usage_windows FINAL
                  WHERE meter = {{m:String}}
                    AND window_start >= fromUnixTimestamp64Milli({{since:Int64}}, 'UTC')
                  GROUP BY customer_id, bucket) AS w
-           LEFT JOIN (SELECT customer_id, bucket_start AS bucket, sum(value) AS pushed,
+           LEFT JOIN (SELECT customer_id, bucket_start AS bucket,
+                             sumIf(value, status_rank != {{cancelled:UInt8}}) AS pushed,
                              max(revision) AS max_rev
                       FROM stripe_pushes FINAL
                       WHERE mode = 'aggregated' AND meter = {{m:String}}
                       GROUP BY customer_id, bucket) AS p
              ON w.customer_id = p.customer_id AND w.bucket = p.bucket
-           WHERE w.total != p.pushed
+           WHERE {where}
            ORDER BY w.bucket, w.customer_id""",
         params,
     )
-    name = meter.stripe_event_name or ""
-    out = []
-    for customer, bucket_ms, delta, max_rev, end_ms in rows:
-        rev = int(max_rev) + 1
-        ident = aggregated_identifier(meter.name, str(customer), int(bucket_ms), rev)
-        push = Push(
-            ident, "aggregated", meter.name, name, str(customer), int(bucket_ms), rev,
-            Decimal(delta), 0, bucket_end_ms=int(end_ms),
-        )  # fmt: skip
-        out.append(push)
-    return out
+    return [(str(c), int(b), int(e), Decimal(d), int(r)) for c, b, e, d, r in rows]
 
 
 def _check_bucketing(store: Backend, meter: MeterConfig, params: dict[str, object]) -> None:
@@ -231,6 +247,21 @@ def accounts(store: Backend) -> list[str]:
         "SELECT DISTINCT stripe_account FROM stripe_pushes WHERE stripe_account != '' ORDER BY 1"
     )
     return [str(r[0]) for r in rows]
+
+
+def of_buckets(store: Backend, meter: str, keys: Sequence[tuple[str, int]]) -> list[Push]:
+    """Every aggregated push of (customer, bucket) `keys` of `meter`, in any status."""
+    if not keys:
+        return []
+    rows = store.query(
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
+           WHERE mode = 'aggregated' AND meter = {{m:String}}
+             AND (customer_id, toUnixTimestamp64Milli(bucket_start))
+                 IN {{keys:Array(Tuple(String, Int64))}}
+           ORDER BY bucket_start, customer_id, revision""",
+        {"m": meter, "keys": list(keys)},
+    )
+    return [from_row(r) for r in rows]
 
 
 def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:

@@ -35,6 +35,10 @@ class SendFailed(Exception):
     """Retries ran out on a transient error; the pushes stay pending for the next cycle."""
 
 
+class CannotCancel(Exception):
+    """Stripe refused to cancel a meter event (past its 24 hours, or unknown to it)."""
+
+
 def rfc3339(ms: int) -> str:
     return (
         datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
@@ -127,6 +131,42 @@ class Sender:
         self._deliver(events, self._keeper(account), account)
         return list(pushes)
 
+    def cancel(self, push: Push) -> None:
+        """Cancel every meter event that sent `push`, one adjustment each (idempotent: a
+        cancelled event may be cancelled again). Raises CannotCancel or SendFailed."""
+        options: Any = {"stripe_account": push.account} if push.account else None
+        adjustments = self.api.v2.billing.meter_event_adjustments
+        for event in to_events(push, self._keys):
+            params: Any = {
+                "event_name": push.stripe_event_name,
+                "type": "cancel",
+                "cancel": {"identifier": event["identifier"]},
+            }
+            attempt = 0
+            while True:
+                self.pace()
+                try:
+                    if options:
+                        adjustments.create(params, options)
+                    else:
+                        adjustments.create(params)
+                    self._metrics.stripe_requests.labels("200").inc()
+                    break
+                except stripe.InvalidRequestError as exc:
+                    self._metrics.stripe_requests.labels(str(exc.http_status or 400)).inc()
+                    raise CannotCancel(exc.user_message or str(exc)) from exc
+                except (stripe.RateLimitError, stripe.APIError, stripe.APIConnectionError) as exc:
+                    attempt += 1
+                    self._retry_or_fail(exc, attempt)
+
+    def _retry_or_fail(self, exc: stripe.StripeError, attempt: int) -> None:
+        """Count a transient failure and back off before the next attempt, or give up."""
+        status = str(exc.http_status or type(exc).__name__)
+        self._metrics.stripe_requests.labels(status).inc()
+        if attempt > self._max_retries:
+            raise SendFailed(f"gave up after {attempt} attempts: {status}") from exc
+        self._clock.sleep(self._backoff(attempt, _retry_after(exc)))
+
     def _keeper(self, account: str) -> SessionKeeper:
         with self._lock:
             keeper = self._keepers.get(account)
@@ -177,12 +217,8 @@ class Sender:
                 keeper.expired(token)
                 continue
             except (stripe.RateLimitError, stripe.APIError, stripe.APIConnectionError) as exc:
-                status = str(exc.http_status or type(exc).__name__)
-                self._metrics.stripe_requests.labels(status).inc()
                 attempt += 1
-                if attempt > self._max_retries:
-                    raise SendFailed(f"gave up after {attempt} attempts: {status}") from exc
-                self._clock.sleep(self._backoff(attempt, _retry_after(exc)))
+                self._retry_or_fail(exc, attempt)
             except stripe.InvalidRequestError as exc:
                 self._metrics.stripe_requests.labels(str(exc.http_status or 400)).inc()
                 raise

@@ -11,7 +11,7 @@ value with more than 15 significant digits is split into several events (`parts`
 
 The amount is assigned once, in the same insert that records the push's first attempt, so a
 re-send after a crash sends exactly what the first send did. Pushes Stripe did not bill
-(rejected) are left out of the carry, as if they never happened; a person decides on them.
+(rejected) and cancelled ones are left out of the carry, as if they never happened.
 A push that cannot be sent as it is (a fractional `last` value in whole format, or a value
 needing more than one request of parts) is rejected here with its reason, never rounded.
 """
@@ -26,7 +26,7 @@ from decimal import ROUND_FLOOR, Decimal
 
 from consumer.config import MeterConfig
 from consumer.emitter.accounts import AccountResolver, Unbillable
-from consumer.emitter.outbox import REJECTED, SENT, Push
+from consumer.emitter.outbox import CANCELLED, REJECTED, SENT, Push
 from consumer.exact import EXACT
 from consumer.sink import exact
 from consumer.store.backend import Backend
@@ -101,9 +101,9 @@ def _carried(store: Backend, pushes: Sequence[Push]) -> dict[tuple[str, str], De
            FROM stripe_pushes FINAL
            WHERE (meter, customer_id) IN {keys:Array(Tuple(String, String))}
              AND toUnixTimestamp64Milli(first_attempt_at) > 0
-             AND status_rank != {rejected:UInt8}
+             AND status_rank NOT IN {gone:Array(UInt8)}
            GROUP BY meter, customer_id""",
-        {"keys": keys, "rejected": REJECTED},
+        {"keys": keys, "gone": [REJECTED, CANCELLED]},
     )
     return {(str(m), str(c)): EXACT.subtract(Decimal(s), Decimal(u)) for m, c, s, u in rows}
 

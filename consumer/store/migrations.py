@@ -11,15 +11,28 @@ from consumer.store.backend import Backend
 _DEDUP = "non_replicated_deduplication_window = 1000"
 
 
-def _rollup_view(name: str, grain: str, column: str) -> str:
+def _rollup_view(
+    name: str,
+    grain: str,
+    column: str,
+    create: str = "CREATE VIEW IF NOT EXISTS",
+    source: str = "usage_windows FINAL",
+) -> str:
     """Hour, day and month views derive from the minute windows the same way."""
-    return f"""CREATE VIEW IF NOT EXISTS {name} AS
+    return f"""{create} {name} AS
         SELECT meter, customer_id, {grain} AS {column},
                sum(sum_value) AS sum_value, sum(event_count) AS event_count,
                min(min_value) AS min_value, max(max_value) AS max_value,
                argMin(first_value, first_time) AS first_value,
                argMax(last_value, last_time) AS last_value
-        FROM usage_windows FINAL GROUP BY meter, customer_id, {column}"""
+        FROM {source} GROUP BY meter, customer_id, {column}"""
+
+
+_USAGE_VIEWS = [
+    ("usage_hourly", "toStartOfHour(window_start)", "hour"),
+    ("usage_daily", "toDate(window_start)", "day"),
+    ("usage_monthly", "toStartOfMonth(window_start)", "month"),
+]
 
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -161,14 +174,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                first_value, last_value,
                if(event_count = 0, 0, toDecimal128(sum_value / event_count, 9)) AS avg_value
         FROM usage_windows FINAL""",
-            *(
-                _rollup_view(name, expr, col)
-                for name, expr, col in [
-                    ("usage_hourly", "toStartOfHour(window_start)", "hour"),
-                    ("usage_daily", "toDate(window_start)", "day"),
-                    ("usage_monthly", "toStartOfMonth(window_start)", "month"),
-                ]
-            ),
+            *(_rollup_view(name, expr, col) for name, expr, col in _USAGE_VIEWS),
             """CREATE VIEW IF NOT EXISTS usage_totals AS
         SELECT meter, customer_id,
                sum(sum_value) AS sum_value, sum(event_count) AS event_count,
@@ -251,6 +257,76 @@ MIGRATIONS.append(
         SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
                multiIf(status_rank IN (2, 6), 'sent', status_rank = 7, 'rejected',
                        status_rank = 4, 'expired', 'pending') AS status,
+               stripe_timestamp != bucket_start AS redated, reason, first_attempt_at, updated_at,
+               ifNull(sent_value, value) AS billed
+        FROM stripe_pushes FINAL""",
+        ],
+    )
+)
+
+
+# A window whose events were all cancelled is a zero row: people never see it.
+_LIVE_WINDOWS = "(SELECT * FROM usage_windows FINAL WHERE event_count > 0)"
+
+MIGRATIONS.append(
+    (
+        10,
+        "cancellations and stripe corrections",
+        [
+            # Cancel events, keyed by what they cancel (meter, customer, event id): a repeated
+            # cancel converges; one that arrives before its original still wins.
+            f"""CREATE TABLE IF NOT EXISTS cancellations (
+        meter LowCardinality(String),
+        customer_id String,
+        cancelled_id String,
+        event_id String,
+        event_time DateTime64(3, 'UTC'),
+        topic LowCardinality(String),
+        partition UInt32,
+        offset UInt64,
+        record_time DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (meter, customer_id, cancelled_id)
+    SETTINGS {_DEDUP}""",
+            # What taking cancelled usage back from Stripe came to, per cancelled event
+            # (per_event) or per bucket (aggregated, cancelled_id ''); the latest row wins.
+            # outcome: adjusted (cancelled at Stripe), unsent (never billed), late (Stripe
+            # still bills `value`: past 24 hours or refused; a person decides), held (the
+            # usage is in rejected or expired pushes, which are not billed).
+            """CREATE TABLE IF NOT EXISTS stripe_corrections (
+        meter LowCardinality(String),
+        customer_id String,
+        bucket_start DateTime64(3, 'UTC'),
+        cancelled_id String,
+        mode LowCardinality(String),
+        outcome LowCardinality(String),
+        value Decimal(38, 9),
+        identifiers Array(String),
+        reason String,
+        updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(updated_at)
+    ORDER BY (meter, customer_id, bucket_start, cancelled_id)""",
+            """CREATE OR REPLACE VIEW usage_minutely AS
+        SELECT meter, customer_id, window_start, sum_value, event_count, min_value, max_value,
+               first_value, last_value, toDecimal128(sum_value / event_count, 9) AS avg_value
+        FROM usage_windows FINAL WHERE event_count > 0""",
+            *(
+                _rollup_view(name, expr, col, "CREATE OR REPLACE VIEW", _LIVE_WINDOWS)
+                for name, expr, col in _USAGE_VIEWS
+            ),
+            f"""CREATE OR REPLACE VIEW usage_totals AS
+        SELECT meter, customer_id,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value,
+               min(window_start) AS first_window, max(window_start) AS last_window
+        FROM {_LIVE_WINDOWS} GROUP BY meter, customer_id""",
+            """CREATE OR REPLACE VIEW stripe_delivery AS
+        SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
+               multiIf(status_rank IN (2, 6), 'sent', status_rank = 7, 'rejected',
+                       status_rank = 4, 'expired', status_rank = 8, 'cancelled',
+                       'pending') AS status,
                stripe_timestamp != bucket_start AS redated, reason, first_attempt_at, updated_at,
                ifNull(sent_value, value) AS billed
         FROM stripe_pushes FINAL""",

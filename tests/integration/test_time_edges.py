@@ -13,7 +13,7 @@ from consumer.broker import TansuBroker
 from consumer.demo import run_until_drained
 from consumer.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.producer import UsageProducer, event_record, message_key
+from consumer.producer import CURRENT_SCHEMA_ID, UsageProducer, event_record, message_key
 from consumer.schemas import reader_schema
 from consumer.store import open_store
 from consumer.wire import encode_confluent
@@ -38,7 +38,7 @@ def test_a_duplicate_30_hours_later_and_skewed_producer_clocks(
         rec = event_record(event_id, "api_call", customer, Decimal(value), event_ms)
         p.send_raw(
             message_key("api_call", event_id),
-            encode_confluent(rec, schema, 2),
+            encode_confluent(rec, schema, CURRENT_SCHEMA_ID),
             record_time_ms=record_ms,
         )
 

@@ -23,7 +23,7 @@ from consumer.classify import Accepted, Classified, Snapshot
 from consumer.config import MeterConfig
 from consumer.decode import DecodedEvent
 from consumer.records import Record
-from consumer.sink import RangeWrite, batch_id, recompute_windows, write_effects
+from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
 from consumer.store.backend import Backend, ChdbBackend
 from consumer.store.migrations import migrate
 from consumer.totals import aggregation_values
@@ -86,15 +86,28 @@ def store(tmp_path: Path) -> Iterator[Backend]:
 
 
 def reset(store: Backend) -> None:
-    for table in ("usage_events", "usage_windows", "dirty_windows"):
+    for table in ("usage_events", "usage_windows", "dirty_windows", "cancellations"):
         store.command(f"TRUNCATE TABLE {table}")
 
 
 # --- building what the pipeline writes ---------------------------------------------------
 
 
-def ranges_for(copies: Sequence[Copy], topic: str) -> list[RangeWrite]:
-    """The copies as consecutive records, one range per partition, all accepted."""
+@dataclass(frozen=True)
+class Cancel:
+    """A cancel event: takes back `target` of its meter and customer."""
+
+    meter: str
+    customer: str
+    target: str
+    ts: int = BASE_MS
+
+
+def ranges_for(
+    copies: Sequence[Copy], topic: str, cancels: Sequence[Cancel] = ()
+) -> list[RangeWrite]:
+    """The copies as consecutive records, one range per partition, all accepted; the cancels
+    in partition 9."""
     by_partition: dict[int, list[Copy]] = defaultdict(list)
     for c in copies:
         by_partition[c.partition].append(c)
@@ -111,13 +124,24 @@ def ranges_for(copies: Sequence[Copy], topic: str) -> list[RangeWrite]:
             accepted.append(Accepted(rec, event, meter))
         classified = Classified(accepted=accepted)
         out.append(RangeWrite(topic, partition, 0, len(group), 1, SNAPSHOT, classified))
+    if cancels:
+        taken = []
+        for offset, x in enumerate(cancels):
+            meter = METERS[x.meter]
+            own_id = f"cancel-{x.target}"
+            event = DecodedEvent(
+                own_id, meter.event_name, x.customer, Decimal(0), x.ts, {}, 4, x.target
+            )
+            taken.append(Accepted(Record(topic, 9, offset, None, b"", x.ts), event, meter))
+        classified = Classified(cancels=taken)
+        out.append(RangeWrite(topic, 9, 0, len(cancels), 1, SNAPSHOT, classified))
     return out
 
 
 def write_batch(store: Backend, ranges: Sequence[RangeWrite], now_ms: int, token: str = "") -> int:
     token = token or batch_id(ranges)
     n = write_effects(store, token, ranges, now_ms)
-    recompute_windows(store, token, now_ms)
+    recompute_windows(store, token, now_ms, cancels_of(ranges))
     return n
 
 
@@ -174,15 +198,18 @@ def ledger_count(store: Backend) -> int:
 # --- the Python reference ----------------------------------------------------------------
 
 
-def unique(events: Sequence[Ev]) -> list[Ev]:
-    return list({e.identity: e for e in events}.values())
+def unique(events: Sequence[Ev], cancels: Sequence[Cancel] = ()) -> list[Ev]:
+    """The ledger's events, without the cancelled ones."""
+    gone = {(x.meter, x.customer, x.target) for x in cancels}
+    kept = (e for e in events if (e.meter, e.customer, e.event_id) not in gone)
+    return list({e.identity: e for e in kept}.values())
 
 
 def reference(
-    events: Sequence[Ev], group: str, kinds: Sequence[str] = KINDS
+    events: Sequence[Ev], group: str, kinds: Sequence[str] = KINDS, cancels: Sequence[Cancel] = ()
 ) -> dict[tuple[str | int, ...], Row]:
     grouped: dict[tuple[str | int, ...], list[Point]] = defaultdict(list)
-    for e in unique(events):
+    for e in unique(events, cancels):
         if group == "minute":
             key: tuple[str | int, ...] = (e.meter, e.customer, minute_of(e.ts))
         elif group == "hour":
@@ -244,10 +271,12 @@ def two_batches(draw: st.DrawFn) -> tuple[list[Ev], list[Copy], list[Copy]]:
 # --- tests -------------------------------------------------------------------------------
 
 
-def assert_views_match(store: Backend, events: Sequence[Ev]) -> None:
-    assert minutely(store) == reference(events, "minute")
-    assert hourly(store) == reference(events, "hour", KINDS[:-1])
-    assert totals(store) == reference(events, "total", KINDS[:-1])
+def assert_views_match(
+    store: Backend, events: Sequence[Ev], cancels: Sequence[Cancel] = ()
+) -> None:
+    assert minutely(store) == reference(events, "minute", cancels=cancels)
+    assert hourly(store) == reference(events, "hour", KINDS[:-1], cancels)
+    assert totals(store) == reference(events, "total", KINDS[:-1], cancels)
     assert ledger_count(store) == len(unique(events))
 
 
@@ -356,3 +385,80 @@ def test_reference_is_exact_for_sums_beyond_28_digits(store: Backend) -> None:
     window = minutely(store)[("api_calls", "cus_big", BASE_MS)]
     assert window["sum"] == Decimal("10000000000000000000.000000001")  # ClickHouse is exact
     assert minutely(store) == reference([big, tiny], "minute")
+
+
+# --- cancellations -----------------------------------------------------------------------
+
+
+@st.composite
+def cancelled_batches(draw: st.DrawFn) -> tuple[list[Ev], list[list[Copy]], list[list[Cancel]]]:
+    """Events and cancels spread over three batches in any order: a cancel may come before
+    its original, after it, twice, name the wrong customer or an id that never comes."""
+    events = draw(EVENTS)
+    copies: list[list[Copy]] = [[], [], []]
+    cancels: list[list[Cancel]] = [[], [], []]
+    for ev in events:
+        copies[draw(st.integers(0, 2))].append(Copy(ev, draw(st.integers(0, 2)), 0))
+        what = draw(st.sampled_from(["keep", "keep", "cancel", "twice", "wrong_customer"]))
+        if what == "keep":
+            continue
+        customer = "cus_other" if what == "wrong_customer" else ev.customer
+        for _ in range(2 if what == "twice" else 1):
+            cancels[draw(st.integers(0, 2))].append(Cancel(ev.meter, customer, ev.event_id))
+    cancels[draw(st.integers(0, 2))].append(Cancel("api_calls", "cus_a", "never-comes"))
+    return events, copies, cancels
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cancelled_batches())
+def test_cancelled_events_leave_every_view_whatever_the_order(
+    store: Backend, case: tuple[list[Ev], list[list[Copy]], list[list[Cancel]]]
+) -> None:
+    _, copies, cancels = case
+    reset(store)
+    topic = f"usage.events.{next(_topics)}"
+    seen: list[Ev] = []
+    taken: list[Cancel] = []
+    for i in range(3):
+        if copies[i] or cancels[i]:
+            write_batch(store, ranges_for(copies[i], f"{topic}.{i}", cancels[i]), BASE_MS + i)
+        seen += [c.ev for c in copies[i]]
+        taken += cancels[i]
+        assert_views_match(store, seen, taken)
+    # A window emptied by cancels stays as a zero row that no view shows.
+    zero = store.query("SELECT count() FROM usage_windows FINAL WHERE event_count = 0")
+    emptied = {k[:3] for k in reference(seen, "minute")} - set(
+        reference(seen, "minute", cancels=taken)
+    )
+    assert int(zero[0][0]) <= len(emptied)
+
+
+def test_a_cancel_retried_after_its_original_arrived_elsewhere_still_applies(
+    store: Backend,
+) -> None:
+    """The cancel's first attempt found no original; meanwhile another partition wrote it
+    (and its recompute already saw the cancel). The retry recomputes its window again."""
+    ev = Ev("api_calls", "cus_a", "e-1", BASE_MS + 5, Decimal("4"))
+    other = Ev("api_calls", "cus_a", "e-2", BASE_MS + 6, Decimal("1"))
+    cancel = ranges_for([], "t.cancel", [Cancel("api_calls", "cus_a", "e-1")])
+    token = batch_id(cancel)
+    write_batch(store, cancel, BASE_MS, token)
+    write_batch(store, ranges_for([Copy(ev, 0, 0), Copy(other, 0, 0)], "t.orig"), BASE_MS)
+    assert totals(store)[("api_calls", "cus_a")]["sum"] == Decimal(1)
+    write_batch(store, cancel, BASE_MS + 1, token)  # the retry: same token, same rows
+    assert totals(store)[("api_calls", "cus_a")]["sum"] == Decimal(1)
+    assert int(store.query("SELECT count() FROM cancellations FINAL")[0][0]) == 1
+
+
+def test_cancelling_every_event_of_a_window_zeroes_it(store: Backend) -> None:
+    ev = Ev("api_calls", "cus_a", "e-1", BASE_MS + 5, Decimal("4"))
+    write_batch(store, ranges_for([Copy(ev, 0, 0)], "t.one"), BASE_MS)
+    assert minutely(store) == reference([ev], "minute")
+    write_batch(store, ranges_for([], "t.two", [Cancel("api_calls", "cus_a", "e-1")]), BASE_MS)
+    assert minutely(store) == {} and totals(store) == {} and hourly(store) == {}
+    rows = store.query("SELECT toString(sum_value), event_count FROM usage_windows FINAL")
+    assert rows == [("0", 0)]  # what the aggregated planner reads: the bucket fell to 0

@@ -40,8 +40,9 @@ def payload(
     name: str = "api_call",
     customer: str = "cus_1",
     value: str = "1",
+    cancels: str = "",
 ) -> bytes:
-    rec = event_record(event_id, name, customer, Decimal(value), ts)
+    rec = event_record(event_id, name, customer, Decimal(value), ts, cancels=cancels)
     return encode_confluent(rec, reader_schema(), CURRENT_SCHEMA_ID)
 
 
@@ -67,8 +68,9 @@ class Stream:
         value: str = "1",
         customer: str = "cus_1",
         record_ts: int | None = None,
+        cancels: str = "",
     ) -> Record:
-        data = payload(event_id, ts, name=name, customer=customer, value=value)
+        data = payload(event_id, ts, name=name, customer=customer, value=value, cancels=cancels)
         return self.raw(data, T0 if record_ts is None else record_ts, message_key(name, event_id))
 
 
@@ -130,6 +132,25 @@ def test_undecodable_and_invalid_messages_are_dead_letters_with_reasons() -> Non
     named = classifier().decoder.named_schema_ids(r.value for r in s.records)
     assert CURRENT_SCHEMA_ID in named
     assert 99 in named and named == sorted(set(named))  # the unknown id is named too
+
+
+def test_cancels_are_neither_usage_nor_deduplicated_nor_late() -> None:
+    s = Stream()
+    s.event("e-1")
+    s.event("c-1", cancels="e-1")
+    s.event("c-1", cancels="e-1")  # a repeated cancel converges in its table (sink.py)
+    s.event("c-2", ts=T0 - 2 * HOUR_MS, cancels="e-0")  # older than lateness: still applies
+    s.event("c-3", cancels="c-3")
+    ledger = FakeLedger(held={("api_calls", "c-1")})  # a cancel never meets the ledger
+    out = classifier().classify(s.records, SNAPSHOT, recent_with(), ledger)
+    assert ids(out) == ["e-1"]
+    assert [(c.event.event_id, c.event.cancels) for c in out.cancels] == [
+        ("c-1", "e-1"), ("c-1", "e-1"), ("c-2", "e-0"),
+    ]  # fmt: skip
+    assert [d.reason for d in out.invalid] == ["cancels_itself"]
+    assert out.duplicates == {} and out.late == []
+    assert ledger.calls == [("api_calls", ["e-1"])]
+    assert out.watermarks_after == {"api_calls": T0}  # cancels do not move the watermark
 
 
 def test_invalid_first_copy_does_not_shadow_a_valid_later_copy() -> None:

@@ -23,9 +23,10 @@ from consumer.schemas import (
 from consumer.wire import encode_confluent, encode_event, frame_confluent
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
-V2 = reader_schema()
+V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
 V3 = load_schema(SCHEMAS_DIR / "usage_event.v3.avsc")
-WRITERS = {1: V1, 2: V2, 3: V3}
+V4 = reader_schema()
+WRITERS = {1: V1, 2: V2, 3: V3, 4: V4}
 FAR_FUTURE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 BIG = Decimal("12345678901234567890.123456789")
 
@@ -54,11 +55,11 @@ def for_writer(schema_id: int, rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def confluent_decoder() -> Decoder:
-    return Decoder(mode="confluent", source=LocalSchemaSource(), reader=V2)
+    return Decoder(mode="confluent", source=LocalSchemaSource(), reader=V4)
 
 
 def plain_decoder(writer: Any) -> Decoder:
-    return Decoder(mode="plain", source=None, reader=V2, plain_writer=writer)
+    return Decoder(mode="plain", source=None, reader=V4, plain_writer=writer)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def _source_with(tmp_path: Path, schema: Path) -> LocalSchemaSource:
 
 def test_writer_missing_required_field(tmp_path: Path) -> None:
     schema = _variant(tmp_path / "nocust.avsc", lambda fs: fs.pop(2))
-    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V2)
+    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V4)
     with pytest.raises(DecodeError) as err:
         decoder.decode(frame_confluent(7, b"\x00"))
     assert err.value.reason == "missing_field"
@@ -230,7 +231,7 @@ def test_writer_timestamp_wrong_type(tmp_path: Path, new_type: Any) -> None:
         fs[4]["type"] = new_type
 
     schema = _variant(tmp_path / "ts.avsc", retype)
-    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V2)
+    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V4)
     for _ in range(2):  # the second failure comes from the cached verdict
         with pytest.raises(DecodeError) as err:
             decoder.decode(frame_confluent(7, b"\x00"))
@@ -251,7 +252,7 @@ def test_writer_decimal_mismatch(tmp_path: Path, value_type: Any) -> None:
         fs[3]["type"] = value_type
 
     schema = _variant(tmp_path / "scale.avsc", rescale)
-    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V2)
+    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V4)
     with pytest.raises(DecodeError) as err:
         decoder.decode(frame_confluent(7, b"\x00"))
     assert err.value.reason == "wrong_type"
@@ -263,7 +264,7 @@ def test_writer_string_field_wrong_type(tmp_path: Path) -> None:
 
     schema = _variant(tmp_path / "id.avsc", retype)
     writer = load_schema(schema)
-    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V2)
+    decoder = Decoder(mode="confluent", source=_source_with(tmp_path, schema), reader=V4)
     with pytest.raises(DecodeError) as err:
         decoder.decode(encode_confluent(record(event_id=5), writer, 7))
     assert err.value.reason == "wrong_type"
@@ -277,9 +278,9 @@ def test_plain_mode_rejects_incompatible_writer_at_start(tmp_path: Path) -> None
 
 def test_constructor_checks_mode_arguments() -> None:
     with pytest.raises(ValueError):
-        Decoder(mode="confluent", source=None, reader=V2)
+        Decoder(mode="confluent", source=None, reader=V4)
     with pytest.raises(ValueError):
-        Decoder(mode="plain", source=None, reader=V2)
+        Decoder(mode="plain", source=None, reader=V4)
 
 
 class _Down:
@@ -288,7 +289,7 @@ class _Down:
 
 
 def test_unavailable_source_is_not_a_decode_error() -> None:
-    decoder = Decoder(mode="confluent", source=_Down(), reader=V2)
+    decoder = Decoder(mode="confluent", source=_Down(), reader=V4)
     with pytest.raises(SchemaSourceUnavailable):
         decoder.decode(encode_confluent(record(), V2, 2))
 
@@ -304,7 +305,7 @@ class _Counting:
 
 def test_resolution_is_cached_per_schema_id() -> None:
     source = _Counting()
-    decoder = Decoder(mode="confluent", source=source, reader=V2)
+    decoder = Decoder(mode="confluent", source=source, reader=V4)
     data = encode_confluent(record(), V2, 2)
     for _ in range(3):
         decoder.decode(data)
@@ -372,3 +373,12 @@ def test_random_bytes_only_raise_decode_error(data: bytes, framed: bool, schema_
 
 _SHARED = confluent_decoder()
 _PLAIN = plain_decoder(V2)
+
+
+def test_cancels_is_read_from_v4_and_empty_before() -> None:
+    decoder = confluent_decoder()
+    cancel = decoder.decode(encode_confluent(record(event_id="c-1", cancels="evt-1"), V4, 4))
+    assert (cancel.event_id, cancel.cancels) == ("c-1", "evt-1")
+    for schema_id, writer in WRITERS.items():
+        event = decoder.decode(encode_confluent(for_writer(schema_id, record()), writer, schema_id))
+        assert event.cancels == ""

@@ -26,28 +26,34 @@ from consumer.schemas import (
 )
 
 V2_TEXT = (SCHEMAS_DIR / "usage_event.avsc").read_text()
+V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
 
 
 def field_names(schema: dict[str, Any]) -> list[str]:
     return [f["name"] for f in schema["fields"]]
 
 
-def test_reader_schema_is_v2_contract() -> None:
+def test_reader_schema_is_v4_contract() -> None:
     schema = reader_schema()
     assert schema["name"] == "io.usageconsumer.UsageEvent"
     names = field_names(schema)
-    assert names == ["event_id", "event_name", "customer_id", "value", "timestamp", "properties"]
+    assert names == [
+        "event_id", "event_name", "customer_id", "value", "timestamp", "properties", "source",
+        "cancels",
+    ]  # fmt: skip
     assert all(f.get("doc") for f in schema["fields"])
     value = schema["fields"][3]["type"]
     assert (value["logicalType"], value["precision"], value["scale"]) == ("decimal", 38, 9)
     assert schema["fields"][5]["default"] == {}
+    assert schema["fields"][7]["default"] == ""
 
 
 def test_versions_differ_only_by_optional_fields() -> None:
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
     v3 = load_schema(SCHEMAS_DIR / "usage_event.v3.avsc")
-    assert field_names(v1) == field_names(reader_schema())[:-1]
-    assert field_names(v3) == [*field_names(reader_schema()), "source"]
+    assert field_names(v1) == field_names(V2)[:-1]
+    assert field_names(v3) == [*field_names(V2), "source"]
+    assert field_names(reader_schema()) == [*field_names(v3), "cancels"]
     assert v3["fields"][-1]["default"] == ""
 
 
@@ -58,11 +64,12 @@ def test_load_schema_missing_file_says_where(tmp_path: Path) -> None:
 
 def test_local_source_loads_registry_json() -> None:
     source = LocalSchemaSource()
-    assert source.schema_ids == {1, 2, 3}
-    assert field_names(source.writer_schema(2)) == field_names(reader_schema())
+    assert source.schema_ids == {1, 2, 3, 4}
+    assert field_names(source.writer_schema(2)) == field_names(V2)
+    assert field_names(source.writer_schema(4)) == field_names(reader_schema())
     assert "properties" not in field_names(source.writer_schema(1))
     with pytest.raises(UnknownSchemaId):
-        source.writer_schema(4)
+        source.writer_schema(5)
 
 
 def test_local_source_resolves_relative_to_its_file(tmp_path: Path) -> None:
@@ -70,7 +77,7 @@ def test_local_source_resolves_relative_to_its_file(tmp_path: Path) -> None:
     (tmp_path / "registry.json").write_text(json.dumps({"42": "mine.avsc"}))
     source = LocalSchemaSource(tmp_path / "registry.json")
     assert source.schema_ids == {42}
-    assert schema_fingerprint(source.writer_schema(42)) == schema_fingerprint(reader_schema())
+    assert schema_fingerprint(source.writer_schema(42)) == schema_fingerprint(V2)
 
 
 def test_fingerprint_is_stable_and_ignores_docs() -> None:
@@ -78,16 +85,17 @@ def test_fingerprint_is_stable_and_ignores_docs() -> None:
     for f in raw["fields"]:
         f["doc"] = "changed"
     undocumented = load_schema_from(raw)
-    assert schema_fingerprint(undocumented) == schema_fingerprint(reader_schema())
+    assert schema_fingerprint(undocumented) == schema_fingerprint(V2)
     assert len(schema_fingerprint(reader_schema())) == 16
 
 
 def test_fingerprint_sees_scale_and_version_changes() -> None:
     raw = json.loads(V2_TEXT)
     raw["fields"][3]["type"]["scale"] = 6
-    assert schema_fingerprint(load_schema_from(raw)) != schema_fingerprint(reader_schema())
+    assert schema_fingerprint(load_schema_from(raw)) != schema_fingerprint(V2)
     v3 = load_schema(SCHEMAS_DIR / "usage_event.v3.avsc")
-    assert schema_fingerprint(v3) != schema_fingerprint(reader_schema())
+    assert schema_fingerprint(v3) != schema_fingerprint(V2)
+    assert schema_fingerprint(reader_schema()) != schema_fingerprint(v3)
 
 
 def load_schema_from(raw: dict[str, Any]) -> Any:
@@ -150,7 +158,7 @@ def registry() -> Iterator[str]:
 
 def test_registry_hit(registry: str) -> None:
     schema = RegistrySchemaSource(registry + "/").writer_schema(2)
-    assert schema_fingerprint(schema) == schema_fingerprint(reader_schema())
+    assert schema_fingerprint(schema) == schema_fingerprint(V2)
     assert _Registry.requests == [("/schemas/ids/2", None)]
 
 

@@ -1,0 +1,286 @@
+"""Corrections: cancelled usage taken back from Stripe, or recorded where it cannot be.
+
+The sink already took a cancelled event out of ClickHouse's windows; here its pushes follow.
+Stripe cancels a meter event by identifier only within 24 hours of receiving it, and a push
+was received after its first attempt, so a push first attempted less than 23 hours ago is
+safely inside that limit.
+
+Per-event meters: a cancellation names one push.
+  never sent, rejected or expired        -> CANCELLED without a request           (unsent)
+  sent with nothing whole (no request)   -> CANCELLED                             (unsent)
+  sent, first attempt within 23 hours    -> one adjustment per event, CANCELLED   (adjusted)
+  sent earlier, or Stripe refuses        -> recorded: Stripe still bills it        (late)
+  attempted with the outcome unknown     -> waits until it settles
+Aggregated meters: a bucket whose total fell below what was pushed for it.
+  every sent revision within 23 hours    -> each adjusted, all CANCELLED; the planner then
+                                            pushes the bucket's total afresh      (adjusted)
+  a sent revision older                  -> recorded with what Stripe bills beyond the
+                                            usage; later usage in the bucket nets against it
+                                            (the planner plans only growth)       (late)
+  only rejected or expired revisions     -> recorded; nothing is billed           (held)
+Rejected and expired revisions stay as they are: their usage is held for a person.
+
+Order: adjustments, then the CANCELLED marks, then the record in stripe_corrections. A
+crash in between repeats the adjustments (cancelling a cancelled event is accepted) and
+the marks; nothing is billed twice and no correction is lost. Late corrections are counted
+(`usage_consumer_stripe_corrections_total{outcome="late"}`), logged, and listed by
+`reconcile`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+import pyarrow as pa
+
+from consumer.config import MeterConfig
+from consumer.emitter import outbox
+from consumer.emitter.buckets import anchors
+from consumer.emitter.delivery import DAY_MS
+from consumer.emitter.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
+from consumer.emitter.sender import CannotCancel, Sender
+from consumer.emitter.units import billed
+from consumer.faults import fault_point
+from consumer.identifiers import per_event_identifier
+from consumer.metrics import Metrics
+from consumer.store.backend import DECIMAL, TIME_MS, Backend
+
+log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share one logger
+CANCEL_WITHIN_MS = 23 * 3_600_000
+PER_CYCLE = 200
+LATE_WHY = "first sent over 23 hours ago: Stripe cancels only within 24 hours of receipt"
+
+
+@dataclass
+class Record:
+    """One row of stripe_corrections: what a cancellation came to."""
+
+    meter: str
+    customer_id: str
+    bucket_ms: int
+    cancelled_id: str  # "" for an aggregated bucket
+    mode: str
+    outcome: str  # adjusted | unsent | late | held
+    value: Decimal
+    identifiers: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class _Decision:
+    """What to do about the pushes of one cancellation or bucket."""
+
+    cancel: list[Push] = field(default_factory=list)  # to mark CANCELLED
+    adjust: list[Push] = field(default_factory=list)  # to cancel at Stripe first
+    late: list[Push] = field(default_factory=list)  # Stripe keeps billing these
+    waiting: bool = False  # an outcome is unknown: decide later
+
+
+def _decide(pushes: Sequence[Push], now_ms: int) -> _Decision:
+    d = _Decision()
+    for p in pushes:
+        if p.status == CANCELLED or p.status in (REJECTED, EXPIRED):
+            continue
+        if p.attempted:
+            d.waiting = True
+        elif p.status not in DELIVERED or billed(p) == 0:
+            d.cancel.append(p)  # never sent, or nothing whole was (no request was made)
+        elif now_ms - p.first_attempt_ms < CANCEL_WITHIN_MS:
+            d.adjust.append(p)
+        else:
+            d.late.append(p)
+    return d
+
+
+class Corrector:
+    """Runs once per emitter cycle, before anything is sent."""
+
+    def __init__(
+        self,
+        store: Backend,
+        sender: Sender,
+        meters: Sequence[MeterConfig],
+        metrics: Metrics,
+        anchor: datetime | None = None,
+        period: str = "month",
+        lookback_days: int = 35,
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self._metrics = metrics
+        billed_meters = [m for m in meters if m.stripe_event_name]
+        self._per_event = {m.name: m for m in billed_meters if m.emission == "per_event"}
+        self._aggregated = [m for m in billed_meters if m.emission == "aggregated"]
+        self._anchor, self._period = anchor, period
+        self._lookback_ms = lookback_days * DAY_MS
+
+    def run(self, now_ms: int) -> int:
+        """Take back what was cancelled since the last cycle; returns how much was done."""
+        done = self._per_event_cancellations(now_ms)
+        for meter in self._aggregated:
+            done += self._shrunk_buckets(meter, now_ms)
+        return done
+
+    # -- per event ----------------------------------------------------------------------
+
+    def _per_event_cancellations(self, now_ms: int) -> int:
+        if not self._per_event:
+            return 0
+        # Cancellations not yet settled whose original is in the ledger (one that never
+        # came is looked at again each cycle, for as long as Stripe could take it).
+        rows = self._store.query(
+            """WITH pending AS (
+                   SELECT meter, customer_id, cancelled_id FROM cancellations FINAL
+                   WHERE meter IN {m:Array(String)}
+                     AND record_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+                     AND (meter, customer_id, cancelled_id) NOT IN (
+                            SELECT meter, customer_id, cancelled_id FROM stripe_corrections
+                            WHERE mode = 'per_event'))
+               SELECT meter, customer_id, cancelled_id FROM pending
+               WHERE (meter, customer_id, cancelled_id) IN (
+                        SELECT meter, customer_id, event_id FROM usage_events
+                        WHERE (meter, customer_id) IN (SELECT meter, customer_id FROM pending)
+                          AND event_id IN (SELECT cancelled_id FROM pending))
+               ORDER BY meter, customer_id, cancelled_id LIMIT {n:UInt32}""",
+            {"m": sorted(self._per_event), "n": PER_CYCLE, "since": now_ms - self._lookback_ms},
+        )
+        wanted = {
+            per_event_identifier(self._per_event[str(m)].stripe_event_name or "", str(i)): (
+                str(m),
+                str(c),
+                str(i),
+            )
+            for m, c, i in rows
+        }
+        pushes = {p.identifier: p for p in outbox.by_identifier(self._store, sorted(wanted))}
+        records: list[Record] = []
+        for ident, (meter, customer, cancelled) in wanted.items():
+            p = pushes.get(ident)
+            if p is None:
+                continue  # the sink writes the push just after the ledger row: next cycle
+            record = self._settle(
+                [p],
+                now_ms,
+                Record(meter, customer, p.bucket_ms, cancelled, "per_event", "unsent", billed(p)),
+            )
+            if record is not None:
+                records.append(record)
+        self._write(records, now_ms)
+        return len(records)
+
+    # -- aggregated ---------------------------------------------------------------------
+
+    def _shrunk_buckets(self, meter: MeterConfig, now_ms: int) -> int:
+        since = now_ms - self._lookback_ms
+        cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
+        shrunk = outbox.bucket_deltas(self._store, meter, since, cuts, "w.total < p.pushed")
+        if not shrunk:
+            return 0
+        shrunk = shrunk[:PER_CYCLE]
+        handled = self._standing(meter.name, [(c, b) for c, b, _, _, _ in shrunk])
+        keys = [(c, b) for c, b, _, d, _ in shrunk if handled.get((c, b)) != -d]
+        by_bucket: dict[tuple[str, int], list[Push]] = {}
+        for p in outbox.of_buckets(self._store, meter.name, keys):
+            by_bucket.setdefault((p.customer_id, p.bucket_ms), []).append(p)
+        records: list[Record] = []
+        for customer, bucket, _, delta, _ in shrunk:
+            if (customer, bucket) not in keys:
+                continue  # recorded at this amount already (late, or held)
+            base = Record(meter.name, customer, bucket, "", "aggregated", "unsent", -delta)
+            record = self._settle(by_bucket.get((customer, bucket), []), now_ms, base)
+            if record is not None:
+                records.append(record)
+        self._write(records, now_ms)
+        return len(records)
+
+    def _standing(self, meter: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Decimal]:
+        """(customer, bucket) -> the amount its latest correction left standing (late or
+        held): such a bucket is settled until its total moves again."""
+        rows = self._store.query(
+            """SELECT customer_id, toUnixTimestamp64Milli(bucket_start), outcome,
+                      toString(value)
+               FROM stripe_corrections FINAL
+               WHERE mode = 'aggregated' AND meter = {m:String}
+                 AND (customer_id, toUnixTimestamp64Milli(bucket_start))
+                     IN {keys:Array(Tuple(String, Int64))}""",
+            {"m": meter, "keys": keys},
+        )
+        return {(str(c), int(b)): Decimal(v) for c, b, o, v in rows if o in ("late", "held")}
+
+    # -- both -----------------------------------------------------------------------------
+
+    def _settle(self, pushes: Sequence[Push], now_ms: int, record: Record) -> Record | None:
+        """Cancel `pushes` at Stripe and in the outbox, or find it too late; the record of
+        what happened, or None while an outcome is still unknown."""
+        d = _decide(pushes, now_ms)
+        if d.waiting:
+            return None
+        if not (d.late or d.adjust or d.cancel):
+            record.outcome = "held"  # in rejected or expired pushes: nothing is billed
+            record.reason = "the cancelled usage is in pushes held for a person"
+            return record
+        if d.late:
+            record.outcome, record.reason = "late", LATE_WHY
+            record.identifiers = [p.identifier for p in d.late]
+            return self._late(record)
+        for p in d.adjust:
+            try:
+                self._sender.cancel(p)
+            except CannotCancel as exc:
+                record.outcome, record.reason = "late", f"Stripe refused to cancel: {exc}"
+                record.identifiers = [p.identifier]
+                return self._late(record)
+        fault_point("after_stripe_adjustment")
+        gone = d.adjust + d.cancel
+        why = "adjusted" if d.adjust else "unsent"
+        marks = [p.moved(CANCELLED, reason=f"cancelled ({why})") for p in gone]
+        outbox.write_moved(self._store, marks, now_ms)
+        record.outcome = why
+        record.identifiers = [p.identifier for p in gone]
+        self._metrics.stripe_corrections.labels(record.meter, why).inc()
+        return record
+
+    def _late(self, record: Record) -> Record:
+        self._metrics.stripe_corrections.labels(record.meter, "late").inc()
+        log.error(
+            "cancelled usage of %s for %s (%s) is still billed by Stripe: %s. Credit the "
+            "customer by hand; see the stripe_corrections table and `reconcile`",
+            record.meter,
+            record.customer_id,
+            record.cancelled_id or f"bucket at {record.bucket_ms}",
+            record.reason,
+        )
+        return record
+
+    def _write(self, records: Sequence[Record], now_ms: int) -> None:
+        if not records:
+            return
+        self._store.insert_columns(
+            "stripe_corrections",
+            {
+                "meter": pa.array([r.meter for r in records]),
+                "customer_id": pa.array([r.customer_id for r in records]),
+                "bucket_start": pa.array([r.bucket_ms for r in records], TIME_MS),
+                "cancelled_id": pa.array([r.cancelled_id for r in records]),
+                "mode": pa.array([r.mode for r in records]),
+                "outcome": pa.array([r.outcome for r in records]),
+                "value": pa.array([r.value for r in records], DECIMAL),
+                "identifiers": pa.array([r.identifiers for r in records], pa.list_(pa.string())),
+                "reason": pa.array([r.reason for r in records]),
+                "updated_at": pa.array([now_ms] * len(records), TIME_MS),
+            },
+        )
+        self._report_late()
+
+    def _report_late(self) -> None:
+        """The gauge of cancelled usage Stripe still bills, per meter."""
+        rows = self._store.query(
+            """SELECT meter, toString(sum(value)) FROM stripe_corrections FINAL
+               WHERE outcome = 'late' GROUP BY meter"""
+        )
+        for meter, value in rows:
+            self._metrics.stripe_overbilled.labels(str(meter)).set(float(Decimal(value)))

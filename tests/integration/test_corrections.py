@@ -1,0 +1,245 @@
+"""Corrections end to end: cancel events go through the sink as the pipeline writes them,
+the emitter takes the usage back from the emulator (or records why it cannot), and the
+ClickHouse totals, Stripe's totals and `reconcile` agree on what happened."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from consumer.classify import Accepted, Classified, Snapshot
+from consumer.config import MeterConfig
+from consumer.decode import DecodedEvent
+from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
+from consumer.emitter.outbox import CANCELLED
+from consumer.emitter.summaries import SummaryReader
+from consumer.emulator import EmulatorServer
+from consumer.identifiers import per_event_identifier
+from consumer.reconcile import format_report, reconcile
+from consumer.records import Record
+from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
+from consumer.store.backend import StoreError
+from tests.integration.conftest import METERS
+from tests.integration.test_stripe_delivery import (
+    MarkFailingStore,
+    Rig,
+    drain,
+    minute,
+    open_rig,
+)
+from tests.integration.test_stripe_delivery import server as server  # a fixture
+
+pytestmark = pytest.mark.integration
+
+_batches = itertools.count()
+Ev = tuple[str, str, str, int, str]  # meter, customer, event id, time, value
+Cancel = tuple[str, str, str]  # meter, customer, cancelled event id
+
+
+class CancelMarkFailingStore(MarkFailingStore):
+    """Fails the CANCELLED marks while `failing`: a crash right after Stripe's adjustments."""
+
+    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
+        cancels = table == "stripe_pushes" and CANCELLED in columns["status_rank"].to_pylist()
+        if self.failing and cancels:
+            self.refused += 1
+            raise StoreError("injected: the cancelled marks failed")
+        self.inner.insert_columns(table, columns, token)
+
+
+@pytest.fixture
+def rig(server: EmulatorServer, tmp_path: Path) -> Iterator[Rig]:
+    r = open_rig(server, tmp_path, [{**m, "stripe_value_format": "decimal"} for m in METERS])
+    r.store = CancelMarkFailingStore(r.store.inner)
+    try:
+        yield r
+    finally:
+        r.store.close()
+
+
+def meters(rig: Rig) -> dict[str, MeterConfig]:
+    return {m.name: m for m in rig.settings.meters}
+
+
+def ingest(rig: Rig, events: Sequence[Ev] = (), cancels: Sequence[Cancel] = ()) -> None:
+    """One batch through the sink, exactly as the commit stage writes it."""
+    by_name = meters(rig)
+    topic = f"usage.{next(_batches)}"  # each batch its own ranges (and dedup token)
+    snap = Snapshot({}, "test", rig.now_ms())
+
+    def accepted(offset: int, meter: str, event: DecodedEvent) -> Accepted:
+        rec = Record(topic, 0, offset, None, b"", event.timestamp_ms)
+        return Accepted(rec, event, by_name[meter])
+
+    usage = [
+        accepted(i, m, DecodedEvent(e, by_name[m].event_name, c, Decimal(v), t, {}, 4))
+        for i, (m, c, e, t, v) in enumerate(events)
+    ]
+    taken = [
+        accepted(
+            len(events) + i,
+            m,
+            DecodedEvent(f"x-{e}", by_name[m].event_name, c, Decimal(0), rig.now_ms(), {}, 4, e),
+        )
+        for i, (m, c, e) in enumerate(cancels)
+    ]
+    n = len(events) + len(cancels)
+    ranges = [RangeWrite(topic, 0, 0, n, 1, snap, Classified(accepted=usage, cancels=taken))]
+    token = batch_id(ranges)
+    write_effects(rig.store, token, ranges, rig.now_ms())
+    recompute_windows(rig.store, token, rig.now_ms(), cancels_of(ranges))
+
+
+def run(rig: Rig) -> None:
+    emitter = rig.emitter()
+    try:
+        drain(emitter)
+    finally:
+        emitter.close()
+
+
+def stripe_total(rig: Rig, name: str, customer: str) -> Decimal:
+    return rig.billed().get((name, customer), Decimal(0))
+
+
+def clickhouse_total(rig: Rig, meter: str, customer: str) -> Decimal:
+    rows = rig.store.query(
+        """SELECT toString(sum_value) FROM usage_totals
+           WHERE meter = {m:String} AND customer_id = {c:String}""",
+        {"m": meter, "c": customer},
+    )
+    return Decimal(rows[0][0]) if rows else Decimal(0)
+
+
+def corrections(rig: Rig) -> dict[tuple[str, str], tuple[str, Decimal]]:
+    """(cancelled id or bucket time, customer) -> (outcome, value)."""
+    rows = rig.store.query(
+        """SELECT if(cancelled_id = '', toString(toUnixTimestamp64Milli(bucket_start)),
+                     cancelled_id), customer_id, outcome, toString(value)
+           FROM stripe_corrections FINAL"""
+    )
+    return {(str(k), str(c)): (str(o), Decimal(v)) for k, c, o, v in rows}
+
+
+def correction_rows(rig: Rig) -> int:
+    return int(rig.store.query("SELECT count() FROM stripe_corrections")[0][0])
+
+
+def status(rig: Rig, name: str, event_id: str) -> str:
+    return rig.statuses()[per_event_identifier(name, event_id)][0]
+
+
+def test_per_event_cancels_unsent_adjusted_and_late(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("tokens", "cus_a", f"e{i}", t + i, v) for i, v in enumerate(["5", "3", "2"])])
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])  # before anything was sent
+    run(rig)
+    assert status(rig, "tokens", "e0") == "cancelled"
+    assert stripe_total(rig, "tokens", "cus_a") == 5  # e0 never went to Stripe
+    assert clickhouse_total(rig, "tokens", "cus_a") == 5
+
+    ingest(rig, cancels=[("tokens", "cus_a", "e1")])  # sent minutes ago: an adjustment
+    run(rig)
+    assert stripe_total(rig, "tokens", "cus_a") == 2
+    assert status(rig, "tokens", "e1") == "cancelled"
+
+    rig.jump(24 * 3600)  # past Stripe's 24 hours: recorded, never dropped
+    ingest(rig, cancels=[("tokens", "cus_a", "e2")])
+    run(rig)
+    assert stripe_total(rig, "tokens", "cus_a") == 2  # Stripe still bills it
+    assert status(rig, "tokens", "e2") == "sent"
+    assert clickhouse_total(rig, "tokens", "cus_a") == 0
+    assert corrections(rig) == {
+        ("e0", "cus_a"): ("unsent", Decimal(5)),
+        ("e1", "cus_a"): ("adjusted", Decimal(3)),
+        ("e2", "cus_a"): ("late", Decimal(2)),
+    }
+    assert (
+        rig.metric("usage_consumer_stripe_corrections_total", meter="tokens", outcome="late") == 1
+    )
+    assert rig.metric("usage_consumer_stripe_late_corrections_value", meter="tokens") == 2
+
+    run(rig)  # settled: nothing is done twice
+    assert correction_rows(rig) == 3
+    report = reconcile_now(rig, t)
+    [line] = report.corrected_late
+    assert (line.customer, line.meter, line.late, line.drift) == ("cus_a", "tokens", 2, 0)
+    assert "late_corrections=2 " in format_report(report)
+
+
+def reconcile_now(rig: Rig, start_ms: int) -> Any:
+    reader = SummaryReader(rig.emitter()._sender.api, lambda: None)
+    start = start_ms // 1000 // 3600 * 3600
+    end = (rig.now_ms() // 1000 - 600) // 60 * 60
+    return reconcile(rig.store, reader, rig.settings.meters, start, end, window="day")
+
+
+def test_a_cancel_before_its_original_means_it_is_never_sent(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    run(rig)
+    ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t, "1")])
+    run(rig)
+    assert stripe_total(rig, "tokens", "cus_a") == 1
+    assert status(rig, "tokens", "e0") == "cancelled"
+    assert corrections(rig) == {("e0", "cus_a"): ("unsent", Decimal(5))}
+
+
+def test_an_aggregated_bucket_is_adjusted_and_pushed_again_then_netted_when_late(
+    rig: Rig,
+) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(
+        rig, [("api_calls", "cus_a", "a1", t + 1, "4"), ("api_calls", "cus_a", "a2", t + 2, "6")]
+    )
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 10
+
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6  # revision 1 cancelled, 6 pushed anew
+    statuses = sorted(s for s, _, _ in rig.statuses().values())
+    assert statuses == ["cancelled", "sent"]
+    assert corrections(rig) == {(str(t), "cus_a"): ("adjusted", Decimal(4))}
+
+    rig.jump(24 * 3600)
+    ingest(rig, cancels=[("api_calls", "cus_a", "a2")])
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6  # too late to take back
+    assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal(6))}
+    rows = correction_rows(rig)
+    run(rig)
+    assert correction_rows(rig) == rows  # recorded once at this amount
+
+    # Usage arriving later in the bucket nets against what Stripe bills too much.
+    ingest(rig, [("api_calls", "cus_a", "a3", t + 3, "2.5")])
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6
+    assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal("3.5"))}
+    assert clickhouse_total(rig, "api_calls", "cus_a") == Decimal("2.5")
+
+
+def test_a_crash_between_the_adjustment_and_its_mark_cancels_once(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t + MINUTE_MS, "7")])
+    run(rig)
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    emitter = rig.emitter()
+    rig.store.failing = True
+    with pytest.raises(StoreError):
+        emitter.run_once()  # Stripe cancelled e0; the mark did not land; the process dies
+    emitter.close()
+    rig.store.failing = False
+    assert stripe_total(rig, "tokens", "cus_a") == 7
+    assert status(rig, "tokens", "e0") == "sent" and correction_rows(rig) == 0
+
+    run(rig)  # the restart cancels again (accepted) and marks
+    assert stripe_total(rig, "tokens", "cus_a") == 7
+    assert status(rig, "tokens", "e0") == "cancelled"
+    assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
