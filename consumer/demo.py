@@ -28,7 +28,14 @@ from consumer.producer import UsageProducer
 from consumer.progress import Progress
 from consumer.sample import Message, Sample, generate
 from consumer.store import Backend, open_store
-from consumer.totals import Totals, clickhouse_totals, format_table, late_event_ids, side_counts
+from consumer.totals import (
+    Totals,
+    clickhouse_totals,
+    correction_counts,
+    format_table,
+    late_event_ids,
+    side_counts,
+)
 
 STRIPE_KEY = "sk_test_demo"
 
@@ -205,7 +212,8 @@ def main(
             broker.create_topics({k.topic: partitions, k.dlq_topic: 1, k.late_topic: 1})
             create_meters(settings, emulator.url)
             print(f"demo: seed={seed} broker={broker.bootstrap} stripe-emulator={emulator.url}")
-            sample = generate(events, customers, partitions, int(time.time() * 1000), seed)
+            now_ms = int(time.time() * 1000)
+            sample = generate(events, customers, partitions, now_ms, seed, cancels=True)
             ends = produce(sample, broker.bootstrap, k.topic)
             run_until_drained(settings, ends, timeout=600)
             st = stripe_totals(settings, emulator.url)
@@ -218,6 +226,7 @@ def main(
         ch = clickhouse_totals(store, settings.meters)
         sides = side_counts(store)
         late_ids = late_event_ids(store)
+        fixes = correction_counts(store)
     finally:
         store.close()
     rows, bad = compare(sample, ch, st)
@@ -237,8 +246,16 @@ def main(
         f"(expected {len(sample.late_ids)}) + {len(late_copies)} late duplicate copies; "
         f"duplicates produced: {kinds['duplicate']}"
     )
+    # Every cancel is recorded; those of per-event usage each settled at Stripe (aggregated
+    # ones settle per bucket); none came too late here, the run spans hours.
+    print(
+        f"cancels: {fixes['cancels']} (expected {kinds['cancel']}); taken back from Stripe: "
+        f"{ {o: n for o, n in fixes.items() if o != 'cancels'} }"
+    )
     side_ok = (
-        dead == expected_dead
+        fixes["cancels"] == kinds["cancel"]
+        and fixes.get("late", 0) == 0
+        and dead == expected_dead
         and sample.late_ids <= late_ids
         and late_ids - sample.late_ids <= sample.accepted_ids
     )

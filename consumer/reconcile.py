@@ -67,7 +67,7 @@ class Line:
     late: Decimal = Decimal(0)  # cancelled usage Stripe still bills
     stripe: Decimal = Decimal(0)
     account: str = ""
-    _last_at: int = -1
+    _last_at: tuple[int, int] = (-1, -1)
 
     @property
     def drift(self) -> Decimal:
@@ -119,8 +119,9 @@ def _collect(
 
     params = {"m": meter.name, "lo": lo, "hi": hi, "c": customer or ""}
     pushes = store.query(
-        """SELECT customer_id, stripe_account, toUnixTimestamp(stripe_timestamp),
-                  status_rank IN (2, 6), toString(ifNull(sent_value, value)), toString(value)
+        """SELECT customer_id, stripe_account, toUnixTimestamp64Milli(stripe_timestamp),
+                  status_rank IN (2, 6), toString(ifNull(sent_value, value)), toString(value),
+                  toUnixTimestamp64Milli(first_attempt_at)
            FROM stripe_pushes FINAL
            WHERE meter = {m:String} AND ({c:String} = '' OR customer_id = {c:String})
              AND status_rank != 8
@@ -129,13 +130,15 @@ def _collect(
         params,
     )
     last = _formula(meter) == "last"
-    for c, account, ts, delivered, billed, value in pushes:
-        x = line(str(c), int(ts))
+    for c, account, ts_ms, delivered, billed, value, sent_ms in pushes:
+        x = line(str(c), int(ts_ms) // 1000)
         x.account = x.account or str(account)
+        # Stripe's last value: the newest timestamp (ms), ties to the later received
+        newest = (int(ts_ms), int(sent_ms))
         if not delivered:
             x.unbilled = EXACT.add(x.unbilled, Decimal(value))
-        elif last and int(ts) >= x._last_at:
-            x.delivered, x._last_at = Decimal(billed), int(ts)
+        elif last and newest >= x._last_at:
+            x.delivered, x._last_at = Decimal(billed), newest
         elif not last:
             x.delivered = EXACT.add(x.delivered, Decimal(billed))
     usage = store.query(

@@ -1,7 +1,7 @@
 """A realistic, seeded sample with known ground truth: the demo's and the tests' dataset.
 
 Each message is labelled with what it is meant to be (accepted, duplicate, late, future,
-invalid, undecodable); the ground truth is computed from those labels, independently of
+invalid, undecodable, cancel); the ground truth is computed from those labels, independently of
 the consumer's code, so the comparison at the end of a run means something.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from consumer.exact import EXACT
 from consumer.producer import event_record, message_key
-from consumer.schemas import SCHEMAS_DIR, load_schema
+from consumer.schemas import SCHEMAS_DIR, load_schema, reader_schema
 from consumer.wire import encode_confluent, frame_confluent
 
 METERS = {  # event_name -> (meter name, aggregation, share of events)
@@ -26,6 +26,7 @@ METERS = {  # event_name -> (meter name, aggregation, share of events)
     "storage_gb": ("storage_gb", "last", 0.15),
 }
 HOUR_MS = 3_600_000
+CANCEL_SHARE = 0.003  # of the sum meters' events, cancelled by a later event
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Message:
     key: bytes | None
     value: bytes
     partition: int
-    kind: str  # accepted | duplicate | late | future | invalid | undecodable
+    kind: str  # accepted | duplicate | late | future | invalid | undecodable | cancel
     event_id: str = ""
 
 
@@ -78,11 +79,15 @@ def generate(
     seed: int = 7,
     span_ms: int = 4 * HOUR_MS,
     customer_prefix: str = "cus_",
+    cancels: bool = False,
 ) -> Sample:
-    """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones."""
+    """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones;
+    with `cancels`, 0.3% of the sum meters' events are cancelled by a later event."""
     rng = random.Random(seed)
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
     v2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+    v4 = reader_schema()
+    cancelled: set[str] = set()
     cust = [f"{customer_prefix}{i:04d}" for i in range(customers)]
     names = list(METERS)
     weights = [METERS[k][2] for k in names]
@@ -129,6 +134,20 @@ def generate(
         hour = ev.ts // HOUR_MS * 3600
         _account(hourly, last_seen, (ev.customer, meter, hour), agg, ev)
         messages.extend(_extras(rng, i, n, ev, accepted, encode, partitions, now_ms))
+        if cancels and name != "storage_gb" and rng.random() < CANCEL_SHARE:
+            target, _ = accepted[rng.randrange(max(0, len(accepted) - 2000), len(accepted))]
+            if target.event_name != "storage_gb" and target.event_id not in cancelled:
+                cancelled.add(target.event_id)
+                t_meter = METERS[target.event_name][0]
+                truth[(target.customer, t_meter)] -= target.value
+                hourly[(target.customer, t_meter, target.ts // HOUR_MS * 3600)] -= target.value
+                rec = event_record(
+                    f"{target.event_id}-cancel", target.event_name, target.customer, 0, ev.ts,
+                    cancels=target.event_id,
+                )  # fmt: skip
+                key = message_key(target.event_name, rec["event_id"])
+                payload = encode_confluent(rec, v4, 4)
+                messages.append(Message(key, payload, zlib.crc32(key) % partitions, "cancel"))
     messages.extend(_undecodable(rng, partitions))
     kinds = Counter(m.kind for m in messages)
     ids = {ev.event_id for ev, _ in accepted}

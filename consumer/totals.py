@@ -63,6 +63,18 @@ def side_counts(store: Backend) -> dict[str, int]:
     return out
 
 
+def correction_counts(store: Backend) -> dict[str, int]:
+    """Cancels recorded, and what taking them back from Stripe came to, by outcome."""
+    out = {
+        str(o): int(n)
+        for o, n in store.query(
+            "SELECT outcome, count() FROM stripe_corrections FINAL GROUP BY outcome ORDER BY 1"
+        )
+    }
+    out["cancels"] = int(store.query("SELECT count() FROM cancellations FINAL")[0][0])
+    return out
+
+
 def late_event_ids(store: Backend) -> set[str]:
     return {str(r[0]) for r in store.query("SELECT event_id FROM late_events FINAL")}
 

@@ -28,6 +28,17 @@ def _rollup_view(
         FROM {source} GROUP BY meter, customer_id, {column}"""
 
 
+def _totals_view(create: str, source: str) -> str:
+    return f"""{create} usage_totals AS
+        SELECT meter, customer_id,
+               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
+               min(min_value) AS min_value, max(max_value) AS max_value,
+               argMin(first_value, first_time) AS first_value,
+               argMax(last_value, last_time) AS last_value,
+               min(window_start) AS first_window, max(window_start) AS last_window
+        FROM {source} GROUP BY meter, customer_id"""
+
+
 _USAGE_VIEWS = [
     ("usage_hourly", "toStartOfHour(window_start)", "hour"),
     ("usage_daily", "toDate(window_start)", "day"),
@@ -175,14 +186,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                if(event_count = 0, 0, toDecimal128(sum_value / event_count, 9)) AS avg_value
         FROM usage_windows FINAL""",
             *(_rollup_view(name, expr, col) for name, expr, col in _USAGE_VIEWS),
-            """CREATE VIEW IF NOT EXISTS usage_totals AS
-        SELECT meter, customer_id,
-               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
-               min(min_value) AS min_value, max(max_value) AS max_value,
-               argMin(first_value, first_time) AS first_value,
-               argMax(last_value, last_time) AS last_value,
-               min(window_start) AS first_window, max(window_start) AS last_window
-        FROM usage_windows FINAL GROUP BY meter, customer_id""",
+            _totals_view("CREATE VIEW IF NOT EXISTS", "usage_windows FINAL"),
         ],
     ),
 ]
@@ -314,14 +318,7 @@ MIGRATIONS.append(
                 _rollup_view(name, expr, col, "CREATE OR REPLACE VIEW", _LIVE_WINDOWS)
                 for name, expr, col in _USAGE_VIEWS
             ),
-            f"""CREATE OR REPLACE VIEW usage_totals AS
-        SELECT meter, customer_id,
-               sum(sum_value) AS sum_value, sum(event_count) AS event_count,
-               min(min_value) AS min_value, max(max_value) AS max_value,
-               argMin(first_value, first_time) AS first_value,
-               argMax(last_value, last_time) AS last_value,
-               min(window_start) AS first_window, max(window_start) AS last_window
-        FROM {_LIVE_WINDOWS} GROUP BY meter, customer_id""",
+            _totals_view("CREATE OR REPLACE VIEW", _LIVE_WINDOWS),
             """CREATE OR REPLACE VIEW stripe_delivery AS
         SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
                multiIf(status_rank IN (2, 6), 'sent', status_rank = 7, 'rejected',

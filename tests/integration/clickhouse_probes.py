@@ -128,13 +128,14 @@ def ranges(store: Backend, group: str, topic: str) -> list[RangeRows]:
 
 
 def window_rows(store: Backend) -> dict[WindowKey, WindowRow]:
-    """usage_windows as it reads (FINAL), without the computed_at stamp."""
+    """usage_windows as it reads (FINAL), without the computed_at stamp or the zero rows
+    of windows whose events were all cancelled."""
     rows = store.query(
         """SELECT meter, customer_id, toUnixTimestamp(window_start),
                   toString(sum_value), event_count, toString(min_value), toString(max_value),
                   toString(first_value), toUnixTimestamp64Milli(first_time),
                   toString(last_value), toUnixTimestamp64Milli(last_time)
-           FROM usage_windows FINAL"""
+           FROM usage_windows FINAL WHERE event_count > 0"""
     )
     return {
         (str(m), str(c), int(w)): (
@@ -152,11 +153,14 @@ def window_rows(store: Backend) -> dict[WindowKey, WindowRow]:
 
 
 def windows_from_ledger(store: Backend) -> dict[WindowKey, WindowRow]:
-    """Every minute window recomputed here, in Python, from the deduplicated ledger."""
+    """Every minute window recomputed here, in Python, from the deduplicated ledger
+    without the cancelled events."""
     rows = store.query(
         """SELECT meter, customer_id, event_id, toUnixTimestamp64Milli(event_time),
                   toString(value)
-           FROM usage_events FINAL"""
+           FROM usage_events FINAL
+           WHERE (meter, customer_id, event_id) NOT IN (
+                    SELECT meter, customer_id, cancelled_id FROM cancellations)"""
     )
     events: dict[WindowKey, list[tuple[int, str, Decimal]]] = {}
     for m, c, e, ts, v in rows:

@@ -243,3 +243,17 @@ def test_a_crash_between_the_adjustment_and_its_mark_cancels_once(rig: Rig) -> N
     assert stripe_total(rig, "tokens", "cus_a") == 7
     assert status(rig, "tokens", "e0") == "cancelled"
     assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
+
+
+def test_reconcile_takes_the_last_value_by_millisecond_as_stripe_does(rig: Rig) -> None:
+    """Two `last` readings within one second: Stripe keeps the later by its millisecond
+    timestamp, and so must reconcile (it compared whole seconds, and reported drift)."""
+    t = minute(rig.now_ms() - HOUR_MS) + 5_000
+    ingest(
+        rig,
+        [("storage_gb", "cus_a", "g2", t + 720, "263.8"), ("storage_gb", "cus_a", "g1", t, "12.8")],
+    )
+    run(rig)
+    assert stripe_total(rig, "storage_gb", "cus_a") == Decimal("263.8")
+    [line] = [x for x in reconcile_now(rig, t).lines if x.meter == "storage_gb"]
+    assert (line.delivered, line.stripe, line.drift) == (Decimal("263.8"), Decimal("263.8"), 0)
