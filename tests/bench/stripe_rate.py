@@ -38,7 +38,7 @@ from consumer.store.migrations import migrate
 
 KEY = "sk_test_bench"
 LATENCY = 0.03  # mean seconds per answer; each waits 0.5x to 1.5x of it
-WARMUP, MEASURE = 3.0, 10.0
+WARMUP, MEASURE = 3.0, 30.0
 RUNS = [(20.0, 4), (50.0, 8), (100.0, 16), (200.0, 32)]  # (requests/s, concurrency)
 
 
