@@ -157,6 +157,8 @@ class Assigner:
                 refused.append(
                     p.moved(REJECTED, first_attempt_ms=at, sent=Decimal(0), reason=account.reason)
                 )
+            elif account == p.account:
+                placed.append(p)
             else:
                 placed.append(dataclasses.replace(p, account=account))
         return placed, refused
