@@ -40,7 +40,7 @@ import pyarrow as pa
 from consumer.config import MeterConfig
 from consumer.emitter import outbox
 from consumer.emitter.buckets import anchors
-from consumer.emitter.delivery import DAY_MS
+from consumer.emitter.delivery import DAY_MS, HOUR_MS
 from consumer.emitter.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
 from consumer.emitter.sender import CannotCancel, Sender
 from consumer.emitter.units import billed
@@ -50,7 +50,7 @@ from consumer.metrics import Metrics
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
 
 log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share one logger
-CANCEL_WITHIN_MS = 23 * 3_600_000
+CANCEL_WITHIN_MS = 23 * HOUR_MS
 PER_CYCLE = 200
 LATE_WHY = "first sent over 23 hours ago: Stripe cancels only within 24 hours of receipt"
 
@@ -182,9 +182,9 @@ class Corrector:
             return 0
         shrunk = shrunk[:PER_CYCLE]
         handled = self._standing(meter.name, [(c, b) for c, b, _, _, _ in shrunk])
-        keys = [(c, b) for c, b, _, d, _ in shrunk if handled.get((c, b)) != -d]
+        keys = {(c, b) for c, b, _, d, _ in shrunk if handled.get((c, b)) != -d}
         by_bucket: dict[tuple[str, int], list[Push]] = {}
-        for p in outbox.of_buckets(self._store, meter.name, keys):
+        for p in outbox.of_buckets(self._store, meter.name, sorted(keys)):
             by_bucket.setdefault((p.customer_id, p.bucket_ms), []).append(p)
         records: list[Record] = []
         for customer, bucket, _, delta, _ in shrunk:
