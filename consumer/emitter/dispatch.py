@@ -21,7 +21,8 @@ from consumer.emitter.sender import Sender, SendFailed, event_count
 from consumer.faults import fault_point
 
 MARK_EVERY = 0.2  # seconds between delivery-mark inserts while requests answer
-TOP_UP_FOR = 5.0  # seconds a cycle keeps topping up before the next cycle's other steps
+TOP_UP_FOR = 15.0  # seconds a cycle keeps topping up before the next cycle's other steps
+AHEAD = 1.0  # seconds of requests kept queued: a top-up takes a good part of a second
 
 
 def requests_of(batch: list[Push], per_request: int) -> list[list[Push]]:
@@ -49,6 +50,7 @@ class Dispatch:
         clock: Clock,
         per_request: int,
         concurrency: int,
+        rate: float = 0.0,
     ) -> None:
         self._pool = pool
         self._sender = sender
@@ -56,6 +58,9 @@ class Dispatch:
         self._clock = clock
         self._per_request = per_request
         self._concurrency = concurrency
+        # Top up while fewer requests than this wait: at hundreds a second, waiting until
+        # fewer than `concurrency` wait lets the queue run dry during the top-up itself.
+        self._ahead = max(concurrency, int(rate * AHEAD))
         self.halt = threading.Event()  # a mark failed: start no more requests
         self.stopping = threading.Event()
 
@@ -109,7 +114,7 @@ class Dispatch:
                     mark()
                 queued = sum(not f.running() and not f.done() for f in pending)
                 go_on = not (failure or self.halt.is_set() or self.stopping.is_set())
-                if go_on and queued < self._concurrency and self._clock.monotonic() < until:
+                if go_on and queued < self._ahead and self._clock.monotonic() < until:
                     extra = more()
                     topped += len(extra)
                     submit(extra)

@@ -37,7 +37,7 @@ from consumer.emitter.alerts import BacklogAlerts
 from consumer.emitter.buckets import anchors
 from consumer.emitter.corrections import Corrector
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
-from consumer.emitter.dispatch import Dispatch
+from consumer.emitter.dispatch import TOP_UP_FOR, Dispatch
 from consumer.emitter.limits import Limits
 from consumer.emitter.marks import Marks, MarksBlocked
 from consumer.emitter.outbox import ATTEMPTED, Push
@@ -51,6 +51,7 @@ from consumer.store.backend import Backend, StoreError
 
 __all__ = ["Emitter", "MarksBlocked"]
 log = logging.getLogger(__name__)
+READ_AHEAD_MAX = 50_000  # never-sent pushes held in memory for top-ups (about 20 MB)
 
 
 class Emitter:
@@ -93,7 +94,14 @@ class Emitter:
         self._corrector = Corrector(
             store, sender, meters, metrics, self._anchor, self._period, lookback_days
         )
-        self._dispatch = Dispatch(self._pool, sender, self._marks, clock, per_request, concurrency)
+        # Enough never-sent pushes for a cycle's top-ups in one read (within a bound):
+        # a read merges the whole outbox, so 6,400 rows cost about what 50,000 do.
+        per_cycle = int(config.requests_per_second * TOP_UP_FOR) * per_request
+        self._ahead = outbox.ReadAhead(store, min(max(per_cycle, 1), READ_AHEAD_MAX))
+        self._dispatch = Dispatch(
+            self._pool, sender, self._marks, clock, per_request, concurrency,
+            config.requests_per_second,
+        )  # fmt: skip
         self.cycles = 0
         self.stopping = threading.Event()
         self.last_idle_cycle = 0
@@ -119,6 +127,7 @@ class Emitter:
         if self._check is not None:
             self._verify_meters()
         now_ms = self._now_ms()
+        self._assigner.forget()  # carries change in steps 2-3; sending reads them once
         self._marks.flush(now_ms)  # 1
         work = self._reports.take(now_ms)  # 2
         work += self._corrector.run(now_ms)  # 3
@@ -181,7 +190,7 @@ class Emitter:
         limit = self._per_request * self._concurrency * 4
         for _ in range(3):  # a batch may settle entirely without requests (nothing whole)
             now_ms = self._now_ms()
-            batch = outbox.never_sent(self._store, self._policy.limit_ms(now_ms), limit)
+            batch = self._ahead.take(limit, self._policy.limit_ms(now_ms))
             fresh = self._assigner.assign(batch, ATTEMPTED, now_ms)
             outbox.write_moved(self._store, fresh, now_ms)
             attempted = [p for p in fresh if p.attempted]
@@ -191,6 +200,7 @@ class Emitter:
 
     def _send(self, batch: list[Push]) -> int:
         self._dispatch.stopping = self.stopping
+        self._ahead.clear()  # read afresh each cycle: the steps before sending move pushes
         return self._dispatch.run(batch, self._more)
 
     def drained_since(self, cycle: int) -> bool:

@@ -18,7 +18,6 @@ needing more than one request of parts) is rejected here with its reason, never 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,9 @@ class Rule:
     one: bool = False  # a Stripe count meter counts events: each push sends 1
 
 
+_EXACT_RULE = Rule("decimal", False)  # a meter without a rule sends its exact value
+
+
 def rules_for(meters: Sequence[MeterConfig]) -> dict[str, Rule]:
     return {
         m.name: Rule(m.stripe_value_format, m.formula == "sum", m.formula == "count")
@@ -55,8 +57,9 @@ def rules_for(meters: Sequence[MeterConfig]) -> dict[str, Rule]:
 
 
 def significant_digits(value: Decimal) -> int:
-    digits = exact(value).replace("-", "").replace(".", "").lstrip("0")
-    return max(1, len(digits))
+    """The digits of exact(value) without sign, point and leading zeros (at least 1)."""
+    _, digits, exponent = value.normalize(EXACT).as_tuple()
+    return len(digits) + max(int(exponent), 0)  # a whole number's trailing zeros count
 
 
 def parts(amount: Decimal, fmt: str) -> list[str]:
@@ -90,9 +93,8 @@ def floor(value: Decimal) -> Decimal:
     return value.to_integral_value(ROUND_FLOOR)
 
 
-def _carried(store: Backend, pushes: Sequence[Push]) -> dict[tuple[str, str], Decimal]:
+def _carried(store: Backend, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Decimal]:
     """(meter, customer) -> exact usage assigned so far minus what was sent for it."""
-    keys = sorted({(p.meter, p.customer_id) for p in pushes})
     if not keys:
         return {}
     rows = store.query(
@@ -117,6 +119,15 @@ class Assigner:
         self._store = store
         self._rules = rules
         self._accounts = accounts
+        self._carry: dict[tuple[str, str], Decimal] = {}
+
+    def forget(self) -> None:
+        """Drop the carries read so far. Called at the start of each emitter cycle: only
+        assign() changes a carry during a cycle's sending (and writes what it assigned
+        before the next call), while rejections and cancellations, which change carries
+        too, are taken earlier in the cycle. Re-reading the carries for every batch cost
+        a scan of the outbox each time."""
+        self._carry = {}
 
     def assign(self, pushes: Sequence[Push], status: int, first_attempt_ms: int) -> list[Push]:
         """`pushes` moved to `status` with a first attempt now (see `settle`). The caller
@@ -128,7 +139,9 @@ class Assigner:
             for p in pushes
             if p.first_attempt_ms == 0 and p.sent is None and self._carries(p.meter)
         ]
-        out = settle(pushes, self._rules, _carried(self._store, fresh), status, first_attempt_ms)
+        unread = sorted({(p.meter, p.customer_id) for p in fresh} - self._carry.keys())
+        self._carry.update(dict.fromkeys(unread, Decimal(0)) | _carried(self._store, unread))
+        out = settle(pushes, self._rules, self._carry, status, first_attempt_ms)
         out += unplaced
         refused = [p for p in out if p.status == REJECTED]
         if refused:
@@ -160,7 +173,7 @@ class Assigner:
             elif account == p.account:
                 placed.append(p)
             else:
-                placed.append(dataclasses.replace(p, account=account))
+                placed.append(p.moved(p.status, account=account))
         return placed, refused
 
     def _carries(self, meter: str) -> bool:
@@ -184,7 +197,7 @@ def settle(
         if p.first_attempt_ms or p.sent is not None:
             out.append(p.moved(status, first_attempt_ms=at))  # its amount is fixed
         else:
-            out.append(_one(p, rules.get(p.meter, Rule("decimal", False)), status, carry, at))
+            out.append(_one(p, rules.get(p.meter, _EXACT_RULE), status, carry, at))
     return out
 
 

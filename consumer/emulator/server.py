@@ -44,6 +44,15 @@ class _Handler(BaseHTTPRequestHandler):
     """Turns one HTTP request into a route call and a JSON answer."""
 
     server_version = "stripe-emulator"
+    # Keep-alive, as Stripe's API offers: a new connection per request would cost both
+    # sides more than the request itself at the stream's rates.
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes: without this, Nagle's algorithm holds the
+        # body for the client's delayed ACK (40 ms) on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @property
     def _state(self) -> State:

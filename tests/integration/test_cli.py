@@ -50,14 +50,14 @@ def test_totals_lists_usage_stripe_did_not_bill(tmp_path: Path) -> None:
     try:
         migrate(store)
         base = Push("id-1", "per_event", "tokens", "tokens", "cus_1", 0, 0, Decimal("2.5"), 1)
-        outbox.write(store, [base, base.moved(SENT, identifier="id-2")], ATTEMPTED, 2)
+        outbox.write(store, [base, base._replace(identifier="id-2").moved(SENT)], ATTEMPTED, 2)
         outbox.write(
             store,
             [base.moved(REJECTED, reason="customer_not_found: no such customer")],
             REJECTED,
             3,
         )
-        outbox.write(store, [base.moved(SENT, identifier="id-2")], SENT, 3)
+        outbox.write(store, [base._replace(identifier="id-2").moved(SENT)], SENT, 3)
     finally:
         store.close()
     out = cli("totals", env=env)

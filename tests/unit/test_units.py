@@ -17,6 +17,7 @@ from consumer.emitter.units import (
     significant_digits,
 )
 from consumer.exact import EXACT, exact_sum
+from consumer.sink import exact
 
 WHOLE_SUM = {"m": Rule("whole", True)}
 values = st.decimals(min_value=0, max_value=10**6, places=9, allow_nan=False)
@@ -42,6 +43,12 @@ def test_parts_add_up_exactly_and_each_has_at_most_15_digits(amount: Decimal) ->
         assert (out == []) == (amount == 0)
         if fmt == "whole":
             assert all("." not in v for v in out)
+
+
+@given(st.decimals(min_value=-(10**20), max_value=10**20, places=9, allow_nan=False))
+def test_significant_digits_counts_the_digits_of_the_exact_string(value: Decimal) -> None:
+    digits = exact(value).replace("-", "").replace(".", "").lstrip("0")
+    assert significant_digits(value) == max(1, len(digits))
 
 
 def test_a_value_within_15_digits_is_one_event_as_it_is() -> None:
