@@ -618,6 +618,20 @@ def test_rfc3339_round_trips_every_millisecond(ms: int) -> None:
     assert back == ms
 
 
+def test_events_skip_the_sdks_form_encoding_and_keep_their_json_body() -> None:
+    """The SDK form-encodes v2 params it never sends; a 100-event request spent most of its
+    CPU there. If an SDK upgrade stops treating the list as one field, this fails."""
+    import json
+
+    from stripe._encode import _api_encode
+
+    push = Push("id-1", "per_event", "m", "m", "cus_1", 1_763_000_000_123, 0, Decimal(2), 0)
+    events = to_events(push) * 100
+    wrapped = {"events": sender_module._Events(events)}
+    assert list(_api_encode(wrapped)) == [("events", None)]
+    assert json.dumps(wrapped) == json.dumps({"events": events})
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [
