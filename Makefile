@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint typecheck unit integration chaos bench-stripe clean
+.PHONY: demo test lint typecheck unit integration chaos bench bench-stripe clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,14 @@ chaos: $(STAMP)
 # The emitter's achieved request rate against the emulator (writes tests/bench/stripe_rate.json).
 bench-stripe: $(STAMP)
 	$(BIN)/python -m tests.bench.stripe_rate
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# The throughput benchmark (tests/bench/pipeline.py); not part of `make test`.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m tests.bench.pipeline
 
 clean:
 	rm -rf .demo .data .chaos .pytest_cache .mypy_cache .ruff_cache

@@ -177,9 +177,10 @@ class Classifier:
         only tells how a duplicate was expected (its false positives are counted)."""
         ids: dict[str, set[str]] = {}
         flagged: dict[str, set[str]] = {}
-        for _, event, meter in valid:
+        maybe = recent.seen([id_hash(m.name, e.event_id) for _, e, m in valid])
+        for (_, event, meter), seen in zip(valid, maybe, strict=True):
             ids.setdefault(meter.name, set()).add(event.event_id)
-            if recent.might_contain(id_hash(meter.name, event.event_id)):
+            if seen:
                 flagged.setdefault(meter.name, set()).add(event.event_id)
         known: dict[tuple[str, str], int] = {}
         for meter_name, all_ids in ids.items():

@@ -3,16 +3,28 @@
 The filter only says "maybe seen"; the keyed ledger confirms positives and collapses any
 duplicate at any distance, so it is a fast path and a metric source, never the guard.
 Ids are never claimed before the range that carries them is written.
+
+Memory is bounded by design: each event hour keeps its ids' 64-bit hashes in one sorted
+int64 array (8 bytes an id), and hashes added since the last lookup wait in a short list
+until the next one sorts them in. Ten million ids in the window cost about 80 MB; Python
+sets of the same hashes took about 70 bytes an id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 HOUR_MS = 3_600_000
+Hashes = npt.NDArray[np.int64]
+_EMPTY: Hashes = np.empty(0, np.int64)
 
 
 def id_hash(meter: str, event_id: str) -> int:
+    """A 64-bit hash (Python's, so it differs between processes: the filter is rebuilt from
+    the ledger in each one)."""
     return hash((meter, event_id))
 
 
@@ -21,18 +33,40 @@ class RecentIds:
 
     def __init__(self, window_ms: int) -> None:
         self._window_ms = window_ms
-        self._buckets: dict[int, set[int]] = {}
+        self._sorted: dict[int, Hashes] = {}  # hour -> sorted, distinct hashes
+        self._added: dict[int, list[int]] = {}  # hour -> hashes not sorted in yet
         self._newest = 0
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._buckets.values())
+        self._sort_in()
+        return sum(len(a) for a in self._sorted.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the sorted hashes hold (what the window costs)."""
+        return sum(a.nbytes for a in self._sorted.values())
 
     def might_contain(self, h: int) -> bool:
-        return any(h in bucket for bucket in self._buckets.values())
+        return self.seen([h])[0]
+
+    def seen(self, hashes: Sequence[int]) -> list[bool]:
+        """For each hash, whether it may have been added: one vectorised lookup per hour."""
+        if not hashes:
+            return []
+        self._sort_in()
+        wanted = np.fromiter(hashes, np.int64, len(hashes))
+        found = np.zeros(len(wanted), bool)
+        for arr in self._sorted.values():
+            at = np.minimum(np.searchsorted(arr, wanted), len(arr) - 1)
+            found |= arr[at] == wanted
+        return [bool(f) for f in found]
 
     def add(self, h: int, event_time_ms: int) -> None:
         hour = event_time_ms // HOUR_MS
-        self._buckets.setdefault(hour, set()).add(h)
+        added = self._added.get(hour)
+        if added is None:
+            added = self._added[hour] = []
+        added.append(h)
         if hour > self._newest:
             self._newest = hour
             self._prune()
@@ -41,7 +75,23 @@ class RecentIds:
         for h, ts in items:
             self.add(h, ts)
 
+    def _sort_in(self) -> None:
+        for hour, added in self._added.items():
+            self._sorted[hour] = _merged(self._sorted.get(hour, _EMPTY), added)
+        self._added = {}
+
     def _prune(self) -> None:
         oldest = self._newest - self._window_ms // HOUR_MS - 1
-        for hour in [h for h in self._buckets if h < oldest]:
-            del self._buckets[hour]
+        for buckets in (self._sorted, self._added):
+            for hour in [h for h in buckets if h < oldest]:
+                del buckets[hour]
+
+
+def _merged(arr: Hashes, added: list[int]) -> Hashes:
+    """`arr` with `added` sorted in: a search and one copy, not a sort of the whole hour."""
+    fresh = np.unique(np.fromiter(added, np.int64, len(added)))
+    if not len(arr):
+        return fresh
+    at = np.searchsorted(arr, fresh)
+    new = arr[np.minimum(at, len(arr) - 1)] != fresh
+    return np.insert(arr, at[new], fresh[new])

@@ -28,7 +28,7 @@ from consumer.clock import SystemClock
 from consumer.config import Settings, load_settings
 from consumer.emitter import outbox
 from consumer.emitter.outbox import PENDING, Push
-from consumer.identifiers import per_event_identifier
+from consumer.identifiers import aggregated_identifier, per_event_identifier
 from consumer.meters_sync import apply, plan
 from consumer.metrics import Metrics
 from consumer.pipeline import build_emitter
@@ -75,28 +75,37 @@ class Emulator:
         self._proc.wait(10)
 
 
-def seed(store: Backend, n: int, now_ms: int) -> None:
-    """`n` pending per-event pushes of whole values, an hour old, 100 customers."""
+def seed(store: Backend, n: int, now_ms: int, mode: str = "per_event") -> None:
+    """`n` pending pushes of whole values for 100 customers: per-event ones an hour old, or
+    aggregated ones, one a customer and minute, over the last days."""
     batch = 50_000
     for lo in range(0, n, batch):
-        pushes = [
-            Push(
-                per_event_identifier("tokens", f"bench-{i}"),
-                "per_event",
-                "tokens",
-                "tokens",
-                f"cus_{i % 100:03d}",
-                now_ms - 3_600_000 + i % 3_000_000,
-                0,
-                Decimal(i % 9 + 1),
-                0,
-            )
-            for i in range(lo, min(n, lo + batch))
-        ]
+        pushes = [_push(i, now_ms, mode) for i in range(lo, min(n, lo + batch))]
         outbox.write(store, pushes, PENDING, now_ms)
 
 
-def settings_for(tmp: Path, emu: Emulator, rate: float, concurrency: int) -> Settings:
+def _push(i: int, now_ms: int, mode: str) -> Push:
+    customer, value = f"cus_{i % 100:03d}", Decimal(i % 9 + 1)
+    if mode == "per_event":
+        ident = per_event_identifier("tokens", f"bench-{i}")
+        at = now_ms - 3_600_000 + i % 3_000_000
+        return Push(ident, mode, "tokens", "tokens", customer, at, 0, value, 0)
+    bucket = (now_ms - 6 * 86_400_000) // 60_000 * 60_000 + (i // 100) * 60_000
+    ident = aggregated_identifier("tokens", customer, bucket, 1)
+    return Push(
+        ident, mode, "tokens", "tokens", customer, bucket, 1, value, 0,
+        bucket_end_ms=bucket + 60_000,
+    )  # fmt: skip
+
+
+def settings_for(
+    tmp: Path,
+    emu: Emulator,
+    rate: float,
+    concurrency: int,
+    mode: str = "per_event",
+    per_request: int = 100,
+) -> Settings:
     return load_settings(
         clickhouse={"chdb_path": str(tmp / "chdb")},
         stripe={
@@ -105,6 +114,7 @@ def settings_for(tmp: Path, emu: Emulator, rate: float, concurrency: int) -> Set
             "meter_events_base": emu.url,
             "requests_per_second": rate,
             "concurrency": concurrency,
+            "max_events_per_request": per_request,
             "poll_interval_seconds": 0.05,
         },
         meters=[
@@ -112,23 +122,28 @@ def settings_for(tmp: Path, emu: Emulator, rate: float, concurrency: int) -> Set
                 "name": "tokens",
                 "event_name": "tokens",
                 "stripe_event_name": "tokens",
-                "emission": "per_event",
+                "emission": mode,
             }
         ],
     )
 
 
-def measure(rate: float, concurrency: int) -> dict[str, Any]:
+def measure(
+    rate: float, concurrency: int, mode: str = "per_event", per_request: int = 100
+) -> dict[str, Any]:
+    """The achieved request rate; with `per_request` 1, one request per usage event, as a
+    hand-rolled integration sends them."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-stripe-"))
     emu = Emulator()
     try:
-        settings = settings_for(tmp, emu, rate, concurrency)
+        settings = settings_for(tmp, emu, rate, concurrency, mode, per_request)
         api = stripe.StripeClient(KEY, base_addresses={"api": emu.url})
         apply(api, plan(api, settings.meters, [""]), settings.meters)
         store = open_store(settings.clickhouse)
         migrate(store)
         per_request = settings.stripe.max_events_per_request
-        seed(store, int(rate * (WARMUP + MEASURE + 5) * per_request), int(time.time() * 1000))
+        n = int(rate * (WARMUP + MEASURE + 5) * per_request)
+        seed(store, n, int(time.time() * 1000), mode)
         emitter = build_emitter(settings, store, SystemClock(), Metrics())
         stop = threading.Event()
         worker = threading.Thread(target=emitter.run, args=(stop,))
@@ -143,6 +158,7 @@ def measure(rate: float, concurrency: int) -> dict[str, Any]:
         store.close()
         achieved = (n1 - n0) / (t1 - t0)
         return {
+            "mode": mode,
             "configured_rps": rate,
             "concurrency": concurrency,
             "achieved_rps": round(achieved, 2),

@@ -26,3 +26,31 @@ def test_old_hours_are_pruned_so_memory_is_bounded() -> None:
     assert not r.might_contain(id_hash("m", "old"))
     assert r.might_contain(id_hash("m", "new"))
     assert len(r) == 1
+
+
+@given(
+    st.lists(st.tuples(st.text(max_size=6), st.integers(0, 3 * HOUR_MS)), max_size=200),
+    st.lists(st.text(max_size=6), max_size=50),
+)
+def test_batched_lookups_match_the_ids_added_in_any_order(
+    added: list[tuple[str, int]], asked: list[str]
+) -> None:
+    r = RecentIds(window_ms=10 * HOUR_MS)
+    half = len(added) // 2
+    for eid, ts in added[:half]:
+        r.add(id_hash("m", eid), ts)
+    r.seen([id_hash("m", "probe")])  # a lookup sorts the first half in
+    for eid, ts in added[half:]:
+        r.add(id_hash("m", eid), ts)
+    known = {eid for eid, _ in added}
+    assert r.seen([id_hash("m", a) for a in asked]) == [a in known for a in asked]
+    assert len(r) == len({(eid, ts // HOUR_MS) for eid, ts in added})
+
+
+def test_the_window_costs_eight_bytes_an_id() -> None:
+    r = RecentIds(window_ms=48 * HOUR_MS)
+    for i in range(30_000):
+        r.add(id_hash("m", f"e{i}"), i * HOUR_MS // 1_000)  # 30 event hours
+        r.add(id_hash("m", f"e{i}"), i * HOUR_MS // 1_000)  # a copy: held once
+    assert len(r) == 30_000
+    assert r.nbytes == 8 * 30_000

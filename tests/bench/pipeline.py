@@ -1,0 +1,420 @@
+"""`make bench`: what the consumer costs against the raw Kafka ceiling, on the same data in
+one run.
+
+One seeded sample (consumer/sample.py: duplicates, late, future, invalid and undecodable
+messages about 1% each, with ground truth) is produced once into a Tansu topic; then each
+phase reads all of it in a process of its own, so each has its own peak RSS and the
+embedded store its own process:
+
+  a  raw       confluent-kafka consuming, no processing
+  b  decode    (a) plus the consumer's Avro decoder on every message
+  c  pipeline  the full pipeline into chDB: exactly-once ranges, dedup, windows (Stripe off)
+
+Events/s is measured from a phase's first message to its last, so connecting and joining
+the group are left out; the pipeline's run also ends only once every offset is committed,
+that is once its writes are durable. Phase (c) must end with ClickHouse equal to the
+ground truth, or the run fails. Figures are ratios measured side by side here: no timing
+is asserted anywhere in `make test`.
+
+Sizes come from the environment: BENCH_EVENTS (1,000,000), BENCH_CUSTOMERS (10,000),
+BENCH_PARTITIONS (6). Writes tests/bench/results.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from consumer.broker import TansuBroker
+from consumer.clock import SystemClock
+from consumer.config import SchemaConfig, Settings, load_settings
+from consumer.decode import DecodeError
+from consumer.demo import produce_messages
+from consumer.health import Health
+from consumer.metrics import Metrics
+from consumer.pipeline import build_decoder, build_pipeline
+from consumer.producer import UsageProducer
+from consumer.progress import Progress
+from consumer.sample import generate
+from consumer.store import open_store
+from consumer.store.backend import Backend
+from consumer.totals import clickhouse_totals
+from tests.bench import stripe_rate
+
+SEED = 11
+TOPIC = "usage.events"
+LATENCY_TOPIC = "usage.latency"
+STRIPE_RATE = 100.0  # requests/s the emitter runs (d) and (e) at
+OUT = Path(__file__).with_name("results.json")
+
+
+def _env(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Not getrusage: Linux carries the parent's peak over exec,
+    so a spawned child would report the parent's (which holds the whole sample)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def consume(bootstrap: str, partitions: int, total: int, decode: bool) -> dict[str, Any]:
+    """Phases (a) and (b): read every message of the topic once, decoding it or not."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-raw-{os.getpid()}",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in range(partitions)])
+    decoder = build_decoder(SchemaConfig()) if decode else None
+    seen = rejected = 0
+    started = 0.0
+    deadline = time.monotonic() + 600
+    while seen < total and time.monotonic() < deadline:
+        batch = consumer.consume(10_000, 1.0)
+        if batch and not started:
+            started = time.perf_counter()
+        for msg in batch:
+            if msg.error() is not None:
+                raise RuntimeError(f"consume failed: {msg.error()}")
+            if decoder is not None:
+                try:
+                    decoder.decode(msg.value())
+                except DecodeError:
+                    rejected += 1
+        seen += len(batch)
+    seconds = time.perf_counter() - started
+    consumer.close()
+    if seen < total:
+        raise RuntimeError(f"read {seen} of {total} messages in 10 minutes")
+    return {
+        "events": seen,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(seen / seconds),
+        "peak_rss_mb": round(_peak_rss_mb()),
+        "undecodable": rejected if decode else None,
+    }
+
+
+def settings_for(bootstrap: str, workdir: Path, topic: str = TOPIC) -> Settings:
+    return load_settings(
+        kafka={"bootstrap_servers": bootstrap, "topic": topic},
+        clickhouse={"chdb_path": str(workdir / "chdb")},
+        stripe={"enabled": False},
+        pipeline={"metrics_port": 0},
+    )
+
+
+def pipeline(bootstrap: str, ends: dict[int, int], workdir: str) -> dict[str, Any]:
+    """Phase (c): the whole consumer until every offset is committed; returns its rate and
+    ClickHouse's totals (checked against ground truth by the parent)."""
+    settings = settings_for(bootstrap, Path(workdir))
+    clock = SystemClock()
+    run = build_pipeline(settings, clock, Metrics(), Health(clock))
+    stop = threading.Event()
+    worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
+    total = sum(ends.values())
+    bar = Progress("pipeline", total)
+    worker.start()
+    started, done = 0.0, 0
+    deadline = time.monotonic() + 1800
+    try:
+        while worker.is_alive() and done < total and time.monotonic() < deadline:
+            done = sum(min(run.ingestor.committed.get(p, 0), e) for p, e in ends.items())
+            if done and not started:
+                started = time.perf_counter()
+            bar.update(done)
+            time.sleep(0.05)
+    finally:
+        seconds = time.perf_counter() - started
+        stop.set()
+        worker.join()
+    bar.done(done)
+    if done < total:
+        raise RuntimeError(f"the pipeline committed {done} of {total} offsets")
+    store = open_store(settings.clickhouse)
+    try:
+        totals = clickhouse_totals(store, settings.meters)
+        requests = requests_needed(store)
+    finally:
+        store.close()
+    return {
+        "events": total,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(total / seconds),
+        "peak_rss_mb": round(_peak_rss_mb()),
+        "totals": {f"{c}|{m}": str(v) for (c, m), v in totals.items()},
+        "requests": requests,
+    }
+
+
+def requests_needed(store: Backend) -> dict[str, int]:
+    """Stripe requests each way of sending needs for the usage the run accepted: naive (one
+    request per event), per_event (100 events a request) and aggregated (one push per
+    meter, customer and bucket with usage, 100 a request; at least that many, as a bucket
+    still filling while the emitter runs is pushed again as a new revision)."""
+    (events,) = store.query("SELECT count() FROM usage_events FINAL")[0]
+    (minutes,) = store.query("SELECT count() FROM usage_windows FINAL WHERE event_count > 0")[0]
+    (hours,) = store.query(
+        """SELECT count() FROM (SELECT DISTINCT meter, customer_id, toStartOfHour(window_start)
+           FROM usage_windows FINAL WHERE event_count > 0)"""
+    )[0]
+    return {
+        "usage_events": int(events),
+        "naive": int(events),
+        "per_event": -(-int(events) // 100),
+        "aggregated_1m_buckets": -(-int(minutes) // 100),
+        "aggregated_1h_buckets": -(-int(hours) // 100),
+    }
+
+
+def latency(
+    bootstrap: str, workdir: str, topic: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Produce to visible: messages are produced at `rate` a second while the pipeline runs;
+    a message is visible once its offset is committed, which happens only after its range's
+    ledger rows and windows are durable in ClickHouse. Returns p50 and p99 in ms."""
+    settings = settings_for(bootstrap, Path(workdir), topic)
+    n = int(rate * seconds)
+    partitions = 6
+    sample = generate(n, 1_000, partitions, int(time.time() * 1000), SEED + 1)
+    clock = SystemClock()
+    run = build_pipeline(settings, clock, Metrics(), Health(clock))
+    stop = threading.Event()
+    worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
+    worker.start()
+    sent_at: dict[tuple[int, int], float] = {}
+
+    def delivered(err: object, msg: Any, *, at: float) -> None:
+        if err is None:
+            sent_at[(msg.partition(), msg.offset())] = at
+
+    def produce() -> None:
+        producer = UsageProducer({"bootstrap.servers": bootstrap, "linger.ms": 1}, topic)
+        t0 = time.perf_counter()
+        for i, m in enumerate(sample.messages):
+            due = t0 + i / rate
+            while (now := time.perf_counter()) < due:
+                time.sleep(min(due - now, 0.002))
+            at = time.perf_counter()
+            producer.send_raw(
+                m.key,
+                m.value,
+                partition=m.partition,
+                on_delivery=functools.partial(delivered, at=at),
+            )
+        producer.flush(60)
+
+    while not run.ingestor.tracks:  # assigned: the group is joined
+        time.sleep(0.05)
+    producer = threading.Thread(target=produce, name="producer")
+    producer.start()
+    visible: dict[tuple[int, int], float] = {}
+    seen = dict.fromkeys(range(partitions), 0)
+    deadline = time.monotonic() + seconds * 5 + 120
+    while len(visible) < len(sample.messages) and time.monotonic() < deadline:
+        now = time.perf_counter()
+        for p, committed in list(run.ingestor.committed.items()):
+            for offset in range(seen.get(p, 0), committed):
+                visible[(p, offset)] = now
+            seen[p] = max(seen.get(p, 0), committed)
+        time.sleep(0.005)
+    producer.join()
+    stop.set()
+    worker.join()
+    waits = sorted((visible[k] - t) * 1000 for k, t in sent_at.items() if k in visible)
+    if len(waits) < len(sample.messages):
+        raise RuntimeError(f"{len(waits)} of {len(sample.messages)} messages became visible")
+    return {
+        "rate_per_s": rate,
+        "messages": len(waits),
+        "p50_ms": round(waits[len(waits) // 2]),
+        "p99_ms": round(waits[int(len(waits) * 0.99)]),
+        "peak_rss_mb": round(_peak_rss_mb()),
+    }
+
+
+def dedup_memory(window_hours: int, ids: int) -> dict[str, Any]:
+    """The recent-id filter holding `ids` distinct ids spread over 24 event hours, fed as the
+    pipeline feeds it (added after each range, looked up before the next). Its RSS growth is
+    compared with the same run under a tiny window, which keeps about two hours of them."""
+    from consumer.dedup import HOUR_MS, RecentIds, id_hash
+
+    base = _rss_mb()
+    recent = RecentIds(window_hours * HOUR_MS)
+    start_ms = 1_790_000_000_000
+    per_range = 10_000
+    for lo in range(0, ids, per_range):
+        hashes = [id_hash("api_calls", f"evt-{i}") for i in range(lo, lo + per_range)]
+        recent.seen(hashes)  # the lookup each range makes first
+        at = start_ms + lo * 24 * HOUR_MS // ids
+        for h in hashes:
+            recent.add(h, at)
+    held = len(recent)
+    # duplicates are still caught: every id of the last hour, and none never added
+    recent_ids = [id_hash("api_calls", f"evt-{i}") for i in range(ids - 100_000, ids)]
+    caught = sum(recent.seen(recent_ids))
+    never = [id_hash("api_calls", f"new-{i}") for i in range(100_000)]
+    false_positives = sum(recent.seen(never))
+    return {
+        "window_hours": window_hours,
+        "ids_added": ids,
+        "ids_held": held,
+        "rss_growth_mb": round(_peak_rss_mb() - base, 1),
+        "array_mb": round(recent.nbytes / 2**20, 1),
+        "recent_duplicates_caught": f"{caught}/100000",
+        "false_positives_of_100000": false_positives,
+    }
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def in_child(target: Any, *args: Any) -> dict[str, Any]:
+    """Run a phase in a fresh process (spawned: no Kafka client or store is inherited)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(target, args)
+    return result
+
+
+def main() -> int:
+    events = _env("BENCH_EVENTS", 1_000_000)
+    customers = _env("BENCH_CUSTOMERS", 10_000)
+    partitions = _env("BENCH_PARTITIONS", 6)
+    dedup_ids = _env("BENCH_DEDUP_IDS", 10_000_000)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        with TansuBroker() as broker:
+            topics = {TOPIC: partitions, LATENCY_TOPIC: 6, "usage.dlq": 1, "usage.late": 1}
+            broker.create_topics(topics)
+            t = time.perf_counter()
+            sample = generate(events, customers, partitions, int(time.time() * 1000), SEED)
+            print(f"bench: generated {len(sample.messages):,} messages in "
+                  f"{time.perf_counter() - t:.0f} s")  # fmt: skip
+            ends = produce_messages(
+                sample.messages, broker.bootstrap, TOPIC, Progress("produce", len(sample.messages))
+            )
+            total = sum(ends.values())
+            raw = in_child(consume, broker.bootstrap, partitions, total, False)
+            print(f"bench: (a) raw consume     {raw['events_per_s']:>9,} events/s")
+            dec = in_child(consume, broker.bootstrap, partitions, total, True)
+            print(f"bench: (b) consume+decode  {dec['events_per_s']:>9,} events/s")
+            full = in_child(pipeline, broker.bootstrap, ends, str(workdir / "c"))
+            print(f"bench: (c) full pipeline   {full['events_per_s']:>9,} events/s")
+            pace = round(full["events_per_s"] / 2, -2)  # half the capacity: no backlog
+            lat = in_child(latency, broker.bootstrap, str(workdir / "lat"), LATENCY_TOPIC, pace, 20)
+            print(f"bench: (c) produce to visible at {pace:,.0f}/s: p50 {lat['p50_ms']} ms, "
+                  f"p99 {lat['p99_ms']} ms")  # fmt: skip
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    stripe = {
+        "d_per_event": in_child(stripe_rate.measure, STRIPE_RATE, 16, "per_event"),
+        "d_aggregated": in_child(stripe_rate.measure, STRIPE_RATE, 16, "aggregated"),
+        "e_naive": in_child(stripe_rate.measure, STRIPE_RATE, 16, "per_event", 1),
+    }
+    for name, r in stripe.items():
+        print(f"bench: {name:13} {r['achieved_rps']:7.1f} of {STRIPE_RATE:.0f} requests/s "
+              f"({r['ratio']:.3f})")  # fmt: skip
+    dedup = {
+        "window_26h": in_child(dedup_memory, 26, dedup_ids),
+        "window_1h": in_child(dedup_memory, 1, dedup_ids),
+    }
+    dedup_cost = round(dedup["window_26h"]["rss_growth_mb"] - dedup["window_1h"]["rss_growth_mb"])
+    print(f"bench: dedup state for {dedup_ids:,} ids in the window: {dedup_cost} MB "
+          f"(RSS growth, 26 h window minus 1 h window)")  # fmt: skip
+    got = full.pop("totals")
+    requests = full.pop("requests")
+    truth = {f"{c}|{m}": str(v.normalize()) for (c, m), v in sample.truth.items()}
+    exact = {k: str(Decimal(v).normalize()) for k, v in got.items()} == truth
+    ratios = {
+        "c_over_a": round(full["events_per_s"] / raw["events_per_s"], 3),
+        "c_over_b": round(full["events_per_s"] / dec["events_per_s"], 3),
+        "b_over_a": round(dec["events_per_s"] / raw["events_per_s"], 3),
+        "d_per_event_over_configured": stripe["d_per_event"]["ratio"],
+        "d_aggregated_over_configured": stripe["d_aggregated"]["ratio"],
+        "e_over_d_requests_per_event": round(requests["naive"] / requests["per_event"], 1),
+        "e_over_d_requests_aggregated_1m": round(
+            requests["naive"] / requests["aggregated_1m_buckets"], 1
+        ),
+        "e_over_d_requests_aggregated_1h": round(
+            requests["naive"] / requests["aggregated_1h_buckets"], 1
+        ),
+    }
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "data": {
+            "messages": total,
+            "customers": customers,
+            "partitions": partitions,
+            "meters": sample.meters,
+            "kinds": dict(sample.kinds),
+        },
+        "phases": {"a_raw": raw, "b_decode": dec, "c_pipeline": full, "c_latency": lat},
+        "stripe": {**stripe, "requests_for_the_run": requests},
+        "dedup": {**dedup, "cost_mb": dedup_cost, "ids": dedup_ids},
+        "ratios": ratios,
+        "clickhouse_equals_ground_truth": exact,
+    }
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, OUT.with_suffix(".png"))
+    print("bench: " + "  ".join(f"{k} {v}" for k, v in ratios.items()))
+    print(f"bench: ClickHouse equals ground truth: {exact}; written to {OUT} and its chart")
+    return 0 if exact else 1
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Events/s of (a), (b), (c) against the targets; Stripe requests per usage event."""
+    # typed Any: matplotlib is an optional extra (`make bench` installs it), not in `make test`
+    importlib.import_module("matplotlib").use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+    phases = results["phases"]
+    names = ["(a) raw consume", "(b) + decode", "(c) full pipeline"]
+    rates = [phases[k]["events_per_s"] for k in ("a_raw", "b_decode", "c_pipeline")]
+    req = results["stripe"]["requests_for_the_run"]
+    kinds = ["(e) naive", "(d) per_event", "(d) aggregated 1m", "(d) aggregated 1h"]
+    keys = ("naive", "per_event", "aggregated_1m_buckets", "aggregated_1h_buckets")
+    per_event = [req[k] / req["usage_events"] for k in keys]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.barh(names[::-1], rates[::-1], color=["#c44e52", "#8172b2", "#4c72b0"])
+    left.axvline(150_000, color="black", linestyle="--", label="target (c): 150k/s")
+    left.axvline(0.6 * rates[1], color="grey", linestyle=":", label="target (c): 60% of (b)")
+    ticker = importlib.import_module("matplotlib.ticker")
+    left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+    left.set_xlabel("events/s")
+    left.legend(loc="lower right", fontsize=8)
+    left.set_title(f"{results['data']['messages']:,} messages, {results['machine']['cpus']} cores")
+    right.barh(kinds[::-1], per_event[::-1], color="#55a868")
+    right.set_xscale("log")
+    right.set_xlabel("Stripe requests per usage event (log)")
+    right.set_title("requests for the same usage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
