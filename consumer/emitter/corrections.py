@@ -117,6 +117,7 @@ class Corrector:
         self._aggregated = [m for m in billed_meters if m.emission == "aggregated"]
         self._anchor, self._period = anchor, period
         self._lookback_ms = lookback_days * DAY_MS
+        self._bucketing_checked: set[str] = set()  # checked once a process (outbox.py)
 
     def run(self, now_ms: int) -> int:
         """Take back what was cancelled since the last cycle; returns how much was done."""
@@ -177,7 +178,9 @@ class Corrector:
     def _shrunk_buckets(self, meter: MeterConfig, now_ms: int) -> int:
         since = now_ms - self._lookback_ms
         cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
-        shrunk = outbox.bucket_deltas(self._store, meter, since, cuts, "w.total < p.pushed")
+        check = meter.name not in self._bucketing_checked
+        shrunk = outbox.bucket_deltas(self._store, meter, since, cuts, "w.total < p.pushed", check)
+        self._bucketing_checked.add(meter.name)
         if not shrunk:
             return 0
         shrunk = shrunk[:PER_CYCLE]

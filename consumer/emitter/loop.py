@@ -102,6 +102,7 @@ class Emitter:
             self._pool, sender, self._marks, clock, per_request, concurrency,
             config.requests_per_second,
         )  # fmt: skip
+        self._bucketing_checked: set[str] = set()  # meters whose buckets passed the check
         self.cycles = 0
         self.stopping = threading.Event()
         self.last_idle_cycle = 0
@@ -161,7 +162,9 @@ class Emitter:
         since = now_ms - self._lookback_ms
         cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
         for meter in self._aggregated:
-            planned += outbox.plan_aggregated(self._store, meter, since, cuts)
+            check = meter.name not in self._bucketing_checked
+            planned += outbox.plan_aggregated(self._store, meter, since, cuts, check)
+            self._bucketing_checked.add(meter.name)
         outbox.write(self._store, planned, outbox.PENDING, now_ms)
         return len(planned)
 

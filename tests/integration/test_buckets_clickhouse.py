@@ -83,3 +83,10 @@ def test_planning_stops_when_the_bucketing_changed_under_existing_pushes(store: 
         outbox.plan_aggregated(store, meter(60), T0 - HOUR_MS)
     with pytest.raises(BucketingChanged):
         outbox.plan_aggregated(store, meter(3600), T0 - HOUR_MS, [T0 + 20 * MINUTE_MS])
+    # the check is what refuses (an emitter runs it once per meter and process): without
+    # it both minutes would be planned again, though the hour's push holds them
+    again = outbox.plan_aggregated(store, meter(60), T0 - HOUR_MS, check=False)
+    assert [(p.bucket_ms, p.value) for p in again] == [
+        (T0 + 5 * MINUTE_MS, Decimal(3)),
+        (T0 + 40 * MINUTE_MS, Decimal(3)),
+    ]
