@@ -23,6 +23,9 @@ from consumer.faults import fault_point
 MARK_EVERY = 0.2  # seconds between delivery-mark inserts while requests answer
 TOP_UP_FOR = 15.0  # seconds a cycle keeps topping up before the next cycle's other steps
 AHEAD = 1.0  # seconds of requests kept queued: a top-up takes a good part of a second
+# Requests queued at most (50,000 events): a live key configured far above what one
+# process sends must not queue a second of its rate in memory.
+MAX_AHEAD = 500
 
 
 def requests_of(batch: list[Push], per_request: int) -> list[list[Push]]:
@@ -60,7 +63,7 @@ class Dispatch:
         self._concurrency = concurrency
         # Top up while fewer requests than this wait: at hundreds a second, waiting until
         # fewer than `concurrency` wait lets the queue run dry during the top-up itself.
-        self._ahead = max(concurrency, int(rate * AHEAD))
+        self._ahead = max(concurrency, min(int(rate * AHEAD), MAX_AHEAD))
         self.halt = threading.Event()  # a mark failed: start no more requests
         self.stopping = threading.Event()
 

@@ -670,3 +670,58 @@ def test_exact_is_a_plain_lossless_decimal_string(value: Decimal) -> None:
 )
 def test_exact_is_lossless_for_every_decimal_38_9(value: str) -> None:
     assert exact(Decimal(value)) == value
+
+
+def test_a_rate_far_above_what_is_sent_queues_at_most_max_ahead_requests() -> None:
+    """A live key may be configured at 10,000 requests/s; while Stripe answers slowly the
+    queue of requests must stay bounded, not grow to a second of that rate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from consumer.clock import SystemClock
+    from consumer.emitter.dispatch import MAX_AHEAD, Dispatch
+
+    release = threading.Event()
+    handed = 0
+    stopping = threading.Event()
+
+    def stop() -> None:
+        stopping.set()
+        release.set()
+
+    class SlowSender:
+        def send(self, chunk: list[Push]) -> list[Push]:
+            release.wait(10)
+            return []
+
+    class NoMarks:
+        def write(self, delivered: list[Push]) -> bool:
+            return True
+
+        def raise_if_kept(self) -> None:
+            return None
+
+    def more() -> list[Push]:  # 250 requests of 100 events each time
+        nonlocal handed
+        handed += 250
+        if handed >= 10 * 250:  # far past the bound: stop rather than fill memory
+            stop()
+        return [
+            Push(f"id-{handed}-{i}", "per_event", "m", "m", "c", 0, 0, Decimal(1), 1)
+            for i in range(250 * 100)
+        ]
+
+    pool = ThreadPoolExecutor(2)
+    sender: Any = SlowSender()
+    marks: Any = NoMarks()
+    dispatch = Dispatch(pool, sender, marks, SystemClock(), 100, 2, rate=10_000.0)
+    dispatch.stopping = stopping
+    stopper = threading.Timer(0.5, stop)
+    stopper.start()
+    try:
+        dispatch.run(more(), more)
+    finally:
+        stopper.cancel()
+        pool.shutdown(wait=True)
+    # topping up stops once MAX_AHEAD requests wait (two more are in flight); a second
+    # of the configured rate would be 10,000
+    assert MAX_AHEAD <= handed <= MAX_AHEAD + 250 + 2
