@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test lint typecheck unit integration chaos bench bench-stripe clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py consumer/_avrofast.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

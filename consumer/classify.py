@@ -12,16 +12,30 @@ lookup failed) propagate as exceptions; they never turn an event into a dead let
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
 from consumer.config import MeterConfig
-from consumer.decode import DecodedEvent, DecodeError, Decoder
-from consumer.dedup import RecentIds, id_hash
-from consumer.faults import poison_check
-from consumer.records import Record
-from consumer.validate import Invalid, Limits, validate
-from consumer.window import Watermarks
+from consumer.decode import DecodedEvent, Decoder
+from consumer.dedup import Keys, RecentIds, id_hash
+from consumer.events import (
+    CANCEL,
+    INVALID,
+    LEDGER_SCHEMA,
+    PROPERTIES,
+    USAGE,
+    VER_BASE,
+    Events,
+    RangeDecoder,
+)
+from consumer.records import RangeInput, Record
+from consumer.store.backend import DECIMAL, TIME_MS
+from consumer.validate import Limits
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """One event as an object: cancels, and accepted events where a test reads them."""
+
     record: Record
     event: DecodedEvent
     meter: MeterConfig
@@ -84,9 +100,87 @@ class DeadLetter:
     detail: str
 
 
+@dataclass(eq=False)
+class AcceptedBatch:
+    """A range's accepted events as ledger columns (events.LEDGER_COLUMNS), in offset
+    order, with their filter keys; no Python object per event."""
+
+    table: pa.Table
+    keys: Keys
+    times_ms: npt.NDArray[np.int64]
+    per_meter: dict[str, int]
+    per_event: Mapping[str, str] = field(default_factory=dict)  # meter -> Stripe event name
+    _rows: Callable[[], list[Accepted]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def __iter__(self) -> Iterator[Accepted]:
+        return iter(self.rows())
+
+    def __getitem__(self, i: int) -> Accepted:
+        return self.rows()[i]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, AcceptedBatch)
+            and self.table.equals(other.table)
+            and np.array_equal(self.keys, other.keys)
+            and self.per_meter == other.per_meter
+        )
+
+    def rows(self) -> list[Accepted]:
+        """Every event as an object (slow; for tests and diagnostics)."""
+        return self._rows() if self._rows is not None else []
+
+    @classmethod
+    def empty(cls) -> AcceptedBatch:
+        return cls(LEDGER_SCHEMA.empty_table(), _NO_KEYS, _NO_TIMES, {})
+
+    @classmethod
+    def of_rows(cls, accepted: Sequence[Accepted]) -> AcceptedBatch:
+        """Built from objects (tests that write chosen events through the sink)."""
+        a = list(accepted)
+        ts = [x.record.timestamp_ms for x in a]
+        table = pa.table(
+            {
+                "meter": pa.array([x.meter.name for x in a], pa.string()),
+                "customer_id": pa.array([x.event.customer_id for x in a], pa.string()),
+                "event_id": pa.array([x.event.event_id for x in a], pa.string()),
+                "event_time": pa.array([x.event.timestamp_ms for x in a], TIME_MS),
+                "value": pa.array([x.event.value for x in a], DECIMAL),
+                "properties": pa.array([list(x.event.properties.items()) for x in a], PROPERTIES),
+                "schema_id": pa.array([x.event.schema_id for x in a], pa.uint32()),
+                "topic": pa.array([x.record.topic for x in a], pa.string()),
+                "partition": pa.array([x.record.partition for x in a], pa.uint32()),
+                "offset": pa.array([x.record.offset for x in a], pa.uint64()),
+                "record_time": pa.array(ts, TIME_MS),
+                "ver": pa.array([VER_BASE - t for t in ts], pa.uint64()),
+            },
+            schema=LEDGER_SCHEMA,
+        )
+        keys = np.array([id_hash(x.meter.name, x.event.event_id) for x in a], np.int64)
+        times = np.array([x.event.timestamp_ms for x in a], np.int64)
+        per_event = per_event_meters([x.meter for x in a])
+        return cls(table, keys, times, dict(Counter(x.meter.name for x in a)), per_event, lambda: a)
+
+
+def per_event_meters(meters: Iterable[MeterConfig]) -> dict[str, str]:
+    """Meter -> Stripe event name, for the meters billed one push per event."""
+    return {
+        m.name: m.stripe_event_name
+        for m in meters
+        if m.stripe_event_name and m.emission == "per_event"
+    }
+
+
+_NO_KEYS: Keys = np.empty(0, np.int64)
+_NO_TIMES: npt.NDArray[np.int64] = np.empty(0, np.int64)
+
+
 @dataclass
 class Classified:
-    accepted: list[Accepted] = field(default_factory=list)
+    accepted: AcceptedBatch = field(default_factory=AcceptedBatch.empty)
     cancels: list[Accepted] = field(default_factory=list)
     late: list[Late] = field(default_factory=list)
     invalid: list[DeadLetter] = field(default_factory=list)
@@ -96,95 +190,229 @@ class Classified:
     watermarks_after: dict[str, int] = field(default_factory=dict)
 
 
-# (meter, event ids) -> those the ledger holds outside the range being formed (P2), each
-# with the partition its copy came from.
-LedgerLookup = Callable[[str, list[str]], dict[str, int]]
+# The candidates of a batch of ranges (CANDIDATE_SCHEMA: one row per distinct (meter, event
+# id) of each range, with the range's span) -> candidate row -> the partition of a copy the
+# ledger holds outside that row's own range (P2).
+LedgerLookup = Callable[[pa.Table], dict[int, int]]
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("ci", pa.uint32()),
+        ("meter", pa.string()),
+        ("event_id", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.uint32()),
+        ("range_start", pa.uint64()),
+        ("range_end", pa.uint64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One range to classify: its messages, its span [start, end) and what it depends on."""
+
+    inp: RangeInput
+    start: int
+    end: int
+    snapshot: Snapshot
+    recent: RecentIds
 
 
 @dataclass
+class _Dedup:
+    """One range's usage rows split into first occurrences and later copies."""
+
+    first: npt.NDArray[np.intp]  # rows, ascending
+    copies: npt.NDArray[np.intp]  # rows that repeat an earlier row's (meter, event id)
+    copy_of: npt.NDArray[np.intp]  # for each copy, the first occurrence's position in `first`
+
+
 class Classifier:
-    decoder: Decoder
-    meters: dict[str, MeterConfig]
-    limits: Limits
+    """Classifies ranges; deterministic (P1): same records and snapshot, same outcome."""
+
+    def __init__(self, decoder: Decoder, meters: Mapping[str, MeterConfig], limits: Limits) -> None:
+        self.decoder = decoder
+        self.meters = dict(meters)
+        self.limits = limits
+        self.ranges = RangeDecoder(decoder, self.meters, limits)
+        self.per_event = per_event_meters(self.meters.values())
 
     def classify(
         self,
-        records: Sequence[Record],
+        records: Sequence[Record] | RangeInput,
         snapshot: Snapshot,
         recent: RecentIds,
         in_ledger: LedgerLookup,
     ) -> Classified:
-        out = Classified()
-        marks = Watermarks(snapshot.watermarks)
-        valid: list[tuple[Record, DecodedEvent, MeterConfig]] = []
-        poison_check(r.value for r in records)  # a fault hook; off in production
-        for rec in records:
-            try:
-                event = self.decoder.decode(rec.value)
-                meter = validate(event, rec.timestamp_ms, self.meters, self.limits)
-            except (DecodeError, Invalid) as exc:
-                out.invalid.append(DeadLetter(rec, exc.reason, exc.detail))
-                continue
-            if event.cancels:
-                out.cancels.append(Accepted(rec, event, meter))
-            else:
-                valid.append((rec, event, meter))
-        known = self._confirmed_in_ledger(valid, recent, in_ledger, out)
-        seen: set[tuple[str, str]] = set()
-        late: list[Late] = []
-        for rec, event, meter in valid:
-            key = (meter.name, event.event_id)
-            if key in seen or key in known:
-                self._count_duplicate(out, meter.name)
-                out.cross_partition += known.get(key, rec.partition) != rec.partition
-                continue
-            seen.add(key)
-            lateness = meter.allowed_lateness_seconds * 1000
-            if marks.is_late(meter.name, event.timestamp_ms, lateness):
-                mark = marks.get(meter.name)
-                assert mark is not None
-                late.append(Late(rec, event, meter, mark))
-                continue
-            marks.observe(meter.name, event.timestamp_ms)
-            out.accepted.append(Accepted(rec, event, meter))
-        out.late = late  # a late copy of an event the ledger holds was a duplicate above
-        out.watermarks_after = marks.by_meter
-        return out
+        """One range, its span being its records' offsets."""
+        inp = records if isinstance(records, RangeInput) else RangeInput.of_records(records)
+        start = int(inp.offsets[0]) if len(inp) else 0
+        end = int(inp.offsets[-1]) + 1 if len(inp) else 0
+        return self.classify_all([Job(inp, start, end, snapshot, recent)], in_ledger)[0]
+
+    def classify_all(self, jobs: Sequence[Job], in_ledger: LedgerLookup) -> list[Classified]:
+        """Several ranges with one ledger question for all of them."""
+        events = [self.ranges.decode(j.inp) for j in jobs]
+        dedups = [_split_copies(ev) for ev in events]
+        found = self._in_ledger(jobs, events, dedups, in_ledger)
+        return [
+            self._outcome(j, ev, d, f)
+            for j, ev, d, f in zip(jobs, events, dedups, found, strict=True)
+        ]
 
     @staticmethod
-    def quarantine(records: Sequence[Record], snapshot: Snapshot, attempts: int) -> Classified:
+    def quarantine(inp: RangeInput, snapshot: Snapshot, attempts: int) -> Classified:
         """Dead-letter a poison range without decoding it again (P7)."""
         detail = f"the consumer crashed {attempts} times on this message; quarantined undecoded"
         return Classified(
-            invalid=[DeadLetter(r, "poison", detail) for r in records],
+            invalid=[DeadLetter(inp.record(i), "poison", detail) for i in range(len(inp))],
             watermarks_after=dict(snapshot.watermarks),
         )
 
     @staticmethod
-    def _count_duplicate(out: Classified, meter: str) -> None:
-        out.duplicates[meter] = out.duplicates.get(meter, 0) + 1
-
-    @staticmethod
-    def _confirmed_in_ledger(
-        valid: list[tuple[Record, DecodedEvent, MeterConfig]],
-        recent: RecentIds,
+    def _in_ledger(
+        jobs: Sequence[Job],
+        events: Sequence[Events],
+        dedups: Sequence[_Dedup],
         in_ledger: LedgerLookup,
-        out: Classified,
-    ) -> dict[tuple[str, str], int]:
-        """One batched lookup per meter for every id of the range. The dedup key is (meter,
-        event id): a copy another partition wrote, or one older than the filter's window,
-        is a duplicate even when its timestamp (so its ledger identity) differs. The filter
-        only tells how a duplicate was expected (its false positives are counted)."""
-        ids: dict[str, set[str]] = {}
-        flagged: dict[str, set[str]] = {}
-        maybe = recent.seen([id_hash(m.name, e.event_id) for _, e, m in valid])
-        for (_, event, meter), seen in zip(valid, maybe, strict=True):
-            ids.setdefault(meter.name, set()).add(event.event_id)
-            if seen:
-                flagged.setdefault(meter.name, set()).add(event.event_id)
-        known: dict[tuple[str, str], int] = {}
-        for meter_name, all_ids in ids.items():
-            found = in_ledger(meter_name, sorted(all_ids))
-            out.false_positives += len(flagged.get(meter_name, set()) - found.keys())
-            known.update(((meter_name, i), p) for i, p in found.items())
-        return known
+    ) -> list[npt.NDArray[np.int64]]:
+        """One batched question about every first occurrence of every range. The dedup key
+        is (meter, event id): a copy another partition wrote, or one older than the filter's
+        window, is a duplicate even when its timestamp (so its ledger identity) differs.
+        Returns, per range and first occurrence, the partition of the ledger's copy or -1."""
+        parts: list[pa.Table] = []
+        base = 0
+        for j, ev, d in zip(jobs, events, dedups, strict=True):
+            n = len(d.first)
+            if not n:
+                continue
+            meter, event_id = ev.id_columns(d.first)
+            parts.append(
+                pa.table(
+                    [
+                        pa.array(np.arange(base, base + n, dtype=np.uint32)),
+                        meter,
+                        event_id,
+                        pa.array([j.inp.topic] * n, pa.string()),
+                        pa.array(np.full(n, j.inp.partition, np.uint32)),
+                        pa.array(np.full(n, j.start, np.uint64)),
+                        pa.array(np.full(n, j.end, np.uint64)),
+                    ],
+                    schema=CANDIDATE_SCHEMA,
+                )
+            )
+            base += n
+        held = in_ledger(pa.concat_tables(parts)) if parts else {}
+        out: list[npt.NDArray[np.int64]] = []
+        base = 0
+        for d in dedups:
+            got = np.full(len(d.first), -1, np.int64)
+            for ci, partition in held.items():
+                if base <= ci < base + len(d.first):
+                    got[ci - base] = partition
+            out.append(got)
+            base += len(d.first)
+        return out
+
+    def _outcome(self, job: Job, ev: Events, d: _Dedup, found: npt.NDArray[np.int64]) -> Classified:
+        out = Classified()
+        inp, table = job.inp, ev.meters
+        # duplicates: later copies in the range, and first occurrences the ledger holds
+        held = found >= 0
+        dup_rows = np.concatenate([d.first[held], d.copies])
+        dup_found = np.concatenate([found[held], found[d.copy_of]])
+        out.cross_partition = int(np.count_nonzero((dup_found >= 0) & (dup_found != inp.partition)))
+        out.duplicates = _per_meter(table.meters, ev.meter[dup_rows])
+        flagged = job.recent.seen_keys(ev.key[d.first])
+        out.false_positives = int(np.count_nonzero(flagged & ~held))
+        # late: behind the watermark of its meter by more than the allowed lateness
+        fresh = d.first[~held]
+        late_rows, marks, after = _lateness(ev, fresh, job.snapshot.watermarks)
+        out.watermarks_after = after
+        accepted = np.setdiff1d(fresh, late_rows, assume_unique=True)
+        out.accepted = AcceptedBatch(
+            ev.ledger_table(accepted),
+            ev.key[accepted],
+            ev.ts[accepted],
+            _per_meter(table.meters, ev.meter[accepted]),
+            self.per_event,
+            lambda: [Accepted(inp.record(i), ev.event(i), ev.meter_of(i)) for i in accepted],
+        )
+        out.late = [
+            Late(inp.record(i), ev.event(i), ev.meter_of(i), m)
+            for i, m in zip(late_rows.tolist(), marks.tolist(), strict=True)
+        ]
+        out.cancels = [
+            Accepted(inp.record(i), ev.event(i), ev.meter_of(i))
+            for i in np.flatnonzero(ev.kind == CANCEL).tolist()
+        ]
+        out.invalid = [
+            DeadLetter(inp.record(i), *ev.dead[i])
+            for i in np.flatnonzero(ev.kind == INVALID).tolist()
+        ]
+        return out
+
+
+def _split_copies(ev: Events) -> _Dedup:
+    """First occurrence by offset of each (meter, event id) among the usage rows. Equal keys
+    are confirmed on the ids themselves, so a 64-bit key collision never drops an event."""
+    rows = np.flatnonzero(ev.kind == USAGE)
+    keys = ev.key[rows]
+    _, first_at, inverse, counts = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
+    )
+    if not len(rows) or counts.max() == 1:
+        return _Dedup(rows, rows[:0], rows[:0])
+    is_first = np.zeros(len(rows), bool)
+    is_first[first_at] = True
+    owner = np.arange(len(rows))  # position (in `rows`) of each row's first occurrence
+    owner[:] = first_at[inverse]
+    shared = np.flatnonzero(counts[inverse] > 1)  # rows whose key repeats: compare ids
+    exact: dict[tuple[int, str], int] = {}
+    for pos in shared.tolist():  # ascending: the first of each exact key is seen first
+        i = int(rows[pos])
+        name = ev.fast.event_id[i].as_py() if i not in ev.slow else ev.slow[i].event_id
+        k = (int(ev.meter[i]), str(name))
+        if k in exact:
+            is_first[pos], owner[pos] = False, exact[k]
+        else:
+            exact[k] = pos
+            is_first[pos], owner[pos] = True, pos
+    first = rows[is_first]
+    index_in_first = np.cumsum(is_first) - 1  # position in `first` of each first occurrence
+    copies = np.flatnonzero(~is_first)
+    return _Dedup(first, rows[copies], index_in_first[owner[copies]])
+
+
+def _lateness(
+    ev: Events, rows: npt.NDArray[np.intp], initial: Mapping[str, int]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64], dict[str, int]]:
+    """Rows behind their meter's watermark (the highest earlier event time, from the
+    snapshot's mark on) by more than its allowed lateness, with the mark each was behind,
+    and the marks after the range. A late event never moves a mark, so the running maximum
+    over all of them is the reference's mark of accepted events."""
+    after = dict(initial)
+    late: list[npt.NDArray[np.intp]] = []
+    marks: list[npt.NDArray[np.int64]] = []
+    meter_rows = ev.meter[rows]
+    for m in np.unique(meter_rows).tolist():
+        sel = rows[meter_rows == m]
+        name = ev.meters.meters[m].name
+        ts = ev.ts[sel]
+        mark = np.maximum.accumulate(ts)
+        if name in initial:
+            mark = np.maximum(mark, initial[name])
+        is_late = ts < mark - ev.meters.lateness_ms[m]
+        late.append(sel[is_late])
+        marks.append(mark[is_late])
+        after[name] = int(mark[-1])
+    if not late:
+        return rows[:0], np.empty(0, np.int64), after
+    all_late, all_marks = np.concatenate(late), np.concatenate(marks)
+    order = np.argsort(all_late, kind="stable")
+    return all_late[order], all_marks[order], after
+
+
+def _per_meter(meters: Sequence[MeterConfig], positions: npt.NDArray[np.int16]) -> dict[str, int]:
+    counts = np.bincount(positions.astype(np.int64), minlength=len(meters))
+    return {meters[m].name: int(c) for m, c in enumerate(counts.tolist()) if c}

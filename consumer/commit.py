@@ -6,18 +6,26 @@
   2. side outputs       dead letters and late events produced, delivery confirmed (P5)
   3. ledger write       usage_events, per-event pushes, cancellations, dead_letters,
                         late_events (P3)
-  4. windows            the touched minute windows, and those of cancelled events,
-                        recomputed from the ledger without cancelled events (P3)
+  4. window job         the minutes the batch touched, recorded pending (consumer/rollup.py)
   5. record done        ingest_state rank 2, with the watermarks after the range
   6. commit Kafka       offsets = range ends (consumer positions, P8); offsets only grow
+  7. windows            the job is queued: the rollup thread recomputes the touched
+                        windows from the ledger while the next batch is read; a job a
+                        crash leaves pending runs again on the next assignment (P3)
 
-A crash anywhere leaves an intent that the next owner re-forms; every write converges.
+Steps 2 and 3 run at once where nothing orders them: the side outputs, and the writes
+nothing else reads (pushes, dead letters, late events), go to a small pool while the
+ledger is written; all of them end before step 4.
+
+A crash anywhere leaves an intent that the next owner re-forms, or a pending window job
+that it runs; every write converges.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -27,7 +35,15 @@ from consumer.faults import fault_point
 from consumer.forming import Formed
 from consumer.kafka_io import SideOutputs
 from consumer.metrics import Metrics
-from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
+from consumer.rollup import Rollup, WindowJob
+from consumer.sink import (
+    RangeWrite,
+    accepted_table,
+    batch_id,
+    cancels_of,
+    write_ledger,
+    write_outputs,
+)
 from consumer.state import DONE, INTENT, RangeState, write_states
 from consumer.store.backend import Backend
 
@@ -47,8 +63,10 @@ class CommitSequence:
     group: str
     topic: str
     epoch: int
+    rollup: Rollup
 
     def __post_init__(self) -> None:
+        self._pool = futures.ThreadPoolExecutor(2, thread_name_prefix="commit")
         self.committed: dict[int, int] = {}
         self.topic_id = ""  # the incarnation of the topic this owner was assigned
         self._written_ms = 0
@@ -79,23 +97,37 @@ class CommitSequence:
         fault_point("after_intent")
 
     def run(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
-        """Steps 2-6 for ranges whose intents are durable."""
+        """Steps 2-7 for ranges whose intents are durable. The side outputs and the writes
+        nothing else reads (pushes, dead letters, late events) run on the pool while this
+        thread writes the ledger; all of them end before the window job and `done`."""
         self._check_forward(ranges)
         token = batch_id(ranges)
-        self._timed(
+        side = self._pool.submit(
+            self._timed,
             "side_outputs",
             lambda: self.side.publish(
                 [d for r in ranges for d in r.classified.invalid],
                 [x for r in ranges for x in r.classified.late],
             ),
         )
-        self._timed("usage_events", lambda: write_effects(self.store, token, ranges, now_ms))
+        outputs = self._pool.submit(
+            self._timed, "outputs", lambda: write_outputs(self.store, token, ranges, now_ms)
+        )
+        try:
+            self._timed("usage_events", lambda: write_ledger(self.store, token, ranges))
+        finally:
+            # Never leave a write of this attempt running into the next one.
+            futures.wait([side, outputs])
+        side.result()
+        outputs.result()
         fault_point("after_insert")
-        cancels = cancels_of(ranges)
-        self._timed("usage_windows", lambda: recompute_windows(self.store, token, now_ms, cancels))
+        spans = [(r.partition, r.start, r.end) for r in ranges]
+        job = WindowJob.of_batch(token, spans, accepted_table(ranges), cancels_of(ranges))
+        self._timed("window_jobs", lambda: self.rollup.record(job))
         self._timed("ingest_state", lambda: self._done(ranges, now_ms))
         fault_point("after_done")
         self._commit_kafka(ranges)
+        self.rollup.submit(job)
 
     def _done(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
         rows = []
@@ -133,6 +165,10 @@ class CommitSequence:
             # new owner resumes from. Logged so a persistent failure is visible.
             log.warning("Kafka commit failed (state is durable, will resume from it): %s", exc)
         self.committed.update(ends)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self.rollup.close()
 
     def _timed(self, step: str, fn: Callable[[], object]) -> None:
         with self.metrics.insert_seconds.labels(step).time():

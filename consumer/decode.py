@@ -25,6 +25,7 @@ import fastavro
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
+from consumer import avrofast
 from consumer.schemas import SchemaSource, UnknownSchemaId
 from consumer.wire import HEADER_SIZE, MAGIC
 
@@ -169,6 +170,7 @@ class Decoder:
         self._source = source
         self._reader = _Reader.of(reader)
         self._plans: dict[int, _Plan] = {}
+        self._programs: dict[int, bytes | None] = {}
         self._failed: dict[int, tuple[str, str]] = {}
         self._limit = 10**self._reader.precision
         self._exact = Context(prec=self._reader.precision + 2, traps=[Inexact])
@@ -207,6 +209,30 @@ class Decoder:
                 if v is not None and len(v) >= HEADER_SIZE and v[0] == MAGIC
             }
         )
+
+    def programs(self, schema_ids: Iterable[int]) -> dict[int, bytes]:
+        """The fast path's programs (consumer/avrofast.py) for these writer schema ids, cached
+        as plans are. An id the fast path cannot read, or that is unknown or incompatible,
+        has none: its messages go to `decode`, which names the failure. Raises
+        SchemaSourceUnavailable (transient) like `decode`."""
+        out: dict[int, bytes] = {}
+        if not self._confluent:
+            return out  # plain Avro has no frame: every message takes `decode`
+        for schema_id in schema_ids:
+            if schema_id not in self._programs:
+                program = None
+                if schema_id not in self._failed:
+                    assert self._source is not None
+                    try:
+                        writer = self._source.writer_schema(schema_id)
+                    except UnknownSchemaId:
+                        continue  # not cached: a new id may just not have propagated yet
+                    program = avrofast.compile_program(writer, self._reader.parsed)
+                self._programs[schema_id] = program
+            found = self._programs[schema_id]
+            if found is not None:
+                out[schema_id] = found
+        return out
 
     @staticmethod
     def _schema_id(data: bytes) -> int:

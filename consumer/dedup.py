@@ -12,20 +12,60 @@ sets of the same hashes took about 70 bytes an id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from consumer import avrofast
 
 HOUR_MS = 3_600_000
 Hashes = npt.NDArray[np.int64]
 _EMPTY: Hashes = np.empty(0, np.int64)
 
 
+Keys = npt.NDArray[np.int64]
+_U64 = 2**64 - 1
+
+
+def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64's finalizer: spreads (event id hash ^ meter salt) over all 64 bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def meter_salt(meter: str) -> int:
+    return avrofast.id_hash_bytes(meter.encode())
+
+
+def keys_of(id_hashes: npt.NDArray[np.uint64], salts: npt.NDArray[np.uint64]) -> Keys:
+    """The filter key of (meter, event id) for many rows: the event ids' hashes (computed by
+    the decoder) mixed with their meters' salts. Fixed across processes and versions only
+    by accident: the filter is rebuilt from the ledger in each process."""
+    with np.errstate(over="ignore"):
+        return _mix(id_hashes ^ salts).view(np.int64)
+
+
+def key_of(salt: int, event_id: str) -> int:
+    h = np.array([avrofast.id_hash_bytes(event_id.encode())], np.uint64)
+    return int(keys_of(h, np.array([salt], np.uint64))[0])
+
+
 def id_hash(meter: str, event_id: str) -> int:
-    """A 64-bit hash (Python's, so it differs between processes: the filter is rebuilt from
-    the ledger in each one)."""
-    return hash((meter, event_id))
+    """The filter key of one (meter, event id), as `keys_of` computes it for many."""
+    return key_of(meter_salt(meter), event_id)
+
+
+def ids_keys(meters: Sequence[str], event_ids: Sequence[str]) -> Keys:
+    """Keys of ledger rows (filter rebuilds): the C hash of every id, one salt a meter."""
+    salts = {m: meter_salt(m) for m in set(meters)}
+    return keys_of(
+        avrofast.hash_strings(event_ids), np.fromiter((salts[m] for m in meters), np.uint64)
+    )
 
 
 class RecentIds:
@@ -35,6 +75,7 @@ class RecentIds:
         self._window_ms = window_ms
         self._sorted: dict[int, Hashes] = {}  # hour -> sorted, distinct hashes
         self._added: dict[int, list[int]] = {}  # hour -> hashes not sorted in yet
+        self._chunks: dict[int, list[Hashes]] = {}  # hour -> arrays not sorted in yet
         self._newest = 0
 
     def __len__(self) -> int:
@@ -51,15 +92,8 @@ class RecentIds:
 
     def seen(self, hashes: Sequence[int]) -> list[bool]:
         """For each hash, whether it may have been added: one vectorised lookup per hour."""
-        if not hashes:
-            return []
-        self._sort_in()
         wanted = np.fromiter(hashes, np.int64, len(hashes))
-        found = np.zeros(len(wanted), bool)
-        for arr in self._sorted.values():
-            at = np.minimum(np.searchsorted(arr, wanted), len(arr) - 1)
-            found |= arr[at] == wanted
-        return [bool(f) for f in found]
+        return [bool(f) for f in self.seen_keys(wanted)]
 
     def add(self, h: int, event_time_ms: int) -> None:
         hour = event_time_ms // HOUR_MS
@@ -75,21 +109,53 @@ class RecentIds:
         for h, ts in items:
             self.add(h, ts)
 
+    def add_keys(self, keys: Keys, times_ms: npt.NDArray[np.int64]) -> None:
+        """Many keys at once (a range's accepted events), grouped by event hour."""
+        if not len(keys):
+            return
+        hours = times_ms // HOUR_MS
+        order = np.argsort(hours, kind="stable")
+        hours, keys = hours[order], keys[order]
+        cuts = np.flatnonzero(np.diff(hours)) + 1
+        for hour, part in zip(hours[np.r_[0, cuts]].tolist(), np.split(keys, cuts), strict=True):
+            self._chunks.setdefault(hour, []).append(part)
+        newest = int(hours[-1])
+        if newest > self._newest:
+            self._newest = newest
+            self._prune()
+
+    def seen_keys(self, keys: Keys) -> npt.NDArray[np.bool_]:
+        """For each key, whether it may have been added: one vectorised lookup per hour."""
+        self._sort_in()
+        found = np.zeros(len(keys), bool)
+        if not len(keys):
+            return found
+        for arr in self._sorted.values():
+            at = np.minimum(np.searchsorted(arr, keys), len(arr) - 1)
+            found |= arr[at] == keys
+        return found
+
     def _sort_in(self) -> None:
-        for hour, added in self._added.items():
-            self._sorted[hour] = _merged(self._sorted.get(hour, _EMPTY), added)
-        self._added = {}
+        for hour in {*self._added, *self._chunks}:
+            added = self._added.get(hour, [])
+            parts = [np.fromiter(added, np.int64, len(added)), *self._chunks.get(hour, [])]
+            self._sorted[hour] = _merged(self._sorted.get(hour, _EMPTY), np.concatenate(parts))
+        self._added, self._chunks = {}, {}
 
     def _prune(self) -> None:
         oldest = self._newest - self._window_ms // HOUR_MS - 1
-        for buckets in (self._sorted, self._added):
-            for hour in [h for h in buckets if h < oldest]:
-                del buckets[hour]
+        for buckets in (self._sorted, self._added, self._chunks):
+            _drop_before(buckets, oldest)
 
 
-def _merged(arr: Hashes, added: list[int]) -> Hashes:
+def _drop_before(buckets: MutableMapping[int, Any], oldest: int) -> None:
+    for hour in [h for h in buckets if h < oldest]:
+        del buckets[hour]
+
+
+def _merged(arr: Hashes, added: Hashes) -> Hashes:
     """`arr` with `added` sorted in: a search and one copy, not a sort of the whole hour."""
-    fresh = np.unique(np.fromiter(added, np.int64, len(added)))
+    fresh = np.unique(added)
     if not len(arr):
         return fresh
     at = np.searchsorted(arr, fresh)

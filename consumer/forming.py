@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from confluent_kafka import Message
+
 from consumer.classify import Snapshot
 from consumer.poison import Plan, after_crash, next_chunk
-from consumer.records import Record
+from consumer.records import RangeInput
 from consumer.tracks import Track
 
 
@@ -24,12 +26,14 @@ class Formed:
     end: int
     attempt: int
     snapshot: Snapshot
-    records: list[Record]
+    inp: RangeInput
     quarantine: bool = False
     intended: bool = False  # its intent row is durable
 
 
-def form(t: Track, position: int, config_hash: str, now_ms: int, limit: int) -> Formed | None:
+def form(
+    t: Track, topic: str, position: int, config_hash: str, now_ms: int, limit: int
+) -> Formed | None:
     """The partition's next range, or None while its records are not all read yet.
 
     `position` is the consumer's position: a fresh range ends there (P8), so offsets the
@@ -43,9 +47,9 @@ def form(t: Track, position: int, config_hash: str, now_ms: int, limit: int) -> 
     else:
         if not t.buffer:
             return None
-        start = t.next_offset if t.next_offset is not None else t.buffer[0].offset
+        start = t.next_offset if t.next_offset is not None else _offset(t.buffer[0])
         chunk = next_chunk(start, t.suspect)
-        plan = chunk or Plan(start, max(position, t.buffer[-1].offset + 1), 1)
+        plan = chunk or Plan(start, max(position, _offset(t.buffer[-1]) + 1), 1)
         # A poison search goes on with the configuration its crashed range was formed with.
         config = t.suspect_config if chunk is not None and t.suspect_config else config_hash
         snapshot = Snapshot(dict(t.watermarks), config, now_ms, suspect=plan.suspect)
@@ -57,6 +61,12 @@ def form(t: Track, position: int, config_hash: str, now_ms: int, limit: int) -> 
         plan.end,
         plan.attempt,
         snapshot,
-        [r for r in t.buffer if plan.start <= r.offset < plan.end],
+        RangeInput.of_messages(
+            topic, t.partition, [m for m in t.buffer if plan.start <= _offset(m) < plan.end]
+        ),
         plan.quarantine,
     )
+
+
+def _offset(msg: Message) -> int:
+    return msg.offset() or 0

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.context import TRANSIENT, UNREADY, IngestContext
-from consumer.dedup import id_hash
-from consumer.kafka_io import to_record
 from consumer.ranges import DeadLetterFlood, RangeMaker, UnknownConfiguration
 from consumer.sink import RangeWrite
 from consumer.state import earlier_incarnation
@@ -84,6 +82,7 @@ class Ingestor:
         c = self.ctx
         topic_id = c.topic_ids(c.topic) if c.topic_ids is not None else None
         loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms, topic_id)
+        c.commits.rollup.recover(partitions)  # windows a crash left pending
         self._recreated = set()
         if topic_id is not None:
             c.commits.topic_id = topic_id
@@ -147,9 +146,9 @@ class Ingestor:
                     log.warning("evicted from the group, rejoining: %s", err.str())
                     continue
                 raise KafkaException(err)
-            track = self.tracks.get(int(msg.partition() or 0))
+            track = self.tracks.get(msg.partition() or 0)
             if track is not None:
-                track.buffer.append(to_record(msg))
+                track.buffer.append(msg)
         c.metrics.events_consumed.inc(len(msgs))
         if self.catch_up:
             c.commits.commit_offsets(self.catch_up)
@@ -202,10 +201,10 @@ class Ingestor:
         for r in ranges:
             t = self.tracks.get(r.partition)
             cl = r.classified
-            for a in cl.accepted:
-                m.events_accepted.labels(a.meter.name).inc()
-                if t is not None:
-                    t.recent.add(id_hash(a.meter.name, a.event.event_id), a.event.timestamp_ms)
+            for meter, n in cl.accepted.per_meter.items():
+                m.events_accepted.labels(meter).inc(n)
+            if t is not None:
+                t.recent.add_keys(cl.accepted.keys, cl.accepted.times_ms)
             for c in cl.cancels:
                 m.events_cancel.labels(c.meter.name).inc()
             for meter, n in cl.duplicates.items():

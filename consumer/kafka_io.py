@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicCollection
 from confluent_kafka.admin import AdminClient
@@ -52,29 +52,6 @@ def producer_config(cfg: KafkaConfig) -> dict[str, Any]:
     conf.update(client_config(cfg))
     conf.update(cfg.producer_librdkafka)
     return conf
-
-
-def to_record(msg: Message) -> Record:
-    ts_type, ts = msg.timestamp()
-    raw = cast(list[tuple[str, bytes | None]], msg.headers() or [])  # a list when consumed
-    headers = tuple((str(k), _bytes(v)) for k, v in raw)
-    return Record(
-        str(msg.topic()),
-        int(msg.partition() or 0),
-        int(msg.offset() or 0),
-        _optional_bytes(msg.key()),
-        _optional_bytes(msg.value()),
-        int(ts) if ts_type else 0,
-        headers,
-    )
-
-
-def _bytes(v: str | bytes | None) -> bytes:
-    return v.encode() if isinstance(v, str) else (v or b"")
-
-
-def _optional_bytes(v: str | bytes | None) -> bytes | None:
-    return None if v is None else _bytes(v)
 
 
 def _source_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:

@@ -56,6 +56,12 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        # Window jobs waiting for the rollup thread (committed batches whose windows trail).
+        self.rollup_jobs = Gauge(
+            p + "rollup_jobs_waiting",
+            "Committed batches whose minute windows are not recomputed yet.",
+            registry=r,
+        )
         # Rows written to ClickHouse, by table.
         self.insert_rows = Counter(
             p + "clickhouse_rows", "Rows written to ClickHouse.", ["table"], registry=r

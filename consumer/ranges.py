@@ -12,7 +12,8 @@ import logging
 
 from confluent_kafka import TopicPartition
 
-from consumer.classify import Classified, Classifier
+from consumer import avrofast
+from consumer.classify import Classified, Classifier, Job
 from consumer.config import parse_classification
 from consumer.context import TRANSIENT, IngestContext, OnTransient
 from consumer.forming import Formed, form
@@ -64,6 +65,7 @@ class RangeMaker:
             for t in pending:
                 f = form(
                     t,
+                    c.topic,
                     positions.get(t.partition, -1),
                     c.config_hash,
                     now_ms,
@@ -71,20 +73,24 @@ class RangeMaker:
                 )
                 if f is None:
                     continue
-                ids = c.classifier.decoder.named_schema_ids(r.value for r in f.records)
+                ids = avrofast.schema_ids(f.inp.values)
                 f.snapshot = dataclasses.replace(f.snapshot, schema_ids=ids)
-                t.buffer = [r for r in t.buffer if r.offset >= f.end]
+                t.buffer = [m for m in t.buffer if (m.offset() or 0) >= f.end]
                 self.formed[t.partition] = f
         batch = self._batch()
         if not self._intend([f for f in batch if not f.intended], now_ms, transient):
             return []
+        try:
+            classified = self._classify(batch)
+        except TRANSIENT as exc:
+            transient("classification", exc, [f.partition for f in batch])
+            return []
         ranges = []
-        for f in batch:
-            try:
-                ranges.append(self._classify(f))
-            except TRANSIENT as exc:
-                transient(f"partition {f.partition} classification", exc, [f.partition])
-                continue
+        for f, cl in zip(batch, classified, strict=True):
+            self._check_flood(f, cl)
+            ranges.append(
+                RangeWrite(c.topic, f.partition, f.start, f.end, f.attempt, f.snapshot, cl)
+            )
             del self.formed[f.partition]
         return ranges
 
@@ -131,21 +137,29 @@ class RangeMaker:
                 )
         return True
 
-    def _classify(self, f: Formed) -> RangeWrite:
-        c = self.ctx
-        t = self.tracks[f.partition]
-        if f.quarantine:
-            classified = Classifier.quarantine(f.records, f.snapshot, f.attempt - 1)
-        else:
-            lookup = ledger_lookup(c.store, c.topic, f.partition, f.start, f.end)
-            classifier = self._classifier_for(f.snapshot.config_hash, f.partition)
-            classified = classifier.classify(f.records, f.snapshot, t.recent, lookup)
-            self._check_flood(f, classified)
-        return RangeWrite(c.topic, f.partition, f.start, f.end, f.attempt, f.snapshot, classified)
+    def _classify(self, batch: list[Formed]) -> list[Classified]:
+        """The batch's ranges, classified with one ledger question per configuration."""
+        out: dict[int, Classified] = {}
+        groups: dict[str, list[Formed]] = {}
+        for f in batch:
+            if f.quarantine:
+                out[f.partition] = Classifier.quarantine(f.inp, f.snapshot, f.attempt - 1)
+            else:
+                groups.setdefault(f.snapshot.config_hash, []).append(f)
+        lookup = ledger_lookup(self.ctx.store)
+        for config_hash, formed in groups.items():
+            classifier = self._classifier_for(config_hash, formed[0].partition)
+            jobs = [
+                Job(f.inp, f.start, f.end, f.snapshot, self.tracks[f.partition].recent)
+                for f in formed
+            ]
+            for f, cl in zip(formed, classifier.classify_all(jobs, lookup), strict=True):
+                out[f.partition] = cl
+        return [out[f.partition] for f in batch]
 
     def _check_flood(self, f: Formed, classified: Classified) -> None:
         c = self.ctx
-        bad, n = len(classified.invalid), len(f.records)
+        bad, n = len(classified.invalid), len(f.inp)
         if n < c.flood_min_messages or bad <= c.max_invalid_ratio * n:
             return
         # A deliberate stop, not a crash: withdraw this attempt so that restarts waiting

@@ -15,14 +15,13 @@ from decimal import Decimal
 import pyarrow as pa
 
 from consumer.classify import Classified, LedgerLookup, Snapshot
+from consumer.events import LEDGER_SCHEMA
 from consumer.exact import EXACT
 from consumer.faults import fault_point
-from consumer.identifiers import per_event_identifier
 from consumer.records import Record
+from consumer.rollup import Cancel
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
-from consumer.window import minute_of
 
-VER_BASE = 1 << 62
 PENDING = 1
 Timer = Callable[[str], object]
 
@@ -41,121 +40,107 @@ class RangeWrite:
 
 
 def batch_id(ranges: Sequence[RangeWrite]) -> str:
-    """Deterministic id of a batch, used as insert dedup token and dirty-window key."""
+    """Deterministic id of a batch, used as insert dedup token."""
     text = ";".join(f"{r.topic}/{r.partition}/{r.start}/{r.end}" for r in ranges)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def ledger_lookup(store: Backend, topic: str, partition: int, start: int, end: int) -> LedgerLookup:
-    """Which ids the ledger holds, ignoring rows from this very range (P2)."""
+def ledger_lookup(store: Backend) -> LedgerLookup:
+    """Which candidates the ledger already holds, ignoring each candidate's own range (P2):
+    one query for a whole batch of ranges, the candidates sent as a table."""
 
-    def lookup(meter: str, event_ids: list[str]) -> dict[str, int]:
-        rows = store.query(
-            """SELECT event_id, min(partition) FROM usage_events
-               WHERE meter = {m:String} AND event_id IN {ids:Array(String)}
-                 AND NOT (topic = {t:String} AND partition = {p:UInt32}
-                          AND offset >= {a:UInt64} AND offset < {b:UInt64})
-               GROUP BY event_id""",
-            {"m": meter, "ids": event_ids, "t": topic, "p": partition, "a": start, "b": end},
+    def lookup(candidates: pa.Table) -> dict[int, int]:
+        rows = store.query_with(
+            """SELECT c.ci, min(u.partition) FROM (
+                       SELECT meter, event_id, topic, partition, offset FROM usage_events
+                   PREWHERE id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
+               INNER JOIN $candidates AS c ON u.meter = c.meter AND u.event_id = c.event_id
+               WHERE NOT (u.topic = c.topic AND u.partition = c.partition
+                          AND u.offset >= c.range_start AND u.offset < c.range_end)
+               GROUP BY c.ci""",
+            {"candidates": candidates},
         )
-        return {str(r[0]): int(r[1]) for r in rows}
+        return {int(r[0]): int(r[1]) for r in rows}
 
     return lookup
 
 
 def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int) -> int:
-    """Ledger, dirty windows, per-event pushes, cancellations, dead letters and late events;
-    returns how many events were accepted."""
-    accepted = [a for r in ranges for a in r.classified.accepted]
-    if accepted:
+    """Every effect of the batch but its windows, one write after another; returns how many
+    events were accepted. (The commit stage runs the two groups at once.)"""
+    n = write_ledger(store, token, ranges)
+    write_outputs(store, token, ranges, now_ms)
+    return n
+
+
+def write_ledger(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> int:
+    """What the window recompute reads: the ledger and the cancellations."""
+    accepted = accepted_table(ranges)
+    if accepted.num_rows:
         store.insert_columns(
             "usage_events",
-            {
-                "meter": pa.array([a.meter.name for a in accepted]),
-                "customer_id": pa.array([a.event.customer_id for a in accepted]),
-                "event_id": pa.array([a.event.event_id for a in accepted]),
-                "event_time": pa.array([a.event.timestamp_ms for a in accepted], TIME_MS),
-                "value": pa.array([a.event.value for a in accepted], DECIMAL),
-                "properties": pa.array(
-                    [list(a.event.properties.items()) for a in accepted],
-                    pa.map_(pa.string(), pa.string()),
-                ),
-                "schema_id": pa.array([a.event.schema_id for a in accepted], pa.uint32()),
-                "topic": pa.array([a.record.topic for a in accepted]),
-                "partition": pa.array([a.record.partition for a in accepted], pa.uint32()),
-                "offset": pa.array([a.record.offset for a in accepted], pa.uint64()),
-                "record_time": pa.array([a.record.timestamp_ms for a in accepted], TIME_MS),
-                "ver": pa.array([VER_BASE - a.record.timestamp_ms for a in accepted], pa.uint64()),
-            },
+            dict(zip(accepted.column_names, accepted.columns, strict=True)),
             token=token,
         )
         fault_point("after_write_usage_events")
-        _write_dirty(
-            store,
-            token,
-            {
-                (a.meter.name, a.event.customer_id, minute_of(a.event.timestamp_ms))
-                for a in accepted
-            },
-        )
-        fault_point("after_write_dirty_windows")
-        _write_per_event_pushes(store, token, ranges, now_ms)
-        fault_point("after_write_stripe_pushes")
     _write_cancellations(store, token, ranges)
+    return int(accepted.num_rows)
+
+
+def write_outputs(store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int) -> None:
+    """What nothing else of the batch reads: per-event pushes, dead letters, late events."""
+    _write_per_event_pushes(store, token, ranges, now_ms)
+    fault_point("after_write_stripe_pushes")
     _write_dead_letters(store, token, ranges, now_ms)
     fault_point("after_write_dead_letters")
     _write_late(store, token, ranges)
-    return len(accepted)
 
 
-def _write_dirty(store: Backend, token: str, keys: set[tuple[str, str, int]]) -> None:
-    ordered = sorted(keys)
-    store.insert_columns(
-        "dirty_windows",
-        {
-            "batch_id": pa.array([token] * len(ordered)),
-            "meter": pa.array([k[0] for k in ordered]),
-            "customer_id": pa.array([k[1] for k in ordered]),
-            "window_start": pa.array([k[2] // 1000 for k in ordered], pa.timestamp("s", tz="UTC")),
-        },
-        token=token,
-    )
+def accepted_table(ranges: Sequence[RangeWrite]) -> pa.Table:
+    """Every accepted event of the batch as ledger columns."""
+    tables = [r.classified.accepted.table for r in ranges]
+    return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
 
 
 def _write_per_event_pushes(
     store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int
 ) -> None:
-    rows = [
-        a
-        for r in ranges
-        for a in r.classified.accepted
-        if a.meter.stripe_event_name and a.meter.emission == "per_event"
-    ]
-    if not rows:
+    """One pending push per accepted event of a per_event meter, built in ClickHouse from
+    the ledger columns; the identifier is `per_event_identifier` in SQL (a test holds the
+    two equal)."""
+    by_config: dict[tuple[tuple[str, str], ...], list[pa.Table]] = {}
+    for r in ranges:
+        batch = r.classified.accepted
+        if batch.per_event and len(batch):
+            by_config.setdefault(tuple(sorted(batch.per_event.items())), []).append(batch.table)
+    if not by_config:
         return
-    names = [a.meter.stripe_event_name or "" for a in rows]
-    store.insert_columns(
-        "stripe_pushes",
-        {
-            "identifier": pa.array(
-                [
-                    per_event_identifier(n, a.event.event_id)
-                    for n, a in zip(names, rows, strict=True)
-                ]
-            ),
-            "mode": pa.array(["per_event"] * len(rows)),
-            "meter": pa.array([a.meter.name for a in rows]),
-            "stripe_event_name": pa.array(names),
-            "customer_id": pa.array([a.event.customer_id for a in rows]),
-            "bucket_start": pa.array([a.event.timestamp_ms for a in rows], TIME_MS),
-            "revision": pa.array([0] * len(rows), pa.uint32()),
-            "value": pa.array([a.event.value for a in rows], DECIMAL),
-            "status_rank": pa.array([PENDING] * len(rows), pa.uint8()),
-            "first_attempt_at": pa.array([0] * len(rows), TIME_MS),
-            "updated_at": pa.array([now_ms] * len(rows), TIME_MS),
-        },
-        token=token,
-    )
+    for i, (meters, tables) in enumerate(sorted(by_config.items())):
+        store.command_with(
+            f"""INSERT INTO stripe_pushes (identifier, mode, meter, stripe_event_name,
+                   customer_id, bucket_start, revision, value, status_rank, first_attempt_at,
+                   updated_at)
+               SELECT {PER_EVENT_IDENTIFIER_SQL}, 'per_event', meter, name, customer_id,
+                      event_time, 0, value, {PENDING}, fromUnixTimestamp64Milli(0, 'UTC'),
+                      fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
+               FROM (SELECT meter, customer_id, event_id, event_time, value,
+                            transform(meter, {{m:Array(String)}}, {{s:Array(String)}}, '') AS name
+                     FROM $accepted)
+               WHERE name != ''
+               SETTINGS insert_deduplication_token = '{token}-{i}'""",
+            {"accepted": pa.concat_tables(tables)},
+            {
+                "now": now_ms,
+                "m": [m for m, _ in meters],
+                "s": [s for _, s in meters],
+            },
+        )
+
+
+# per_event_identifier(name, event_id) over the columns `name` and `event_id`
+PER_EVENT_IDENTIFIER_SQL = (
+    "concat('uc1e_', substring(lower(hex(SHA256(concat(name, '\\x1f', event_id)))), 1, 40))"
+)
 
 
 def _source_columns(records: Sequence[Record]) -> dict[str, pa.Array]:
@@ -226,9 +211,6 @@ def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> Non
     )
 
 
-Cancel = tuple[str, str, str]  # (meter, customer, cancelled event id)
-
-
 def cancels_of(ranges: Sequence[RangeWrite]) -> list[Cancel]:
     """What the batch's cancel events take back, in a stable order."""
     return sorted(
@@ -237,51 +219,6 @@ def cancels_of(ranges: Sequence[RangeWrite]) -> list[Cancel]:
             for r in ranges
             for c in r.classified.cancels
         }
-    )
-
-
-def recompute_windows(
-    store: Backend, token: str, now_ms: int, cancels: Sequence[Cancel] = ()
-) -> None:
-    """Upsert every minute window the batch touched, recomputed from the whole ledger
-    without cancelled events. The windows of events the batch cancels are found in the
-    ledger now, not when the cancels were written, so a retry finds an original that another
-    partition wrote meanwhile. A window left without events is written as a zero row (the
-    analyst views leave those out)."""
-    cancelled_windows = (
-        """UNION DISTINCT
-               SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')
-               FROM usage_events
-               WHERE (meter, customer_id, event_id) IN {c:Array(Tuple(String, String, String))}"""
-        if cancels
-        else ""
-    )
-    store.command(
-        f"""INSERT INTO usage_windows
-           WITH dirty AS (
-               SELECT meter, customer_id, window_start FROM dirty_windows
-               WHERE batch_id = {{b:String}}
-               {cancelled_windows})
-           SELECT d.meter, d.customer_id, d.window_start, a.s, a.n, a.lo, a.hi, a.fv, a.ft,
-                  a.lv, a.lt, fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
-           FROM (SELECT DISTINCT meter, customer_id, window_start FROM dirty) AS d
-           LEFT JOIN (
-               SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC') AS ws,
-                      sum(value) AS s, count() AS n, min(value) AS lo, max(value) AS hi,
-                      argMin(value, (event_time, event_id)) AS fv, min(event_time) AS ft,
-                      argMax(value, (event_time, event_id)) AS lv, max(event_time) AS lt
-               FROM usage_events FINAL
-               WHERE (meter, customer_id, toStartOfHour(event_time)) IN (
-                        SELECT DISTINCT meter, customer_id, toStartOfHour(window_start) FROM dirty)
-                 AND (meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')) IN (
-                        SELECT meter, customer_id, window_start FROM dirty)
-                 AND (meter, customer_id, event_id) NOT IN (
-                        SELECT meter, customer_id, cancelled_id FROM cancellations
-                        WHERE (meter, customer_id) IN (
-                            SELECT DISTINCT meter, customer_id FROM dirty))
-               GROUP BY meter, customer_id, ws) AS a
-             ON d.meter = a.meter AND d.customer_id = a.customer_id AND d.window_start = a.ws""",
-        {"b": token, "now": now_ms, "c": list(cancels)},
     )
 
 

@@ -6,9 +6,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+from confluent_kafka import Message
+
 from consumer.classify import Snapshot
-from consumer.dedup import RecentIds, id_hash
-from consumer.records import Record
+from consumer.dedup import RecentIds, ids_keys
 from consumer.state import RangeState, load_states
 from consumer.store.backend import Backend
 
@@ -26,7 +28,7 @@ class Track:
     watermarks: dict[str, int]
     recent: RecentIds
     reform: RangeState | None = None
-    buffer: list[Record] = field(default_factory=list)
+    buffer: list[Message] = field(default_factory=list)  # consumed, not yet in a range
     suspect: tuple[int, int] | None = None
     suspect_config: str = ""
 
@@ -84,4 +86,7 @@ def _rebuild_recent(
              AND event_time >= fromUnixTimestamp64Milli({s:Int64}, 'UTC')""",
         {"t": topic, "p": partition, "s": since},
     )
-    recent.add_many((id_hash(str(m), str(e)), int(ts)) for m, e, ts in rows)
+    if rows:
+        meters, ids, times = zip(*rows, strict=True)
+        keys = ids_keys([str(m) for m in meters], [str(i) for i in ids])
+        recent.add_keys(keys, np.array(times, np.int64))

@@ -44,6 +44,18 @@ class FaultyBackend:
             self._maybe_fail("query")
         return self._inner.query(sql, params)
 
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        self._maybe_fail("query")
+        return self._inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        self._maybe_fail("command")
+        self._inner.command_with(sql, inputs, params)
+
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         self._maybe_fail(f"insert into {table}")
         self._inner.insert_columns(table, columns, token)

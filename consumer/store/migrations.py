@@ -6,7 +6,14 @@ converges under FINAL. Analysts read the views at the end, never the raw tables.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from consumer.store.backend import Backend
+
+log = logging.getLogger(__name__)
+# A statement, or a step that must look before it acts (a copy that may have been cut short).
+Step = str | Callable[[Backend], None]
 
 _DEDUP = "non_replicated_deduplication_window = 1000"
 
@@ -46,7 +53,7 @@ _USAGE_VIEWS = [
 ]
 
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
         "ledger and fenced ingest state",
@@ -332,6 +339,95 @@ MIGRATIONS.append(
 )
 
 
+MIGRATIONS.append(
+    (
+        11,
+        "touched windows come from the batch itself",
+        [
+            # A batch's windows are derived from its own accepted events when they are
+            # recomputed (a retry re-forms the same events), so they are no longer stored.
+            "DROP TABLE IF EXISTS dirty_windows",
+        ],
+    )
+)
+
+
+# The ledger keyed time first: a batch's windows are a few minutes of every customer, so
+# their recompute reads those minutes only (keyed customer first, it read every part of the
+# table for every batch: 170 ms a batch of 20,000 at 300,000 rows, 9 us an event).
+# `id_key` lets the dedup question scan 8 bytes a row instead of every event id string.
+LEDGER_ORDER = "meter, toStartOfMinute(event_time), customer_id, event_id"
+_LEDGER_REKEYED = f"""CREATE TABLE IF NOT EXISTS usage_events_rekeyed (
+    meter LowCardinality(String),
+    customer_id String,
+    event_id String,
+    event_time DateTime64(3, 'UTC'),
+    value Decimal(38, 9),
+    properties Map(String, String),
+    schema_id UInt32,
+    topic LowCardinality(String),
+    partition UInt32,
+    offset UInt64,
+    record_time DateTime64(3, 'UTC'),
+    ver UInt64,
+    id_key UInt64 MATERIALIZED sipHash64(meter, event_id)
+) ENGINE = ReplacingMergeTree(ver)
+ORDER BY ({LEDGER_ORDER})
+SETTINGS {_DEDUP}"""
+_LEDGER_COLUMNS = (
+    "meter, customer_id, event_id, event_time, value, properties, schema_id, topic, "
+    "partition, offset, record_time, ver"
+)
+
+
+def _rekey_ledger(store: Backend) -> None:
+    """Copy the ledger into its time-first layout and swap the two atomically. Safe to run
+    again after a crash at any point: a finished swap is recognised by its sorting key, an
+    unfinished copy is dropped and made again."""
+    rows = store.query(
+        """SELECT sorting_key FROM system.tables
+           WHERE database = currentDatabase() AND name = 'usage_events'"""
+    )
+    if not rows or str(rows[0][0]) != LEDGER_ORDER:
+        (count,) = store.query("SELECT count() FROM usage_events")[0]
+        if int(count):
+            log.warning("copying the ledger (%s rows) into its time-first layout", count)
+        store.command("DROP TABLE IF EXISTS usage_events_rekeyed")
+        store.command(_LEDGER_REKEYED)
+        store.command(
+            f"INSERT INTO usage_events_rekeyed ({_LEDGER_COLUMNS}) "
+            f"SELECT {_LEDGER_COLUMNS} FROM usage_events"
+        )
+        store.command("EXCHANGE TABLES usage_events AND usage_events_rekeyed")
+    store.command("DROP TABLE IF EXISTS usage_events_rekeyed")
+
+
+MIGRATIONS.append((12, "ledger keyed time first, with a dedup key", [_rekey_ledger]))
+
+
+MIGRATIONS.append(
+    (
+        13,
+        "window jobs",
+        [
+            # The windows a batch touched, recorded before its ranges are done and marked
+            # done once recomputed (consumer/rollup.py); a pending one outlives a crash.
+            """CREATE TABLE IF NOT EXISTS window_jobs (
+        group_id String,
+        topic String,
+        token String,
+        spans Array(Tuple(UInt32, UInt64, UInt64)),
+        minutes Array(Tuple(String, DateTime('UTC'))),
+        state UInt8,
+        written_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(state)
+    ORDER BY (group_id, topic, token)
+    TTL toDateTime(written_at) + INTERVAL 7 DAY DELETE WHERE state = 2""",
+        ],
+    )
+)
+
+
 def record_config(store: Backend, config_hash: str, body: str) -> None:
     if not store.query(
         "SELECT 1 FROM config_versions WHERE config_hash = {h:String}", {"h": config_hash}
@@ -361,8 +457,11 @@ def migrate(store: Backend) -> list[int]:
     for version, name, statements in MIGRATIONS:
         if version in done:
             continue
-        for sql in statements:
-            store.command(sql)
+        for step in statements:
+            if isinstance(step, str):
+                store.command(step)
+            else:
+                step(store)
         store.command(
             "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
             {"v": version, "n": name},

@@ -226,6 +226,18 @@ class OutageStore:
         self._check(sql)
         return self.inner.query(sql, params)
 
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        self._check(sql)
+        return self.inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        self._check(sql)
+        self.inner.command_with(sql, inputs, params)
+
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         self._check(f"INSERT INTO {table}")
         self.inner.insert_columns(table, columns, token)
@@ -276,6 +288,17 @@ class PartsWatch:
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         return self.inner.query(sql, params)
+
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        return self.inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        self.inner.command_with(sql, inputs, params)
+        self._count(_inserted_table(sql))
 
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         self.inner.insert_columns(table, columns, token)

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from consumer.classify import Accepted, Classified, Snapshot
+from consumer.classify import Accepted, AcceptedBatch, Classified, Snapshot
 from consumer.config import MeterConfig
 from consumer.decode import DecodedEvent
 from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
@@ -23,7 +23,14 @@ from consumer.emulator import EmulatorServer
 from consumer.identifiers import per_event_identifier
 from consumer.reconcile import format_report, reconcile
 from consumer.records import Record
-from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
+from consumer.rollup import recompute_windows
+from consumer.sink import (
+    RangeWrite,
+    accepted_table,
+    batch_id,
+    cancels_of,
+    write_effects,
+)
 from consumer.store.backend import StoreError
 from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
@@ -90,10 +97,20 @@ def ingest(rig: Rig, events: Sequence[Ev] = (), cancels: Sequence[Cancel] = ()) 
         for i, (m, c, e) in enumerate(cancels)
     ]
     n = len(events) + len(cancels)
-    ranges = [RangeWrite(topic, 0, 0, n, 1, snap, Classified(accepted=usage, cancels=taken))]
+    ranges = [
+        RangeWrite(
+            topic,
+            0,
+            0,
+            n,
+            1,
+            snap,
+            Classified(accepted=AcceptedBatch.of_rows(usage), cancels=taken),
+        )
+    ]
     token = batch_id(ranges)
     write_effects(rig.store, token, ranges, rig.now_ms())
-    recompute_windows(rig.store, token, rig.now_ms(), cancels_of(ranges))
+    recompute_windows(rig.store, accepted_table(ranges), rig.now_ms(), cancels_of(ranges))
 
 
 def run(rig: Rig) -> None:

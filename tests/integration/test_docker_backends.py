@@ -5,17 +5,19 @@ skipped, with the reason, where it does not."""
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from consumer.demo import produce, run_until_drained, stripe_totals
 from consumer.emulator import EmulatorServer
 from consumer.sample import generate
 from consumer.store import open_store
-from consumer.store.backend import Backend, ServerBackend
-from consumer.store.migrations import migrate
+from consumer.store.backend import DECIMAL, Backend, ServerBackend
+from consumer.store.migrations import MIGRATIONS, migrate
 from consumer.totals import clickhouse_totals
 from tests.integration.conftest import make_settings
 
@@ -63,7 +65,7 @@ def _server(cfg: dict[str, Any]) -> Backend:
 def test_server_backend_runs_the_same_migrations_and_queries(clickhouse: dict[str, Any]) -> None:
     store = _server(clickhouse)
     try:
-        assert migrate(store) == [1, 2, 3, 4, 5, 6]
+        assert migrate(store) == [version for version, _, _ in MIGRATIONS]
         assert migrate(store) == []
         names = {
             r[0]
@@ -80,6 +82,24 @@ def test_server_backend_runs_the_same_migrations_and_queries(clickhouse: dict[st
             "late_events",
             "usage_totals",
         } <= names
+    finally:
+        store.close()
+
+
+def test_server_backend_reads_arrow_inputs_as_external_tables(clickhouse: dict[str, Any]) -> None:
+    store = _server(clickhouse)
+    try:
+        store.command("CREATE TABLE IF NOT EXISTS arrow_in (k String, v Decimal(38, 9)) "
+                      "ENGINE = MergeTree ORDER BY k")  # fmt: skip
+        keys = pa.table({"k": pa.array(["a", "b"]), "n": pa.array([1, 2], pa.uint32())})
+        vals = pa.table({"k": pa.array(["a"]), "v": pa.array([Decimal("1.5")], DECIMAL)})
+        store.command_with("INSERT INTO arrow_in SELECT k, v FROM $vals", {"vals": vals})
+        rows = store.query_with(
+            "SELECT k.k, k.n, toString(a.v) FROM $keys AS k LEFT JOIN arrow_in AS a ON a.k = k.k "
+            "ORDER BY k.k",
+            {"keys": keys},
+        )
+        assert rows == [("a", 1, "1.5"), ("b", 2, "0")]
     finally:
         store.close()
 

@@ -83,6 +83,16 @@ class MarkFailingStore:
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         return self.inner.query(sql, params)
 
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        return self.inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        self.inner.command_with(sql, inputs, params)
+
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         marks = table == "stripe_pushes" and set(columns["status_rank"].to_pylist()) == {SENT}
         if self.failing and marks:

@@ -15,6 +15,7 @@ from consumer.demo import run_until_drained, stripe_totals
 from consumer.emulator import EmulatorServer
 from consumer.metrics import Metrics
 from consumer.store import Backend, StoreError, open_store
+from consumer.store.migrations import migrate
 from consumer.totals import clickhouse_totals, side_counts
 from tests.integration.conftest import produce_sample
 from tests.integration.test_pipeline import ours
@@ -47,6 +48,18 @@ class FlakyStore:
         self._maybe_fail(sql)
         return self.inner.query(sql, params)
 
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        self._maybe_fail(sql)
+        return self.inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        self._maybe_fail(sql)
+        self.inner.command_with(sql, inputs, params)
+
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         self._maybe_fail(table)
         self.inner.insert_columns(table, columns, token)
@@ -62,8 +75,10 @@ def test_clickhouse_errors_mid_sequence_are_retried_without_loss(
     settings, sample, ends, prefix = run.settings, run.sample, run.ends, run.prefix
     # Fail inside the sequence: after the intent (ledger insert), at the window recompute,
     # and at the done row; and during the emitter's outbox reads.
+    store = open_store(settings.clickhouse)
+    migrate(store)  # the data path is under test, not the schema's
     flaky = FlakyStore(
-        open_store(settings.clickhouse),
+        store,
         {
             "usage_events": 3,
             "INSERT INTO usage_windows": 2,

@@ -19,11 +19,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.classify import Accepted, Classified, Snapshot
+from consumer.classify import Accepted, AcceptedBatch, Classified, Snapshot
 from consumer.config import MeterConfig
 from consumer.decode import DecodedEvent
 from consumer.records import Record
-from consumer.sink import RangeWrite, batch_id, cancels_of, recompute_windows, write_effects
+from consumer.rollup import recompute_windows
+from consumer.sink import (
+    RangeWrite,
+    accepted_table,
+    batch_id,
+    cancels_of,
+    write_effects,
+)
 from consumer.store.backend import Backend, ChdbBackend
 from consumer.store.migrations import migrate
 from consumer.totals import aggregation_values
@@ -33,8 +40,7 @@ pytestmark = pytest.mark.integration
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
-# Event times must be recent: dirty_windows has a 40-day TTL on the wall clock. An hour
-# boundary a couple of days back keeps every generated window well inside it.
+# An hour boundary a couple of days back: recent, like the events the pipeline accepts.
 BASE_MS = int(time.time() * 1000) // HOUR_MS * HOUR_MS - 2 * DAY_MS
 METERS = {
     "api_calls": MeterConfig(name="api_calls", event_name="api_call", aggregation="sum"),
@@ -55,8 +61,8 @@ class Ev:
 
     @property
     def identity(self) -> tuple[str, str, int, str]:
-        """The ledger's sort key: (meter, customer, hour, event id)."""
-        return (self.meter, self.customer, self.ts // HOUR_MS, self.event_id)
+        """The ledger's sort key: (meter, customer, minute, event id)."""
+        return (self.meter, self.customer, minute_of(self.ts), self.event_id)
 
     def point(self) -> Point:
         return Point(self.ts, self.event_id, self.value)
@@ -86,7 +92,7 @@ def store(tmp_path: Path) -> Iterator[Backend]:
 
 
 def reset(store: Backend) -> None:
-    for table in ("usage_events", "usage_windows", "dirty_windows", "cancellations"):
+    for table in ("usage_events", "usage_windows", "cancellations"):
         store.command(f"TRUNCATE TABLE {table}")
 
 
@@ -122,7 +128,7 @@ def ranges_for(
             )
             rec = Record(topic, partition, offset, None, b"", ev.ts + c.record_delay_ms)
             accepted.append(Accepted(rec, event, meter))
-        classified = Classified(accepted=accepted)
+        classified = Classified(accepted=AcceptedBatch.of_rows(accepted))
         out.append(RangeWrite(topic, partition, 0, len(group), 1, SNAPSHOT, classified))
     if cancels:
         taken = []
@@ -141,7 +147,7 @@ def ranges_for(
 def write_batch(store: Backend, ranges: Sequence[RangeWrite], now_ms: int, token: str = "") -> int:
     token = token or batch_id(ranges)
     n = write_effects(store, token, ranges, now_ms)
-    recompute_windows(store, token, now_ms, cancels_of(ranges))
+    recompute_windows(store, accepted_table(ranges), now_ms, cancels_of(ranges))
     return n
 
 
@@ -364,7 +370,7 @@ def test_windows_of_other_customers_and_minutes_are_not_touched(store: Backend) 
     assert after == [("cus_a", BASE_MS + 60_000, "5"), ("cus_b", computed["cus_b"], "2")]
 
 
-def test_windows_are_computed_for_events_older_than_the_dirty_ttl(store: Backend) -> None:
+def test_windows_are_computed_for_events_a_month_old(store: Backend) -> None:
     now_ms = int(time.time() * 1000)
     # Event 34 days before its record, which was produced 7 days ago (e.g. consumer lag).
     record_ts = now_ms - 7 * DAY_MS
@@ -372,8 +378,7 @@ def test_windows_are_computed_for_events_older_than_the_dirty_ttl(store: Backend
     ranges = ranges_for([Copy(ev, 0, 34 * DAY_MS)], "t.old")
     token = batch_id(ranges)
     write_effects(store, token, ranges, now_ms)
-    store.command("OPTIMIZE TABLE dirty_windows FINAL")  # a background merge may run any time
-    recompute_windows(store, token, now_ms)
+    recompute_windows(store, accepted_table(ranges), now_ms)
     assert ledger_count(store) == 1
     assert totals(store) == reference([ev], "total", KINDS[:-1])
 

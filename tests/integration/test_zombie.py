@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -86,6 +87,18 @@ class Stall:
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         return self.inner.query(sql, params)
 
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        return self.inner.query_with(sql, inputs, params)
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        if self.release.is_set() and (table := _inserted(sql)) is not None:
+            self.late.append(table)
+        self.inner.command_with(sql, inputs, params)
+
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         if self.armed.is_set() and table == self.table and not self.entered.is_set():
             self.entered.set()
@@ -98,6 +111,11 @@ class Stall:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _inserted(sql: str) -> str | None:
+    found = re.match(r"\s*INSERT\s+INTO\s+(\w+)", sql)
+    return found.group(1) if found else None
 
 
 def state_rows(store: Backend, group: str, topic: str) -> list[tuple[int, int, int, int, int, int]]:
