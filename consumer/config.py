@@ -211,6 +211,12 @@ class PipelineConfig(_Frozen):
     poison_after_attempts: int = Field(
         3, ge=2, description="crashes on one range before it is split to find a poison message"
     )
+    rollup_threads: int = Field(
+        1,
+        ge=0,
+        description="ClickHouse threads a window recompute may use (0: ClickHouse's own "
+        "default); one leaves the consume loop a core of its own on a small embedded host",
+    )
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9108, ge=0, le=65535)
 

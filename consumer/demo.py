@@ -105,9 +105,9 @@ def run_until_drained(
     quiet: bool = False,
     store: Backend | None = None,
 ) -> int:
-    """Run consumer and emitter until every offset in `ends` is committed and the emitter
-    found nothing left to send (or, with `stop_at`, until that many offsets are committed,
-    then stop gracefully). Returns the number of offsets committed."""
+    """Run consumer and emitter until every offset in `ends` is visible (committed, and its
+    windows recomputed) and the emitter found nothing left to send (or, with `stop_at`,
+    until that many offsets are, then stop gracefully). Returns the number of offsets."""
     clock = SystemClock()
     pipeline = build_pipeline(settings, clock, metrics or Metrics(), Health(clock), store)
     stop = threading.Event()
@@ -120,7 +120,7 @@ def run_until_drained(
     done = 0
     try:
         while worker.is_alive() and time.monotonic() < deadline:
-            done = sum(min(pipeline.ingestor.committed.get(p, 0), e) for p, e in ends.items())
+            done = sum(min(pipeline.rollup.visible.get(p, 0), e) for p, e in ends.items())
             if bar is not None:
                 bar.update(done)
             if done >= target:
@@ -129,7 +129,7 @@ def run_until_drained(
         if bar is not None:
             bar.done(done)
         if done < target:
-            raise RuntimeError(f"not drained: committed {done} of {target} offsets")
+            raise RuntimeError(f"not drained: {done} of {target} offsets visible")
         emitter = pipeline.emitter
         if emitter is not None and stop_at is None:
             mark = emitter.cycles

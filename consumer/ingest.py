@@ -82,7 +82,10 @@ class Ingestor:
         c = self.ctx
         topic_id = c.topic_ids(c.topic) if c.topic_ids is not None else None
         loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms, topic_id)
-        c.commits.rollup.recover(partitions)  # windows a crash left pending
+        # windows a crash left pending (a range still open is re-formed: it resumes there)
+        c.commits.rollup.recover(
+            {p: None if t.reform else t.next_offset for p, t in loaded.items()}
+        )
         self._recreated = set()
         if topic_id is not None:
             c.commits.topic_id = topic_id

@@ -216,7 +216,7 @@ def build_pipeline(
         group=k.group_id,
         topic=k.topic,
         epoch=int(clock.now() * 1000),
-        rollup=Rollup(store, k.group_id, k.topic, clock, metrics),
+        rollup=Rollup(store, k.group_id, k.topic, clock, metrics, threads=p.rollup_threads),
     )
     ingestor = Ingestor(
         IngestContext(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -49,7 +49,11 @@ def recompute_windows(
 
 
 def recompute(
-    store: Backend, windows: pa.Table, now_ms: int, cancels: Sequence[Cancel] = ()
+    store: Backend,
+    windows: pa.Table,
+    now_ms: int,
+    cancels: Sequence[Cancel] = (),
+    threads: int = 0,
 ) -> None:
     """Upsert the windows, each recomputed from the whole ledger without cancelled events.
     The windows of the events `cancels` takes back are found in the ledger now, not when the
@@ -58,7 +62,8 @@ def recompute(
     out). Any other window keeps an event: the batch's own is in the ledger unless it was
     cancelled, and then the window was a cancelled one when that cancel came.
 
-    The ledger is keyed by (meter, minute) first, so the aggregate reads those minutes only."""
+    The ledger is keyed by (meter, minute) first, so the aggregate reads those minutes only.
+    `threads` bounds the aggregate's ClickHouse threads (0: ClickHouse's default)."""
     emptied = _cancelled_windows(store, cancels) if cancels else None
     if emptied is not None:
         windows = _distinct(pa.concat_tables([windows, emptied]))
@@ -75,7 +80,8 @@ def recompute(
            WHERE {_IN_MINUTES}
              AND (meter, customer_id, ws) IN (SELECT meter, customer_id, window_start FROM $dirty)
              AND {_NOT_CANCELLED}
-           GROUP BY meter, customer_id, ws""",
+           GROUP BY meter, customer_id, ws
+           SETTINGS max_threads = {int(threads)}""",
         {"dirty": windows, "pairs": _pairs(windows)},
         {"now": now_ms, "mm": minutes_of(windows)},
     )
@@ -215,8 +221,10 @@ class Rollup:
         clock: Clock,
         metrics: Metrics,
         depth: int = 1,
+        threads: int = 0,
     ) -> None:
         self.store, self.group, self.topic = store, group, topic
+        self._threads = threads
         self._clock, self._metrics = clock, metrics
         self._queue: queue.Queue[WindowJob | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._loop, name="rollup", daemon=True)
@@ -246,9 +254,12 @@ class Rollup:
                 self.check()
         self._metrics.rollup_jobs.set(self._queue.qsize())
 
-    def recover(self, partitions: Sequence[int]) -> int:
+    def recover(self, resumed: Mapping[int, int | None]) -> int:
         """Queue the pending jobs that name any of these partitions (after a crash, or
-        another instance's); returns how many. Raises StoreError if they cannot be read."""
+        another instance's); returns how many. `resumed`: partition -> where it resumes;
+        without a pending job, its windows are whole up to there. Raises StoreError if the
+        jobs cannot be read."""
+        partitions = sorted(resumed)
         if not partitions:
             return 0
         rows = self.store.query(
@@ -267,6 +278,10 @@ class Rollup:
                     tuple((str(m), int(w)) for m, w in minutes),
                 )
             )
+        named = {int(p) for _, spans, _ in rows for p, _, _ in spans}
+        for p, offset in resumed.items():
+            if offset is not None and p not in named:
+                self.visible[p] = max(self.visible.get(p, 0), offset)
         if rows:
             log.warning("recomputing the windows of %d batches left pending", len(rows))
         return len(rows)
@@ -329,7 +344,7 @@ class Rollup:
         cancels = job.cancels
         if cancels is None:
             cancels = tuple(cancels_at(self.store, self.topic, job.spans))
-        recompute(self.store, windows, now_ms, cancels)
+        recompute(self.store, windows, now_ms, cancels, self._threads)
 
     def _write(self, jobs: Sequence[WindowJob], state: int) -> None:
         now_ms = int(self._clock.now() * 1000)

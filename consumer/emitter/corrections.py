@@ -14,9 +14,10 @@ Per-event meters: a cancellation names one push.
 Aggregated meters: a bucket whose total fell below what was pushed for it.
   every sent revision within 23 hours    -> each adjusted, all CANCELLED; the planner then
                                             pushes the bucket's total afresh      (adjusted)
-  a sent revision older                  -> recorded with what Stripe bills beyond the
-                                            usage; later usage in the bucket nets against it
-                                            (the planner plans only growth)       (late)
+  a sent revision older                  -> revisions never sent are CANCELLED; what
+                                            Stripe still bills beyond the usage is recorded,
+                                            later usage in the bucket nets against it (the
+                                            planner plans only growth)            (late)
   only rejected or expired revisions     -> recorded; nothing is billed           (held)
 Rejected and expired revisions stay as they are: their usage is held for a person.
 
@@ -118,6 +119,7 @@ class Corrector:
         self._anchor, self._period = anchor, period
         self._lookback_ms = lookback_days * DAY_MS
         self._bucketing_checked: set[str] = set()  # checked once a process (outbox.py)
+        self._cursor: tuple[str, str, str] | None = None  # per-event keys walked up to
 
     def run(self, now_ms: int) -> int:
         """Take back what was cancelled since the last cycle; returns how much was done."""
@@ -132,23 +134,38 @@ class Corrector:
         if not self._per_event:
             return 0
         # Cancellations not yet settled whose original is in the ledger (one that never
-        # came is looked at again each cycle, for as long as Stripe could take it).
+        # came is looked at again each cycle, for as long as Stripe could take it), at most
+        # PER_CYCLE a cycle. The cycles walk the keys from where the last one stopped, so
+        # cancellations that stay unsettled (an outcome still unknown) never hold back the
+        # ones after them.
+        after = self._cursor or ("", "", "")
         rows = self._store.query(
             """WITH pending AS (
                    SELECT meter, customer_id, cancelled_id FROM cancellations FINAL
                    WHERE meter IN {m:Array(String)}
                      AND record_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+                     AND (meter, customer_id, cancelled_id)
+                         > ({am:String}, {ac:String}, {ai:String})
                      AND (meter, customer_id, cancelled_id) NOT IN (
                             SELECT meter, customer_id, cancelled_id FROM stripe_corrections
                             WHERE mode = 'per_event'))
                SELECT meter, customer_id, cancelled_id FROM pending
                WHERE (meter, customer_id, cancelled_id) IN (
                         SELECT meter, customer_id, event_id FROM usage_events
-                        WHERE (meter, customer_id) IN (SELECT meter, customer_id FROM pending)
-                          AND event_id IN (SELECT cancelled_id FROM pending))
+                        PREWHERE id_key IN (
+                            SELECT sipHash64(meter, cancelled_id) FROM pending))
                ORDER BY meter, customer_id, cancelled_id LIMIT {n:UInt32}""",
-            {"m": sorted(self._per_event), "n": PER_CYCLE, "since": now_ms - self._lookback_ms},
+            {
+                "m": sorted(self._per_event),
+                "n": PER_CYCLE,
+                "since": now_ms - self._lookback_ms,
+                "am": after[0],
+                "ac": after[1],
+                "ai": after[2],
+            },
         )
+        last = rows[-1] if len(rows) == PER_CYCLE else None
+        self._cursor = (str(last[0]), str(last[1]), str(last[2])) if last else None
         wanted = {
             per_event_identifier(self._per_event[str(m)].stripe_event_name or "", str(i)): (
                 str(m),
@@ -171,7 +188,7 @@ class Corrector:
             if record is not None:
                 records.append(record)
         self._write(records, now_ms)
-        return len(records)
+        return len(records) + (self._cursor is not None)  # a full page: more may wait behind
 
     # -- aggregated ---------------------------------------------------------------------
 
@@ -226,6 +243,17 @@ class Corrector:
             record.outcome = "held"  # in rejected or expired pushes: nothing is billed
             record.reason = "the cancelled usage is in pushes held for a person"
             return record
+        if d.late and d.cancel and record.mode == "aggregated":
+            # A revision never sent need never be: take it back first, so that Stripe bills
+            # only what was sent too long ago to cancel.
+            self._unsend(d.cancel, now_ms)
+            record.identifiers = [p.identifier for p in d.cancel]
+            excess = record.value - sum((p.value for p in d.cancel), Decimal(0))
+            if excess <= 0:  # the bucket is whole again; the planner pushes any growth
+                record.outcome = "unsent"
+                self._metrics.stripe_corrections.labels(record.meter, "unsent").inc()
+                return record
+            record.value = excess
         if d.late:
             record.outcome, record.reason = "late", LATE_WHY
             record.identifiers = [p.identifier for p in d.late]
@@ -240,12 +268,15 @@ class Corrector:
         fault_point("after_stripe_adjustment")
         gone = d.adjust + d.cancel
         why = "adjusted" if d.adjust else "unsent"
-        marks = [p.moved(CANCELLED, reason=f"cancelled ({why})") for p in gone]
-        outbox.write_moved(self._store, marks, now_ms)
+        self._unsend(gone, now_ms, why)
         record.outcome = why
         record.identifiers = [p.identifier for p in gone]
         self._metrics.stripe_corrections.labels(record.meter, why).inc()
         return record
+
+    def _unsend(self, pushes: Sequence[Push], now_ms: int, why: str = "unsent") -> None:
+        marks = [p.moved(CANCELLED, reason=f"cancelled ({why})") for p in pushes]
+        outbox.write_moved(self._store, marks, now_ms)
 
     def _late(self, record: Record) -> Record:
         self._metrics.stripe_corrections.labels(record.meter, "late").inc()

@@ -38,6 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from consumer.broker import TansuBroker
@@ -292,24 +293,24 @@ def dedup_memory(window_hours: int, ids: int) -> dict[str, Any]:
     """The recent-id filter holding `ids` distinct ids spread over 24 event hours, fed as the
     pipeline feeds it (added after each range, looked up before the next). Its RSS growth is
     compared with the same run under a tiny window, which keeps about two hours of them."""
-    from consumer.dedup import HOUR_MS, RecentIds, id_hash
+    from consumer.dedup import HOUR_MS, RecentIds, ids_keys
+
+    def keys(names: list[str]) -> Any:
+        return ids_keys(["api_calls"] * len(names), names)
 
     base = _rss_mb()
     recent = RecentIds(window_hours * HOUR_MS)
     start_ms = 1_790_000_000_000
     per_range = 10_000
     for lo in range(0, ids, per_range):
-        hashes = [id_hash("api_calls", f"evt-{i}") for i in range(lo, lo + per_range)]
-        recent.seen(hashes)  # the lookup each range makes first
+        batch = keys([f"evt-{i}" for i in range(lo, lo + per_range)])
+        recent.seen_keys(batch)  # the lookup each range makes first
         at = start_ms + lo * 24 * HOUR_MS // ids
-        for h in hashes:
-            recent.add(h, at)
+        recent.add_keys(batch, np.full(len(batch), at, np.int64))
     held = len(recent)
     # duplicates are still caught: every id of the last hour, and none never added
-    recent_ids = [id_hash("api_calls", f"evt-{i}") for i in range(ids - 100_000, ids)]
-    caught = sum(recent.seen(recent_ids))
-    never = [id_hash("api_calls", f"new-{i}") for i in range(100_000)]
-    false_positives = sum(recent.seen(never))
+    caught = int(recent.seen_keys(keys([f"evt-{i}" for i in range(ids - 100_000, ids)])).sum())
+    false_positives = int(recent.seen_keys(keys([f"new-{i}" for i in range(100_000)])).sum())
     return {
         "window_hours": window_hours,
         "ids_added": ids,
@@ -336,7 +337,21 @@ def in_child(target: Any, *args: Any) -> dict[str, Any]:
     return result
 
 
+def cpu_probe_ms() -> float:
+    """A fixed pure-Python loop (best of three): this machine's speed at the time, so runs
+    on one shared host can be compared (it varied threefold within a day here)."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        x = 0
+        for i in range(5_000_000):
+            x += i
+        best = min(best, time.perf_counter() - t)
+    return round(best * 1000, 1)
+
+
 def main() -> int:
+    probe_before = cpu_probe_ms()
     events = _env("BENCH_EVENTS", 1_000_000)
     customers = _env("BENCH_CUSTOMERS", 10_000)
     partitions = _env("BENCH_PARTITIONS", 6)
@@ -404,7 +419,11 @@ def main() -> int:
         ),
     }
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "cpu_probe_ms": {"before": probe_before, "after": cpu_probe_ms()},
+        },
         "data": {
             "messages": total,
             "customers": customers,

@@ -149,12 +149,15 @@ def test_retries_beyond_the_dedup_window_count_once(tmp_path: Path) -> None:
     # Three kills left an intent open (the fourth, after_done, did not): each was re-formed.
     assert sum(r.attempts - 1 for r in reformed) + len(split) >= 3, rs
     assert all(r.done or r in split for r in rs), rs
-    # Every re-formed range's rows were written again (no token dropped the retry: the
-    # ledger keeps them all, merges being off), and still count once. Only events another
-    # partition also wrote may lack a second copy (ClickHouse keeps one copy of a key per
-    # insert, and the first write may have carried both).
-    not_again = [r for r in reformed if r.written_again < r.rows - r.shared]
-    assert not not_again and sum(r.written_again for r in reformed) > 0, reformed
+    # The ranges re-formed after the kills that follow their ledger write (after the usage
+    # events, after the whole insert step: two distinct ranges, each kill being the 3rd
+    # occurrence in its process) were written again: no token dropped the retry (the ledger
+    # keeps every row, merges being off), and they still count once. Only events another
+    # partition also wrote may lack a second copy (the first write may have carried both).
+    # The pushes are written beside the ledger, so a kill after them may come before the
+    # ledger landed: that range's rows were written once, by the re-form.
+    again = [r for r in reformed if r.written_again >= r.rows - r.shared > 0]
+    assert len(again) >= 2, reformed
     assert not mismatches, mismatches
     print(
         f"dedup-window-1: re-formed ranges={len(reformed)} "

@@ -117,3 +117,60 @@ def test_each_tenant_is_billed_in_its_connected_account(
     reasons = {str(c): str(r) for c, _, r, _ in rows}
     assert "name no tenant" in reasons["cus_x"]
     assert "'initech' has no connected account" in reasons["cus_y"]
+
+
+def test_cancelled_usage_is_taken_back_in_the_account_that_billed_it(
+    broker: TansuBroker, connected: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings = make_settings(
+        broker,
+        connected,
+        tmp_path,
+        unique,
+        stripe={"account_property": "tenant", "accounts": ACCOUNTS},
+    )
+    k = settings.kafka
+    broker.create_topics({k.topic: 1, k.dlq_topic: 1, k.late_topic: 1})
+    producer = UsageProducer({"bootstrap.servers": broker.bootstrap}, k.topic)
+    t = int(time.time() * 1000) - 3_600_000
+    usage = [  # (customer, event name, event id, value)
+        ("cus_a1", "tokens", "t0", 5),
+        ("cus_a1", "tokens", "t1", 3),
+        ("cus_g1", "api_call", "a0", 4),
+        ("cus_g1", "api_call", "a1", 6),
+    ]
+    for i, (customer, name, event_id, value) in enumerate(usage):
+        producer.send(
+            event_id=event_id,
+            event_name=name,
+            customer_id=customer,
+            value=Decimal(value),
+            timestamp_ms=t + i,
+            properties={"tenant": TENANT[customer]},
+        )
+    assert producer.flush() == 0
+    run_until_drained(settings, {0: len(usage)}, timeout=120, quiet=True)
+    billed = state(connected)["accounts"]
+    assert totals(billed[ACCOUNTS["acme"]]) == {("tokens", "cus_a1"): 8}
+    assert totals(billed[ACCOUNTS["globex"]]) == {("api_calls", "cus_g1"): 10}
+
+    # Cancels carry no tenant: each is taken back where its push was billed.
+    producer.cancel(event_id="x-t0", event_name="tokens", customer_id="cus_a1",
+                    cancels="t0", timestamp_ms=t + 10)  # fmt: skip
+    producer.cancel(event_id="x-a0", event_name="api_call", customer_id="cus_g1",
+                    cancels="a0", timestamp_ms=t + 11)  # fmt: skip
+    assert producer.flush() == 0
+    run_until_drained(settings, {0: len(usage) + 2}, timeout=120, quiet=True)
+    snapshot = state(connected)
+    assert totals(snapshot["accounts"][ACCOUNTS["acme"]]) == {("tokens", "cus_a1"): 3}
+    assert totals(snapshot["accounts"][ACCOUNTS["globex"]]) == {("api_calls", "cus_g1"): 6}
+    assert totals(snapshot) == {}  # nothing reached the platform account
+    store = open_store(settings.clickhouse)
+    try:
+        rows = store.query(
+            "SELECT meter, customer_id, outcome, toString(value) FROM stripe_corrections FINAL "
+            "ORDER BY meter"
+        )
+    finally:
+        store.close()
+    assert rows == [("api_calls", "cus_g1", "adjusted", "4"), ("tokens", "cus_a1", "adjusted", "5")]

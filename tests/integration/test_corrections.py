@@ -274,3 +274,51 @@ def test_reconcile_takes_the_last_value_by_millisecond_as_stripe_does(rig: Rig) 
     assert stripe_total(rig, "storage_gb", "cus_a") == Decimal("263.8")
     [line] = [x for x in reconcile_now(rig, t).lines if x.meter == "storage_gb"]
     assert (line.delivered, line.stripe, line.drift) == (Decimal("263.8"), Decimal("263.8"), 0)
+
+
+def test_cancellations_that_cannot_settle_never_hold_back_the_others(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.emitter import corrections as module
+
+    monkeypatch.setattr(module, "PER_CYCLE", 2)
+    t = minute(rig.now_ms() - HOUR_MS)
+    # Originals in the ledger whose pushes are not written yet (keys sort first): each
+    # cycle finds them unsettled.
+    rig.store.command(
+        """INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                     partition, offset, record_time, ver)
+           SELECT 'tokens', 'cus_a', concat('aa', toString(number)),
+                  fromUnixTimestamp64Milli({t:Int64}, 'UTC'), 1, 'x', 0, number,
+                  fromUnixTimestamp64Milli({t:Int64}, 'UTC'), 1
+           FROM numbers(3)""",
+        {"t": t},
+    )
+    ingest(rig, [("tokens", "cus_a", f"z{i}", t + i, "4") for i in range(3)])
+    ingest(rig, cancels=[("tokens", "cus_a", i) for i in ("aa0", "aa1", "aa2", "z0", "z1")])
+    run(rig)  # the first cycle reads only aa0, aa1 and sends z0-z2; the next ones go on
+    assert corrections(rig) == {
+        ("z0", "cus_a"): ("adjusted", Decimal(4)),
+        ("z1", "cus_a"): ("adjusted", Decimal(4)),
+    }
+    assert stripe_total(rig, "tokens", "cus_a") == 4  # z2 only
+
+
+def test_a_late_bucket_never_sends_a_revision_that_was_not_sent_yet(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("api_calls", "cus_a", "a1", t + 1, "10")])
+    run(rig)
+    rig.jump(24 * 3600)  # revision 1 is past Stripe's 24 hours
+    ingest(rig, [("api_calls", "cus_a", "a2", t + 2, "3")])
+    planner = rig.emitter()
+    try:
+        assert planner._plan(rig.now_ms()) == 1  # revision 2 (3) is written, not sent
+    finally:
+        planner.close()
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])  # the bucket falls to 3
+    run(rig)
+    # Stripe keeps the 10 it was sent; revision 2 never goes, so it bills 7 too much, not 10.
+    assert stripe_total(rig, "api_calls", "cus_a") == 10
+    assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal(7))}
+    assert sorted(s for s, _, _ in rig.statuses().values()) == ["cancelled", "sent"]
+    assert clickhouse_total(rig, "api_calls", "cus_a") == 3

@@ -67,7 +67,8 @@ def test_jobs_run_in_order_and_are_marked_done(store: Backend) -> None:
         r.submit(job)
     r.close()
     assert minutely(store) == reference(EVENTS, "minute")
-    assert rollup(store).recover([0, 1, 2]) == 0  # nothing left pending
+    assert rollup(store).recover(dict.fromkeys([0, 1, 2])) == 0  # nothing left pending
+    assert r.visible == {0: 1, 1: 1, 2: 1}  # what analysts see, by range end
 
 
 def test_a_job_left_pending_by_a_crash_runs_on_the_next_assignment(store: Backend) -> None:
@@ -81,11 +82,14 @@ def test_a_job_left_pending_by_a_crash_runs_on_the_next_assignment(store: Backen
     rollup(store).record(crashed)  # ... and the process died before running it
     assert minutely(store) == reference(EVENTS[:2], "minute")
     after = rollup(store)
-    assert after.recover([5]) == 0  # names none of these partitions
-    assert after.recover([2]) == 1  # found by any partition it names, windows from the ledger
+    assert after.recover({5: 40}) == 0  # names none of these partitions
+    assert after.visible == {5: 40}  # nothing pending: whole up to where it resumes
+    assert after.recover({2: 1}) == 1  # found by any partition it names, from the ledger
+    assert after.visible == {5: 40}  # ... and visible only once it ran
     after.close()
+    assert after.visible == {5: 40, 1: 1, 2: 1, 9: 1}
     assert minutely(store) == reference(EVENTS, "minute", cancels=[cancel])
-    assert rollup(store).recover([0, 1, 2, 9]) == 0
+    assert rollup(store).recover(dict.fromkeys([0, 1, 2, 9])) == 0
 
 
 class Failing:
@@ -112,12 +116,12 @@ class Failing:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_transient_failures_are_retried_and_bugs_stop_the_consumer(store: Backend) -> None:
     job = batch(store, [Copy(e, 0, 0) for e in EVENTS])
-    flaky = Rollup(Failing(store, transient=2), "g", "t.rollup", SystemClock(), Metrics())  # type: ignore[arg-type]
+    flaky = Rollup(Failing(store, transient=2), "g", "t.rollup", SystemClock(), Metrics())
     flaky.record(job)
     flaky.submit(job)
     flaky.close()
     assert minutely(store) == reference(EVENTS, "minute")
-    broken = Rollup(Failing(store, 0, bug=True), "g", "t.rollup", SystemClock(), Metrics())  # type: ignore[arg-type]
+    broken = Rollup(Failing(store, 0, bug=True), "g", "t.rollup", SystemClock(), Metrics())
     broken.submit(job)
     with pytest.raises(RollupFailed, match="a bug"):
         broken.wait()
