@@ -199,7 +199,7 @@ class StripeConfig(_Frozen):
 
 
 class PipelineConfig(_Frozen):
-    batch_max_messages: int = Field(100_000, ge=1)
+    batch_max_messages: int = Field(200_000, ge=1)
     batch_max_seconds: float = Field(0.5, gt=0)
     dedup_window_seconds: int = Field(6 * 3600, ge=60)
     future_tolerance_seconds: int = Field(300, ge=0)

@@ -62,8 +62,11 @@ def recompute(
     out). Any other window keeps an event: the batch's own is in the ledger unless it was
     cancelled, and then the window was a cancelled one when that cancel came.
 
-    The ledger is keyed by (meter, minute) first, so the aggregate reads those minutes only.
-    `threads` bounds the aggregate's ClickHouse threads (0: ClickHouse's default)."""
+    The ledger is keyed by (meter, minute) first, so the aggregate reads those minutes only;
+    of their rows it keeps those whose window's 64-bit hash is a dirty one's (a set of
+    hashes costs about half a set of string tuples). A collision only adds a window, and
+    that one is recomputed whole as well: its minute is one of those read. `threads` bounds
+    the aggregate's ClickHouse threads (0: ClickHouse's default)."""
     emptied = _cancelled_windows(store, cancels) if cancels else None
     if emptied is not None:
         windows = _distinct(pa.concat_tables([windows, emptied]))
@@ -78,7 +81,8 @@ def recompute(
                   fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
            FROM usage_events FINAL
            WHERE {_IN_MINUTES}
-             AND (meter, customer_id, ws) IN (SELECT meter, customer_id, window_start FROM $dirty)
+             AND {_WINDOW_HASH.format(t="ws")} IN (
+                     SELECT {_WINDOW_HASH.format(t="window_start")} FROM $dirty)
              AND {_NOT_CANCELLED}
            GROUP BY meter, customer_id, ws
            SETTINGS max_threads = {int(threads)}""",
@@ -99,6 +103,7 @@ def recompute(
         )
 
 
+_WINDOW_HASH = "cityHash64(meter, customer_id, toUnixTimestamp({t}))"
 # The ledger's leading key: the minutes of the windows at hand.
 _IN_MINUTES = "(meter, toStartOfMinute(event_time)) IN {mm:Array(Tuple(String, DateTime('UTC')))}"
 _NOT_CANCELLED = """(meter, customer_id, event_id) NOT IN (

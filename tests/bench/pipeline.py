@@ -6,7 +6,8 @@ messages about 1% each, with ground truth) is produced once into a Tansu topic; 
 phase reads all of it in a process of its own, so each has its own peak RSS and the
 embedded store its own process:
 
-  a  raw       confluent-kafka consuming with the pipeline's client settings, no processing
+  a  raw       confluent-kafka consuming with the pipeline's client settings and batch
+               size, no processing; read first and again after (c), the faster counts
   b  decode    (a) plus fastavro decoding every message (the reference decoder), and (a)
                plus the consumer's decode stage (the C batch decoder, validation included)
   c  pipeline  the full pipeline into chDB: exactly-once ranges, dedup, windows (Stripe off)
@@ -97,7 +98,7 @@ def consume(bootstrap: str, partitions: int, total: int, decode: str) -> dict[st
     started = 0.0
     deadline = time.monotonic() + 600
     while seen < total and time.monotonic() < deadline:
-        batch = consumer.consume(10_000, 1.0)
+        batch = consumer.consume(settings.pipeline.batch_max_messages, 1.0)
         if batch and not started:
             started = time.perf_counter()
         for msg in batch:
@@ -159,13 +160,17 @@ def settings_for(bootstrap: str, workdir: Path, topic: str = TOPIC) -> Settings:
     )
 
 
+CONSUMED = "usage_consumer_events_consumed_total"
+
+
 def pipeline(bootstrap: str, ends: dict[int, int], workdir: str) -> dict[str, Any]:
     """Phase (c): the whole consumer until every offset is visible (committed, and its
     windows recomputed); returns its rate and ClickHouse's totals (checked against ground
     truth by the parent)."""
     settings = settings_for(bootstrap, Path(workdir))
     clock = SystemClock()
-    run = build_pipeline(settings, clock, Metrics(), Health(clock))
+    metrics = Metrics()
+    run = build_pipeline(settings, clock, metrics, Health(clock))
     stop = threading.Event()
     worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
     total = sum(ends.values())
@@ -175,11 +180,12 @@ def pipeline(bootstrap: str, ends: dict[int, int], workdir: str) -> dict[str, An
     deadline = time.monotonic() + 1800
     try:
         while worker.is_alive() and done < total and time.monotonic() < deadline:
-            done = sum(min(run.rollup.visible.get(p, 0), e) for p, e in ends.items())
-            if done and not started:
+            # From the first message consumed, as (a) and (b) count, to the last visible.
+            if not started and metrics.registry.get_sample_value(CONSUMED):
                 started = time.perf_counter()
+            done = sum(min(run.rollup.visible.get(p, 0), e) for p, e in ends.items())
             bar.update(done)
-            time.sleep(0.05)
+            time.sleep(0.05 if started else 0.005)
     finally:
         seconds = time.perf_counter() - started
         stop.set()
@@ -234,7 +240,8 @@ def latency(
     partitions = 6
     sample = generate(n, 1_000, partitions, int(time.time() * 1000), SEED + 1)
     clock = SystemClock()
-    run = build_pipeline(settings, clock, Metrics(), Health(clock))
+    metrics = Metrics()
+    run = build_pipeline(settings, clock, metrics, Health(clock))
     stop = threading.Event()
     worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
     worker.start()
@@ -369,14 +376,20 @@ def main() -> int:
                 sample.messages, broker.bootstrap, TOPIC, Progress("produce", len(sample.messages))
             )
             total = sum(ends.values())
-            raw = in_child(consume, broker.bootstrap, partitions, total, "")
-            print(f"bench: (a) raw consume     {raw['events_per_s']:>9,} events/s")
+            first = in_child(consume, broker.bootstrap, partitions, total, "")
+            print(f"bench: (a) raw consume     {first['events_per_s']:>9,} events/s")
             dec = in_child(consume, broker.bootstrap, partitions, total, "fastavro")
             print(f"bench: (b) consume+decode  {dec['events_per_s']:>9,} events/s (fastavro)")
             fast = in_child(consume, broker.bootstrap, partitions, total, "batch")
             print(f"bench: (b) consume+decode  {fast['events_per_s']:>9,} events/s (batch)")
             full = in_child(pipeline, broker.bootstrap, ends, str(workdir / "c"))
             print(f"bench: (c) full pipeline   {full['events_per_s']:>9,} events/s")
+            # (a) again, the broker now settled after the produce: the faster read is the
+            # ceiling the ratios divide by.
+            again = in_child(consume, broker.bootstrap, partitions, total, "")
+            print(f"bench: (a) raw consume     {again['events_per_s']:>9,} events/s (again)")
+            raw = max(first, again, key=lambda r: int(r["events_per_s"]))
+            raw["runs_events_per_s"] = [first["events_per_s"], again["events_per_s"]]
             pace = round(full["events_per_s"] / 2, -2)  # half the capacity: no backlog
             lat = in_child(latency, broker.bootstrap, str(workdir / "lat"), LATENCY_TOPIC, pace, 20)
             print(f"bench: (c) produce to visible at {pace:,.0f}/s: p50 {lat['p50_ms']} ms, "

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.schema_tools import without_logical
+
 _SO_ENV = "AVROFAST_FUZZ_SO"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -395,17 +397,6 @@ def run(seconds: float, seed: int) -> int:
     stats.update(programs=0, programs_run=0, programs_refused=0)
     deadline = time.monotonic() + seconds
 
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: strip(v)
-                for k, v in node.items()
-                if k != "logicalType" and not k.startswith("__")
-            }
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
     while time.monotonic() < deadline:
         stats["batches"] += 1
         schemas: dict[int, Any] = dict(fixed_writers)
@@ -425,7 +416,7 @@ def run(seconds: float, seed: int) -> int:
             if rng.random() < 0.3:
                 good.append(hand_v4(rng, 4))
                 continue
-            stripped: Any = fastavro.parse_schema(strip(schemas[sid]))
+            stripped: Any = fastavro.parse_schema(without_logical(schemas[sid]))
             out = io.BytesIO()
             fastavro.schemaless_writer(out, stripped, gen.record(stripped))
             canonical.add(len(good))

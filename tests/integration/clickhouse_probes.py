@@ -25,8 +25,9 @@ from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline, build_pipeline
 from consumer.producer import UsageProducer
 from consumer.sample import Message
-from consumer.store.backend import Backend, Row, StoreError
+from consumer.store.backend import Backend, StoreError
 from tests.integration.conftest import wait_for
+from tests.integration.store_wrap import Passthrough
 
 WindowRow = tuple[Decimal, int, Decimal, Decimal, Decimal, int, Decimal, int]
 WindowKey = tuple[str, str, int]  # (meter, customer, window start in epoch seconds)
@@ -198,60 +199,33 @@ def _inserted_table(sql: str) -> str | None:
     return found.group(1) if found else None
 
 
-class OutageStore:
+class OutageStore(Passthrough):
     """A real backend that fails every call while `down` is set, like an unreachable server,
     and counts the ingest-state reads it failed (a partition being assigned)."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.down = threading.Event()
         self.failed = 0
         self.failed_state_reads = 0
         self._lock = threading.Lock()
 
-    def _check(self, sql: str) -> None:
+    def check(self, text: str) -> None:
         if not self.down.is_set():
             return
         with self._lock:
             self.failed += 1
-            if "FROM ingest_state" in sql:
+            if "FROM ingest_state" in text:
                 self.failed_state_reads += 1
         raise StoreError("injected outage: ClickHouse unreachable")
 
-    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self._check(sql)
-        self.inner.command(sql, params)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        self._check(sql)
-        return self.inner.query(sql, params)
-
-    def query_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        self._check(sql)
-        return self.inner.query_with(sql, inputs, params)
-
-    def command_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> None:
-        self._check(sql)
-        self.inner.command_with(sql, inputs, params)
-
-    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
-        self._check(f"INSERT INTO {table}")
-        self.inner.insert_columns(table, columns, token)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class PartsWatch:
+class PartsWatch(Passthrough):
     """A real backend that counts inserts per table, and a thread that reads the active
     parts of every table's partitions every `interval` seconds while the run goes on."""
 
     def __init__(self, inner: Backend, interval: float = 0.2) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.inserts: dict[str, int] = {}
         self.peak: dict[tuple[str, str], int] = {}
         self.samples = 0
@@ -286,14 +260,6 @@ class PartsWatch:
         self.inner.command(sql, params)
         self._count(_inserted_table(sql))
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        return self.inner.query(sql, params)
-
-    def query_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        return self.inner.query_with(sql, inputs, params)
-
     def command_with(
         self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
     ) -> None:
@@ -304,9 +270,6 @@ class PartsWatch:
         self.inner.insert_columns(table, columns, token)
         if len(next(iter(columns.values()), [])):
             self._count(table)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # -- an in-process consumer with its endpoints --------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import stripe
 
 from consumer.broker import TansuBroker
+from consumer.config import Settings
 from consumer.demo import run_until_drained
 from consumer.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.producer import UsageProducer
@@ -54,9 +55,10 @@ def totals(snapshot: dict[str, Any]) -> dict[tuple[str, str], Decimal]:
     return {(t["event_name"], t["customer"]): Decimal(t["value"]) for t in snapshot["totals"]}
 
 
-def test_each_tenant_is_billed_in_its_connected_account(
+def tenants(
     broker: TansuBroker, connected: EmulatorServer, tmp_path: Path, unique: str
-) -> None:
+) -> tuple[Settings, UsageProducer]:
+    """Settings billing each tenant in its connected account, its topics, a producer."""
     settings = make_settings(
         broker,
         connected,
@@ -67,6 +69,13 @@ def test_each_tenant_is_billed_in_its_connected_account(
     k = settings.kafka
     broker.create_topics({k.topic: 1, k.dlq_topic: 1, k.late_topic: 1})
     producer = UsageProducer({"bootstrap.servers": broker.bootstrap}, k.topic)
+    return settings, producer
+
+
+def test_each_tenant_is_billed_in_its_connected_account(
+    broker: TansuBroker, connected: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    settings, producer = tenants(broker, connected, tmp_path, unique)
     now = int(time.time() * 1000) - 3_600_000
     truth: dict[str, dict[tuple[str, str], Decimal]] = {}
     n = 0
@@ -122,16 +131,7 @@ def test_each_tenant_is_billed_in_its_connected_account(
 def test_cancelled_usage_is_taken_back_in_the_account_that_billed_it(
     broker: TansuBroker, connected: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(
-        broker,
-        connected,
-        tmp_path,
-        unique,
-        stripe={"account_property": "tenant", "accounts": ACCOUNTS},
-    )
-    k = settings.kafka
-    broker.create_topics({k.topic: 1, k.dlq_topic: 1, k.late_topic: 1})
-    producer = UsageProducer({"bootstrap.servers": broker.bootstrap}, k.topic)
+    settings, producer = tenants(broker, connected, tmp_path, unique)
     t = int(time.time() * 1000) - 3_600_000
     usage = [  # (customer, event name, event id, value)
         ("cus_a1", "tokens", "t0", 5),

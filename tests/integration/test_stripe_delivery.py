@@ -39,10 +39,11 @@ from consumer.identifiers import per_event_identifier
 from consumer.metrics import Metrics
 from consumer.pipeline import build_emitter
 from consumer.store import open_store
-from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row, StoreError
+from consumer.store.backend import DECIMAL, TIME_MS, Backend, StoreError
 from consumer.store.faulty import FaultyBackend
 from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY
+from tests.integration.store_wrap import Passthrough
 
 pytestmark = pytest.mark.integration
 
@@ -68,30 +69,14 @@ def server() -> Iterator[EmulatorServer]:
     emu.stop()
 
 
-class MarkFailingStore:
+class MarkFailingStore(Passthrough):
     """The real store, except that while `failing` is set a write of delivered marks
     (only status SENT into stripe_pushes) raises, as ClickHouse failing right after a 2xx."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failing = False
         self.refused = 0
-
-    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self.inner.command(sql, params)
-
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        return self.inner.query(sql, params)
-
-    def query_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        return self.inner.query_with(sql, inputs, params)
-
-    def command_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> None:
-        self.inner.command_with(sql, inputs, params)
 
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         marks = table == "stripe_pushes" and set(columns["status_rank"].to_pylist()) == {SENT}
@@ -99,9 +84,6 @@ class MarkFailingStore:
             self.refused += 1
             raise StoreError("injected: the mark write failed")
         self.inner.insert_columns(table, columns, token)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass

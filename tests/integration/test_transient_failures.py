@@ -3,11 +3,8 @@ nothing is dead-lettered for an outage, totals stay exact."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import pyarrow as pa
 import pytest
 
 from consumer.broker import TansuBroker
@@ -18,20 +15,21 @@ from consumer.store import Backend, StoreError, open_store
 from consumer.store.migrations import migrate
 from consumer.totals import clickhouse_totals, side_counts
 from tests.integration.conftest import produce_sample
+from tests.integration.store_wrap import Passthrough
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
 
 
-class FlakyStore:
+class FlakyStore(Passthrough):
     """A real backend that fails the first `n` calls touching each named table."""
 
     def __init__(self, inner: Backend, failures: dict[str, int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.left = dict(failures)
         self.injected = 0
 
-    def _maybe_fail(self, text: str) -> None:
+    def check(self, text: str) -> None:
         if any(word in text for word in ("CREATE ", "ALTER ", "schema_migrations")):
             return  # let the migrations through; fail the data path
         for table, n in self.left.items():
@@ -39,33 +37,6 @@ class FlakyStore:
                 self.left[table] = n - 1
                 self.injected += 1
                 raise StoreError(f"injected failure on {table}")
-
-    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self._maybe_fail(sql)
-        self.inner.command(sql, params)
-
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        self._maybe_fail(sql)
-        return self.inner.query(sql, params)
-
-    def query_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        self._maybe_fail(sql)
-        return self.inner.query_with(sql, inputs, params)
-
-    def command_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> None:
-        self._maybe_fail(sql)
-        self.inner.command_with(sql, inputs, params)
-
-    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
-        self._maybe_fail(table)
-        self.inner.insert_columns(table, columns, token)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_clickhouse_errors_mid_sequence_are_retried_without_loss(

@@ -40,7 +40,6 @@ from consumer.pipeline import Pipeline, build_pipeline
 from consumer.sample import Message, generate
 from consumer.state import DONE, INTENT, load_states
 from consumer.store import Backend, open_store
-from consumer.store.backend import Row
 from consumer.totals import clickhouse_totals
 from tests.integration.conftest import (
     clickhouse_hourly,
@@ -52,6 +51,7 @@ from tests.integration.conftest import (
     wait_for,
     wait_outbox_drained,
 )
+from tests.integration.store_wrap import Passthrough
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -67,12 +67,12 @@ KAFKA = {
 PARTITIONS = (0, 1)
 
 
-class Stall:
+class Stall(Passthrough):
     """The zombie's view of the shared store. Once armed, its first insert into `table`
     blocks until `release`; everything it inserts from then on goes without a dedup token."""
 
     def __init__(self, inner: Backend, table: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.table = table
         self.armed = threading.Event()
         self.entered = threading.Event()
@@ -83,14 +83,6 @@ class Stall:
         if self.release.is_set() and "INSERT INTO usage_windows" in sql:
             self.late.append("usage_windows")
         self.inner.command(sql, params)
-
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        return self.inner.query(sql, params)
-
-    def query_with(
-        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        return self.inner.query_with(sql, inputs, params)
 
     def command_with(
         self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
@@ -108,9 +100,6 @@ class Stall:
             self.late.append(table)
             token = ""
         self.inner.insert_columns(table, columns, token)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _inserted(sql: str) -> str | None:

@@ -24,6 +24,7 @@ from consumer.decode import DecodedEvent, Decoder
 from consumer.sample import generate
 from consumer.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
 from consumer.wire import encode_confluent, frame_confluent
+from tests.schema_tools import without_logical
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
 V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
@@ -297,18 +298,6 @@ def writer_schemas(draw: st.DrawFn) -> Any:
     }
     name_types(schema, [0])
     return fastavro.parse_schema(schema)
-
-
-def without_logical(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: without_logical(v)
-            for k, v in node.items()
-            if k != "logicalType" and not k.startswith("__")
-        }
-    if isinstance(node, list):
-        return [without_logical(v) for v in node]
-    return node
 
 
 def decimal_bytes(n: int, pad: int = 0) -> bytes:
