@@ -8,10 +8,10 @@
                         late_events (P3)
   4. window job         the minutes the batch touched, recorded pending (consumer/rollup.py)
   5. record done        ingest_state rank 2, with the watermarks after the range
-  6. commit Kafka       offsets = range ends (consumer positions, P8); offsets only grow
-  7. windows            the job is queued: the rollup thread recomputes the touched
+  6. windows            the job is queued: the rollup thread recomputes the touched
                         windows from the ledger while the next batch is read; a job a
                         crash leaves pending runs again on the next assignment (P3)
+  7. commit Kafka       offsets = range ends (consumer positions, P8); offsets only grow
 
 Steps 2 and 3 run at once where nothing orders them: the side outputs, and the writes
 nothing else reads (pushes, dead letters, late events), go to a small pool while the
@@ -126,8 +126,11 @@ class CommitSequence:
         self._timed("window_jobs", lambda: self.rollup.record(job))
         self._timed("ingest_state", lambda: self._done(ranges, now_ms))
         fault_point("after_done")
-        self._commit_kafka(ranges)
+        # Queued before the commit: whoever sees the offsets committed also sees the rollup
+        # behind until these windows are recomputed (the emitter's idle signal relies on it).
+        # The recompute reads only the durable ledger, so it may run before the commit.
         self.rollup.submit(job)
+        self._commit_kafka(ranges)
 
     def _done(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
         rows = []

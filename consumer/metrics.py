@@ -59,7 +59,7 @@ class Metrics:
         # Window jobs waiting for the rollup thread (committed batches whose windows trail).
         self.rollup_jobs = Gauge(
             p + "rollup_jobs_waiting",
-            "Committed batches whose minute windows are not recomputed yet.",
+            "Batches done whose minute windows are not recomputed yet (queued or running).",
             registry=r,
         )
         # Rows written to ClickHouse, by table.
@@ -109,9 +109,12 @@ class Metrics:
             "Age of the oldest pending push.",
             registry=r,
         )
-        # 1 when the emitter's last cycle found nothing to plan or send (drained).
+        # 1 when the emitter's last cycle found nothing to plan or send, and no window
+        # recompute it plans from was behind when it began (drained).
         self.stripe_idle = Gauge(
-            p + "stripe_outbox_idle", "1 when the last emitter cycle had no work.", registry=r
+            p + "stripe_outbox_idle",
+            "1 when the last emitter cycle had no work and no window recompute was behind.",
+            registry=r,
         )
         # Stripe requests by outcome (status code or error class).
         self.stripe_requests = Counter(

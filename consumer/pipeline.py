@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer
@@ -141,7 +142,13 @@ def build_decoder(cfg: SchemaConfig) -> Decoder:
     return Decoder(mode="confluent", source=source, reader=reader_schema())
 
 
-def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Metrics) -> Emitter:
+def build_emitter(
+    settings: Settings,
+    store: Backend,
+    clock: Clock,
+    metrics: Metrics,
+    upstream: Callable[[], int] | None = None,
+) -> Emitter:
     s = settings.stripe
     if s.api_key is None:
         raise ConfigError(
@@ -175,6 +182,7 @@ def build_emitter(settings: Settings, store: Backend, clock: Clock, metrics: Met
         s.poll_interval_seconds,
         config=s,
         check=check_meters if s.verify_meters else None,
+        upstream=upstream,
     )
 
 
@@ -244,7 +252,10 @@ def build_pipeline(
         on_revoke=ingestor.on_revoke,
         on_lost=ingestor.on_revoke,
     )
-    emitter = build_emitter(settings, store, clock, metrics) if settings.stripe.enabled else None
+    emitter = None
+    if settings.stripe.enabled:
+        rollup = commits.rollup
+        emitter = build_emitter(settings, store, clock, metrics, lambda: rollup.behind)
     return Pipeline(
         settings, store, consumer, producer, ingestor, emitter, metrics, health, owns_store
     )

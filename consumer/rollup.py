@@ -257,7 +257,13 @@ class Rollup:
                 break
             except queue.Full:
                 self.check()
-        self._metrics.rollup_jobs.set(self._queue.qsize())
+        self._metrics.rollup_jobs.set(self.behind)
+
+    @property
+    def behind(self) -> int:
+        """Jobs queued or running: committed batches whose windows are not recomputed yet
+        (the emitter plans aggregated pushes from those windows, so it is not idle)."""
+        return self._queue.unfinished_tasks
 
     def recover(self, resumed: Mapping[int, int | None]) -> int:
         """Queue the pending jobs that name any of these partitions (after a crash, or
@@ -316,7 +322,7 @@ class Rollup:
             while (job := self._queue.get()) is not None:
                 self._run(job)
                 self._queue.task_done()
-                self._metrics.rollup_jobs.set(self._queue.qsize())
+                self._metrics.rollup_jobs.set(self.behind)
         except BaseException as exc:  # a bug: the consume loop stops on its next submit
             self.failure = exc
             log.exception("the window rollup failed")

@@ -68,8 +68,12 @@ class Emitter:
         poll_interval: float,
         config: StripeConfig | None = None,
         check: Callable[[], None] | None = None,
+        upstream: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
+        # Work not yet in the store that will be (committed batches whose windows are still
+        # being recomputed): while there is some, a cycle without work is not idle.
+        self._upstream = upstream
         self._check = check  # run before the first cycle sends: are Stripe's meters right?
         self._sender = sender
         self._aggregated = [m for m in meters if m.stripe_event_name and m.emission == "aggregated"]
@@ -113,15 +117,21 @@ class Emitter:
     def run_once(self) -> int:
         """One cycle; returns how much it did (0 = nothing to do)."""
         self.cycles += 1
+        # Sampled before the cycle plans: when nothing was behind then, every committed
+        # batch's windows were in the store for it to plan from.
+        behind = self._upstream() if self._upstream is not None else 0
+        if behind:
+            self._metrics.stripe_idle.set(0)
         try:
             work = self._cycle()
         except BaseException:
             # A failed cycle is not an idle outbox: drain checks and alerts read this gauge.
             self._metrics.stripe_idle.set(0)
             raise
-        if not work:
+        idle = not work and not behind
+        if idle:
             self.last_idle_cycle = self.cycles
-        self._metrics.stripe_idle.set(0 if work else 1)
+        self._metrics.stripe_idle.set(1 if idle else 0)
         return work
 
     def _cycle(self) -> int:
@@ -139,6 +149,8 @@ class Emitter:
         work += len(batch)  # also pushes settled without a request: more may wait behind them
         to_send = [p for p in batch if p.attempted]
         self._alerts.report(now_ms)
+        if work:  # not idle any more, already while the requests go out
+            self._metrics.stripe_idle.set(0)
         try:
             work += self._send(to_send)  # 8
         finally:

@@ -535,3 +535,20 @@ def test_no_sends_while_marks_cannot_be_written(rig: Rig, caplog: pytest.LogCapt
     assert state["duplicates"] == 0  # what was delivered before the pause was not sent again
     assert state["requests"]["stream"] == 8
     assert {s for s, _, _ in rig.statuses().values()} == {"sent"}
+
+
+def test_the_outbox_is_not_idle_while_windows_it_plans_from_are_behind(rig: Rig) -> None:
+    """Drain checks read the idle gauge: a cycle that began while committed batches' windows
+    were still being recomputed planned without them, so it is not idle."""
+    behind = [1]
+    emitter = build_emitter(rig.settings, rig.store, rig.clock, rig.metrics, lambda: behind[0])
+    try:
+        assert emitter.run_once() == 0  # nothing in the store to plan or send
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 0
+        assert not emitter.drained_since(0)
+        behind[0] = 0
+        assert emitter.run_once() == 0
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 1
+        assert emitter.drained_since(1)
+    finally:
+        emitter.close()
