@@ -300,16 +300,17 @@ def _trial_value(node: Any) -> Any:
     raise _Unsupported(f"no trial value for {base!r}")
 
 
-def _without_logical(node: Any) -> Any:
-    """The schema as the reference reads it: no logical types, no fastavro bookkeeping."""
+def without_logical(node: Any) -> Any:
+    """The schema as the reference reads it, ready to re-parse: a copy without logical
+    types and fastavro's bookkeeping keys."""
     if isinstance(node, dict):
         return {
-            k: _without_logical(v)
+            k: without_logical(v)
             for k, v in node.items()
             if k != "logicalType" and not k.startswith("__")
         }
     if isinstance(node, list):
-        return [_without_logical(v) for v in node]
+        return [without_logical(v) for v in node]
     return node
 
 
@@ -333,7 +334,7 @@ def _check_against_reference(program: bytes, writer: Any, reader: Any) -> None:
         "timestamp": 1_763_000_000_123,
         "properties": {"region": "eu", "tier": ""},
     }
-    stripped: Any = fastavro.parse_schema(_without_logical(writer))
+    stripped: Any = fastavro.parse_schema(without_logical(writer))
     record = {
         f["name"]: known[f["name"]] if f["name"] in known else _trial_value(f["type"])
         for f in stripped["fields"]

@@ -58,19 +58,6 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def _strip_logical(node: Any) -> Any:
-    """A copy without logicalType and fastavro's bookkeeping keys, ready to re-parse."""
-    if isinstance(node, dict):
-        return {
-            k: _strip_logical(v)
-            for k, v in node.items()
-            if k != "logicalType" and not k.startswith("__")
-        }
-    if isinstance(node, list):
-        return [_strip_logical(v) for v in node]
-    return node
-
-
 def _fields(schema: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(schema, dict) or schema.get("type") != "record":
         raise DecodeError("wrong_type", "writer schema is not a record")
@@ -111,7 +98,7 @@ class _Reader:
             raise ValueError("reader schema: value must be a bytes decimal")
         if _logical(fields["timestamp"]) != ("long", "timestamp-millis"):
             raise ValueError("reader schema: timestamp must be timestamp-millis")
-        stripped = fastavro.parse_schema(_strip_logical(reader))
+        stripped = fastavro.parse_schema(avrofast.without_logical(reader))
         return cls(
             reader,
             stripped,
@@ -129,7 +116,7 @@ class _Reader:
         self._check_value(wfields["value"])
         if _logical(wfields["timestamp"]) != ("long", "timestamp-millis"):
             raise DecodeError("wrong_type", "writer timestamp is not a timestamp-millis long")
-        stripped = fastavro.parse_schema(_strip_logical(writer))
+        stripped = fastavro.parse_schema(avrofast.without_logical(writer))
         same = to_parsing_canonical_form(stripped) == self.canonical
         return _Plan(stripped, None if same else self.stripped, "properties" in wfields)
 

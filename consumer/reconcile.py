@@ -104,7 +104,10 @@ def _formula(m: MeterConfig) -> str:
 def piece_at(cuts: Sequence[Piece], starts: Sequence[int], ts: int) -> Piece:
     """The piece holding `ts` (`starts` ascending, one per piece): a binary search, since a
     reconcile over 35 days of minute windows meets every row once."""
-    return cuts[max(bisect.bisect_right(starts, ts) - 1, 0)]
+    i = bisect.bisect_right(starts, ts) - 1
+    if i < 0:
+        raise ValueError(f"{ts} is before the first piece ({starts[0]})")
+    return cuts[i]
 
 
 def _collect(
@@ -114,13 +117,10 @@ def _collect(
     lo, hi = cuts[0].start, cuts[-1].end
     starts = [p.start for p in cuts]
 
-    def piece_of(ts: int) -> Piece:
-        return piece_at(cuts, starts, ts)
-
     lines: dict[tuple[str, int], Line] = {}
 
     def line(c: str, ts: int) -> Line:
-        p = piece_of(ts)
+        p = piece_at(cuts, starts, ts)
         return lines.setdefault((c, p.start), Line(c, meter.name, p.start, p.end))
 
     params = {"m": meter.name, "lo": lo, "hi": hi, "c": customer or ""}

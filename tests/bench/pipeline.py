@@ -240,8 +240,7 @@ def latency(
     partitions = 6
     sample = generate(n, 1_000, partitions, int(time.time() * 1000), SEED + 1)
     clock = SystemClock()
-    metrics = Metrics()
-    run = build_pipeline(settings, clock, metrics, Health(clock))
+    run = build_pipeline(settings, clock, Metrics(), Health(clock))
     stop = threading.Event()
     worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
     worker.start()

@@ -33,8 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.schema_tools import without_logical
-
 _SO_ENV = "AVROFAST_FUZZ_SO"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -416,7 +414,7 @@ def run(seconds: float, seed: int) -> int:
             if rng.random() < 0.3:
                 good.append(hand_v4(rng, 4))
                 continue
-            stripped: Any = fastavro.parse_schema(without_logical(schemas[sid]))
+            stripped: Any = fastavro.parse_schema(avrofast.without_logical(schemas[sid]))
             out = io.BytesIO()
             fastavro.schemaless_writer(out, stripped, gen.record(stripped))
             canonical.add(len(good))

@@ -19,12 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer import avrofast
-from consumer.avrofast import FastBatch, compile_program, decode_batch, id_hash_bytes
+from consumer.avrofast import (
+    FastBatch,
+    compile_program,
+    decode_batch,
+    id_hash_bytes,
+    without_logical,
+)
 from consumer.decode import DecodedEvent, Decoder
 from consumer.sample import generate
 from consumer.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
 from consumer.wire import encode_confluent, frame_confluent
-from tests.schema_tools import without_logical
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
 V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")

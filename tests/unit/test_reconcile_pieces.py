@@ -3,6 +3,7 @@ found by binary search."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,3 +27,10 @@ def test_each_timestamp_lands_in_the_piece_that_holds_it(
         found = piece_at(cuts, starts, ts)
         assert found.start <= ts < found.end
         assert found == max((p for p in cuts if p.start <= ts), key=lambda p: p.start)
+
+
+def test_a_timestamp_before_the_first_piece_is_an_error_not_the_first_piece() -> None:
+    cuts = pieces(10 * MINUTE, 200 * MINUTE, "hour")
+    starts = [p.start for p in cuts]
+    with pytest.raises(ValueError, match="before the first piece"):
+        piece_at(cuts, starts, 10 * MINUTE - 1)
