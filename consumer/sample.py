@@ -11,7 +11,7 @@ import random
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -81,7 +81,8 @@ def generate(
     customer_prefix: str = "cus_",
     cancels: bool = False,
 ) -> Sample:
-    """`n` accepted events plus ~1% duplicates, late, future, invalid and undecodable ones;
+    """`n` accepted events plus ~1% duplicates (some in another partition, half of those
+    re-stamped a minute apart), late, future, invalid and undecodable ones;
     with `cancels`, 0.3% of the sum meters' events are cancelled by a later event."""
     rng = random.Random(seed)
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
@@ -184,8 +185,15 @@ def _extras(
     assert callable(encode)
     r = rng.random()
     if r < 0.01 and accepted:
-        _, orig = accepted[rng.randrange(max(0, len(accepted) - 5000), len(accepted))]
+        src, orig = accepted[rng.randrange(max(0, len(accepted) - 5000), len(accepted))]
         other = rng.random() < 0.3  # a duplicate in a different partition
+        if other and rng.random() < 0.5:
+            # a recent event (likely read in the same batch as the copy), re-stamped by its
+            # producer into another minute of the same hour (the truth is hourly)
+            src, orig = accepted[-rng.randint(1, min(10, len(accepted)))]
+            if src.event_name != "storage_gb":
+                shift = 60_000 if src.ts % HOUR_MS < HOUR_MS - 60_000 else -60_000
+                orig = encode(replace(src, ts=src.ts + shift), "duplicate")
         part = (orig.partition + 1) % partitions if other else orig.partition
         yield Message(orig.key, orig.value, part, "duplicate")
     elif r < 0.013 and i > 0.6 * n and ev.event_name != "storage_gb":

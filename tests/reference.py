@@ -1,8 +1,9 @@
 """The per-event classifier, one message at a time: the model the columnar one must equal.
 
 It is the straightforward reading of the rules (decode, validate, first occurrence by
-offset wins, ledger copies outside the range are duplicates, lateness against a running
-watermark), written without arrays so that a test can compare the two on any input.
+offset wins, ledger copies outside the range are duplicates, so are copies an earlier range
+of the same batch accepted, lateness against a running watermark), written without arrays
+so that a test can compare the two on any input.
 """
 
 from __future__ import annotations
@@ -99,3 +100,22 @@ def classify(
         out.accepted.append((rec.offset, event, meter.name))
     out.watermarks_after = marks.by_meter
     return out
+
+
+def classify_batch(
+    decoder: Decoder,
+    meters: Mapping[str, MeterConfig],
+    limits: Limits,
+    ranges: Sequence[tuple[Sequence[Record], Snapshot, RecentIds]],
+    held: Mapping[tuple[str, str], int],
+) -> list[Outcome]:
+    """Ranges classified together, in order: what an earlier one accepted is held for the
+    later ones, as if already in the ledger (the ledger's own copy is reported first)."""
+    outs: list[Outcome] = []
+    claimed: dict[tuple[str, str], int] = {}
+    for records, snapshot, recent in ranges:
+        out = classify(decoder, meters, limits, records, snapshot, recent, {**claimed, **held})
+        outs.append(out)
+        for _, event, meter in out.accepted:
+            claimed.setdefault((meter, event.event_id), records[0].partition)
+    return outs

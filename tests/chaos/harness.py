@@ -243,8 +243,7 @@ class _Run:
         self.starts += 1
         if self.registry is not None:
             env["USAGE_CONSUMER_SCHEMA__REGISTRY_URL"] = self.registry.url
-            self.registry.down.set()  # every start, re-forms included, meets an outage first
-            threading.Timer(self.sc.registry_outage, self.registry.down.clear).start()
+            self.registry.outage(self.sc.registry_outage)  # every start meets one first
         self.log.write(f"--- start fault={fault or '-'}\n")
         self.log.flush()
         proc = subprocess.Popen(

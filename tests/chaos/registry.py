@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -11,7 +12,10 @@ from consumer.schemas import SCHEMAS_DIR
 
 
 class Registry:
-    """GET /schemas/ids/<id> like a registry; 503 while `down` (counted in `refused`)."""
+    """GET /schemas/ids/<id> like a registry; 503 while down (counted in `refused`).
+
+    `outage(seconds)` takes it down from the next request on, not from now: a consumer
+    slow to start (a loaded machine) still meets the whole outage instead of missing it."""
 
     def __init__(self) -> None:
         id_map: dict[str, str] = json.loads((SCHEMAS_DIR / "registry.json").read_text())
@@ -19,7 +23,9 @@ class Registry:
             int(i): json.dumps({"schema": (SCHEMAS_DIR / name).read_text()}).encode()
             for i, name in id_map.items()
         }
-        self.down = threading.Event()
+        self._lock = threading.Lock()
+        self._outage: float | None = None  # armed: seconds from the next request
+        self._until = 0.0
         self.refused = 0
         self.served = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -30,6 +36,17 @@ class Registry:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def outage(self, seconds: float) -> None:
+        with self._lock:
+            self._outage = seconds
+
+    def _down(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._outage is not None:
+                self._until, self._outage = now + self._outage, None
+            return now < self._until
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -39,7 +56,7 @@ class Registry:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if registry.down.is_set():
+                if registry._down():
                     registry.refused += 1
                     self._answer(503, {"error_code": 50301, "message": "unavailable"})
                     return

@@ -6,9 +6,11 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consumer import classify
 from consumer.classify import CANDIDATE_SCHEMA, Classifier, Job, Snapshot
 from consumer.config import MeterConfig
 from consumer.decode import Decoder
@@ -73,7 +75,7 @@ def messages(draw: st.DrawFn) -> tuple[bytes | None, int]:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(messages(), max_size=40),
+    st.lists(st.lists(messages(), max_size=30), min_size=1, max_size=3),
     st.dictionaries(st.sampled_from(["api_calls", "tokens"]), st.integers(-HOUR_MS, HOUR_MS)),
     st.sets(st.tuples(st.sampled_from(["api_calls", "tokens"]), st.sampled_from(["a", "b", "e"]))),
     st.dictionaries(
@@ -82,16 +84,20 @@ def messages(draw: st.DrawFn) -> tuple[bytes | None, int]:
     ),
 )
 def test_columnar_classification_equals_the_model(
-    msgs: list[tuple[bytes | None, int]],
+    batch: list[list[tuple[bytes | None, int]]],
     marks: dict[str, int],
     flagged: set[tuple[str, str]],
     held: dict[tuple[str, str], int],
 ) -> None:
-    records = [Record("t", 3, 10 + i, None, v, ts) for i, (v, ts) in enumerate(msgs)]
+    """A batch of one to three ranges (partitions 0, 1, 2), classified together."""
     snapshot = Snapshot({m: T0 + d for m, d in marks.items()}, "c", T0)
-    recent = RecentIds(6 * HOUR_MS)
-    for meter, eid in flagged:
-        recent.add(id_hash(meter, eid), T0)
+    ranges = []
+    for p, msgs in enumerate(batch):
+        records = [Record("t", p, 10 + i, None, v, ts) for i, (v, ts) in enumerate(msgs)]
+        recent = RecentIds(6 * HOUR_MS)
+        for meter, eid in flagged:
+            recent.add(id_hash(meter, eid), T0)
+        ranges.append((records, snapshot, recent))
     decoder = Decoder(mode="confluent", source=LocalSchemaSource(), reader=reader_schema())
 
     def ledger(candidates: Any) -> dict[int, int]:
@@ -102,9 +108,12 @@ def test_columnar_classification_equals_the_model(
             if (r["meter"], r["event_id"]) in held
         }
 
-    got = Classifier(decoder, METERS, LIMITS).classify(records, snapshot, recent, ledger)
-    want = reference.classify(decoder, METERS, LIMITS, records, snapshot, recent, held)
-    assert reference.summary(got) == want
+    jobs = [
+        Job(RangeInput.of_records(r), 10, 10 + len(r), snap, recent) for r, snap, recent in ranges
+    ]
+    got = Classifier(decoder, METERS, LIMITS).classify_all(jobs, ledger)
+    want = reference.classify_batch(decoder, METERS, LIMITS, ranges, held)
+    assert [reference.summary(g) for g in got] == want
 
 
 def test_several_ranges_share_one_question_and_keep_their_own_outcomes() -> None:
@@ -131,5 +140,20 @@ def test_several_ranges_share_one_question_and_keep_their_own_outcomes() -> None
     assert asked == [[("a", 0), ("b", 0), ("a", 1), ("c", 1)]]
     assert [a.event.event_id for a in first.accepted] == ["a", "b"]
     assert first.duplicates == {"api_calls": 1} and first.cross_partition == 0
-    assert [a.event.event_id for a in second.accepted] == ["a"]
-    assert second.duplicates == {"api_calls": 1} and second.cross_partition == 1
+    assert [a.event.event_id for a in second.accepted] == []  # p0 accepted a: one bill
+    assert second.duplicates == {"api_calls": 2} and second.cross_partition == 2
+
+
+def test_a_key_collision_across_ranges_never_drops_an_event() -> None:
+    """A key another range holds only narrows the search: an event is a copy of an earlier
+    range's only when the (meter, event id) is the same."""
+    decoder = Decoder(mode="confluent", source=LocalSchemaSource(), reader=reader_schema())
+    c = Classifier(decoder, METERS, LIMITS)
+    body = encode_confluent(event_record("b", "api_call", "cus", Decimal(1), T0), V4, 4)
+    ev = c.ranges.decode(RangeInput.of_records([Record("t", 1, 0, None, body, T0)]))
+    d = classify._split_copies(ev)
+    colliding = np.ones(len(ev.kind), bool)  # as if another range's key equalled "b"'s
+    for claimed, want in (({("api_calls", "a"): 0}, -1), ({("api_calls", "b"): 0}, 0)):
+        found = np.full(len(d.first), -1, np.int64)
+        classify._claimed_earlier(ev, d, found, claimed, colliding)
+        assert found.tolist() == [want]
