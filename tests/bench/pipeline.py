@@ -145,11 +145,24 @@ _UNDECODABLE = {
 }
 
 
-def settings_for(bootstrap: str, workdir: Path, topic: str = TOPIC) -> Settings:
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of runs of one phase, with every run's rate and the highest peak RSS
+    (what a run returns for checking, its totals and requests, stays with the run)."""
+    fastest = max(runs, key=lambda r: int(r["events_per_s"]))
+    best = {k: v for k, v in fastest.items() if k not in ("totals", "requests")}
+    best["runs_events_per_s"] = [r["events_per_s"] for r in runs]
+    best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return best
+
+
+def settings_for(
+    bootstrap: str, workdir: Path, topic: str = TOPIC, group: str = "usage-consumer"
+) -> Settings:
     return load_settings(
         kafka={
             "bootstrap_servers": bootstrap,
             "topic": topic,
+            "group_id": group,
             # Tansu lets a member join after about half the session timeout (ENVIRONMENT.md):
             # 3 s instead of 23 s of waiting before each pipeline phase reads anything.
             "consumer_librdkafka": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"},
@@ -163,11 +176,11 @@ def settings_for(bootstrap: str, workdir: Path, topic: str = TOPIC) -> Settings:
 CONSUMED = "usage_consumer_events_consumed_total"
 
 
-def pipeline(bootstrap: str, ends: dict[int, int], workdir: str) -> dict[str, Any]:
-    """Phase (c): the whole consumer until every offset is visible (committed, and its
-    windows recomputed); returns its rate and ClickHouse's totals (checked against ground
-    truth by the parent)."""
-    settings = settings_for(bootstrap, Path(workdir))
+def pipeline(bootstrap: str, ends: dict[int, int], workdir: str, group: str) -> dict[str, Any]:
+    """Phase (c): the whole consumer, on a store and consumer group of its own, until every
+    offset is visible (committed, and its windows recomputed); returns its rate and
+    ClickHouse's totals (checked against ground truth by the parent)."""
+    settings = settings_for(bootstrap, Path(workdir), group=group)
     clock = SystemClock()
     metrics = Metrics()
     run = build_pipeline(settings, clock, metrics, Health(clock))
@@ -381,14 +394,18 @@ def main() -> int:
             print(f"bench: (b) consume+decode  {dec['events_per_s']:>9,} events/s (fastavro)")
             fast = in_child(consume, broker.bootstrap, partitions, total, "batch")
             print(f"bench: (b) consume+decode  {fast['events_per_s']:>9,} events/s (batch)")
-            full = in_child(pipeline, broker.bootstrap, ends, str(workdir / "c"))
-            print(f"bench: (c) full pipeline   {full['events_per_s']:>9,} events/s")
+            full_runs = [in_child(pipeline, broker.bootstrap, ends, str(workdir / "c1"), "c1")]
+            print(f"bench: (c) full pipeline   {full_runs[0]['events_per_s']:>9,} events/s")
             # (a) again, the broker now settled after the produce: the faster read is the
             # ceiling the ratios divide by.
             again = in_child(consume, broker.bootstrap, partitions, total, "")
             print(f"bench: (a) raw consume     {again['events_per_s']:>9,} events/s (again)")
-            raw = max(first, again, key=lambda r: int(r["events_per_s"]))
-            raw["runs_events_per_s"] = [first["events_per_s"], again["events_per_s"]]
+            raw = best_of([first, again])
+            # (c) again on a fresh store and group: on a shared host one run can lose a third
+            # to a neighbour; the faster is reported, and both must equal the ground truth.
+            full_runs.append(in_child(pipeline, broker.bootstrap, ends, str(workdir / "c2"), "c2"))
+            print(f"bench: (c) full pipeline   {full_runs[1]['events_per_s']:>9,} events/s (again)")
+            full = best_of(full_runs)
             pace = round(full["events_per_s"] / 2, -2)  # half the capacity: no backlog
             lat = in_child(latency, broker.bootstrap, str(workdir / "lat"), LATENCY_TOPIC, pace, 20)
             print(f"bench: (c) produce to visible at {pace:,.0f}/s: p50 {lat['p50_ms']} ms, "
@@ -410,10 +427,13 @@ def main() -> int:
     dedup_cost = round(dedup["window_26h"]["rss_growth_mb"] - dedup["window_1h"]["rss_growth_mb"])
     print(f"bench: dedup state for {dedup_ids:,} ids in the window: {dedup_cost} MB "
           f"(RSS growth, 26 h window minus 1 h window)")  # fmt: skip
-    got = full.pop("totals")
-    requests = full.pop("requests")
     truth = {f"{c}|{m}": str(v.normalize()) for (c, m), v in sample.truth.items()}
-    exact = {k: str(Decimal(v).normalize()) for k, v in got.items()} == truth
+    exact = all(
+        {k: str(Decimal(v).normalize()) for k, v in r.pop("totals").items()} == truth
+        for r in full_runs
+    )
+    requests = full_runs[0].pop("requests")
+    full_runs[1].pop("requests")
     ratios = {
         "c_over_a": round(full["events_per_s"] / raw["events_per_s"], 3),
         "c_over_b": round(full["events_per_s"] / dec["events_per_s"], 3),

@@ -51,9 +51,10 @@ def test_stripe_down_does_not_stop_ingestion_and_the_emitter_catches_up(
     worker = threading.Thread(target=pipeline.run, args=(stop,))
     worker.start()
     try:
+        # visible: committed and its windows recomputed (the rollup trails the commit)
         wait_for(
-            lambda: all(pipeline.ingestor.committed.get(p, 0) >= e for p, e in ends.items()),
-            "every offset committed while Stripe answers 500",
+            lambda: all(pipeline.rollup.visible.get(p, 0) >= e for p, e in ends.items()),
+            "every offset committed and visible while Stripe answers 500",
         )
         assert clickhouse_totals(store, settings.meters) == sample.truth
         assert ours(stripe_totals(settings, run.settings.stripe.api_base), run.prefix) == {}
