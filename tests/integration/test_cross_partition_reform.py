@@ -25,6 +25,7 @@ from consumer.state import INTENT, load_states
 from consumer.store import open_store
 from consumer.wire import encode_confluent
 from tests.integration.conftest import make_settings
+from tests.integration.test_pipeline import setup
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def test_a_copy_in_another_partition_of_the_batch_is_billed_once_across_a_crash(
 ) -> None:
     settings = make_settings(broker, emulator, tmp_path, unique)
     k = settings.kafka
-    broker.create_topics({k.topic: 2, k.dlq_topic: 1, k.late_topic: 1})
+    setup(broker, settings, partitions=2)
     customer = f"cus_{unique}"
     now = int(time.time() * 1000) - 60_000
     # (partition, event id, value, timestamp): `same` is an exact copy; `moved` is copied
