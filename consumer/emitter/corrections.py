@@ -21,9 +21,14 @@ Aggregated meters: a bucket whose total fell below what was pushed for it.
   only rejected or expired revisions     -> recorded; nothing is billed           (held)
 Rejected and expired revisions stay as they are: their usage is held for a person.
 
-Order: adjustments, then the CANCELLED marks, then the record in stripe_corrections. A
-crash in between repeats the adjustments (cancelling a cancelled event is accepted) and
-the marks; nothing is billed twice and no correction is lost. Late corrections are counted
+Order: the decision to adjust is recorded first (outcome `adjusting`, naming the pushes),
+then the adjustments, the CANCELLED marks, and the final record. A decision is taken once:
+a crash anywhere after it is finished by the next cycle of any process, which repeats the
+adjustments (cancelling a cancelled event is accepted) and the marks whatever its own clock
+reads. Deciding afresh would not do: a process whose clock jumped a day would find too late
+to cancel what Stripe already had cancelled, and record it as still billed. Nothing is
+billed twice and no correction is lost. A record replacing another gets a later version
+than it even if this clock is behind the writer's (`_write`). Late corrections are counted
 (`usage_consumer_stripe_corrections_total{outcome="late"}`), logged, and listed by
 `reconcile`.
 """
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -54,6 +59,11 @@ log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share o
 CANCEL_WITHIN_MS = 23 * HOUR_MS
 PER_CYCLE = 200
 LATE_WHY = "first sent over 23 hours ago: Stripe cancels only within 24 hours of receipt"
+RETRY_WHY = (
+    " (a retry: an interrupted earlier attempt may have cancelled it; check the event's"
+    " usage in Stripe before crediting)"
+)
+ADJUSTING = "adjusting"  # the decision to adjust, recorded before the first request
 
 
 @dataclass
@@ -81,7 +91,9 @@ class _Decision:
     waiting: bool = False  # an outcome is unknown: decide later
 
 
-def _decide(pushes: Sequence[Push], now_ms: int) -> _Decision:
+def _decide(pushes: Sequence[Push], now_ms: int, begun: bool) -> _Decision:
+    """`begun`: an earlier cycle decided to adjust these pushes; it is finished, never
+    judged again against this process's clock."""
     d = _Decision()
     for p in pushes:
         if p.status == CANCELLED or p.status in (REJECTED, EXPIRED):
@@ -90,7 +102,7 @@ def _decide(pushes: Sequence[Push], now_ms: int) -> _Decision:
             d.waiting = True
         elif p.status not in DELIVERED or billed(p) == 0:
             d.cancel.append(p)  # never sent, or nothing whole was (no request was made)
-        elif now_ms - p.first_attempt_ms < CANCEL_WITHIN_MS:
+        elif begun or now_ms - p.first_attempt_ms < CANCEL_WITHIN_MS:
             d.adjust.append(p)
         else:
             d.late.append(p)
@@ -123,10 +135,40 @@ class Corrector:
 
     def run(self, now_ms: int) -> int:
         """Take back what was cancelled since the last cycle; returns how much was done."""
-        done = self._per_event_cancellations(now_ms)
+        done = self._resume(now_ms)
+        done += self._per_event_cancellations(now_ms)
         for meter in self._aggregated:
             done += self._shrunk_buckets(meter, now_ms)
         return done
+
+    def _resume(self, now_ms: int) -> int:
+        """Finish the adjustments an earlier cycle decided on and did not record as done
+        (a crash, or an outcome that was still unknown)."""
+        rows = self._store.query(
+            """SELECT meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id,
+                      mode, toString(value), identifiers
+               FROM stripe_corrections FINAL WHERE outcome = 'adjusting'
+               ORDER BY meter, customer_id, bucket_start, cancelled_id LIMIT {n:UInt32}""",
+            {"n": PER_CYCLE},
+        )
+        begun = [
+            Record(str(m), str(c), int(b), str(i), str(mode), ADJUSTING, Decimal(v), list(ids))
+            for m, c, b, i, mode, v, ids in rows
+        ]
+        pushes = {
+            p.identifier: p
+            for p in outbox.by_identifier(
+                self._store, sorted({i for r in begun for i in r.identifiers})
+            )
+        }
+        records: list[Record] = []
+        for record in begun:
+            mine = [pushes[i] for i in record.identifiers if i in pushes]
+            settled = self._settle(mine, now_ms, record, begun=True)
+            if settled is not None:
+                records.append(settled)
+        self._write(records, now_ms)
+        return len(records)
 
     # -- per event ----------------------------------------------------------------------
 
@@ -202,14 +244,18 @@ class Corrector:
             return 0
         shrunk = shrunk[:PER_CYCLE]
         handled = self._standing(meter.name, [(c, b) for c, b, _, _, _ in shrunk])
-        keys = {(c, b) for c, b, _, d, _ in shrunk if handled.get((c, b)) != -d}
+        keys = {
+            (c, b)
+            for c, b, _, d, _ in shrunk
+            if (c, b) not in handled or (handled[c, b] is not None and handled[c, b] != -d)
+        }
         by_bucket: dict[tuple[str, int], list[Push]] = {}
         for p in outbox.of_buckets(self._store, meter.name, sorted(keys)):
             by_bucket.setdefault((p.customer_id, p.bucket_ms), []).append(p)
         records: list[Record] = []
         for customer, bucket, _, delta, _ in shrunk:
             if (customer, bucket) not in keys:
-                continue  # recorded at this amount already (late, or held)
+                continue  # recorded at this amount already (late, or held), or begun
             base = Record(meter.name, customer, bucket, "", "aggregated", "unsent", -delta)
             record = self._settle(by_bucket.get((customer, bucket), []), now_ms, base)
             if record is not None:
@@ -217,9 +263,12 @@ class Corrector:
         self._write(records, now_ms)
         return len(records)
 
-    def _standing(self, meter: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Decimal]:
+    def _standing(
+        self, meter: str, keys: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], Decimal | None]:
         """(customer, bucket) -> the amount its latest correction left standing (late or
-        held): such a bucket is settled until its total moves again."""
+        held): such a bucket is settled until its total moves again. None: an adjustment
+        is under way (`_resume` finishes it)."""
         rows = self._store.query(
             """SELECT customer_id, toUnixTimestamp64Milli(bucket_start), outcome,
                       toString(value)
@@ -229,16 +278,27 @@ class Corrector:
                      IN {keys:Array(Tuple(String, Int64))}""",
             {"m": meter, "keys": keys},
         )
-        return {(str(c), int(b)): Decimal(v) for c, b, o, v in rows if o in ("late", "held")}
+        return {
+            (str(c), int(b)): None if o == ADJUSTING else Decimal(v)
+            for c, b, o, v in rows
+            if o in ("late", "held", ADJUSTING)
+        }
 
     # -- both -----------------------------------------------------------------------------
 
-    def _settle(self, pushes: Sequence[Push], now_ms: int, record: Record) -> Record | None:
+    def _settle(
+        self, pushes: Sequence[Push], now_ms: int, record: Record, begun: bool = False
+    ) -> Record | None:
         """Cancel `pushes` at Stripe and in the outbox, or find it too late; the record of
-        what happened, or None while an outcome is still unknown."""
-        d = _decide(pushes, now_ms)
+        what happened, or None while an outcome is still unknown. `begun`: `record` is the
+        decision to adjust them, written by an earlier cycle."""
+        d = _decide(pushes, now_ms, begun)
         if d.waiting:
             return None
+        if begun and not (d.adjust or d.cancel):
+            record.outcome = "adjusted"  # the marks landed; only this record did not
+            self._metrics.stripe_corrections.labels(record.meter, "adjusted").inc()
+            return record
         if not (d.late or d.adjust or d.cancel):
             record.outcome = "held"  # in rejected or expired pushes: nothing is billed
             record.reason = "the cancelled usage is in pushes held for a person"
@@ -258,11 +318,18 @@ class Corrector:
             record.outcome, record.reason = "late", LATE_WHY
             record.identifiers = [p.identifier for p in d.late]
             return self._late(record)
+        if d.adjust and not begun:
+            intent = replace(record, outcome=ADJUSTING)
+            intent.identifiers = [p.identifier for p in d.adjust + d.cancel]
+            self._write([intent], now_ms)
+            fault_point("after_adjustment_intent")
         for p in d.adjust:
             try:
                 self._sender.cancel(p)
             except CannotCancel as exc:
                 record.outcome, record.reason = "late", f"Stripe refused to cancel: {exc}"
+                if begun:
+                    record.reason += RETRY_WHY
                 record.identifiers = [p.identifier]
                 return self._late(record)
         fault_point("after_stripe_adjustment")
@@ -291,8 +358,12 @@ class Corrector:
         return record
 
     def _write(self, records: Sequence[Record], now_ms: int) -> None:
+        """Insert `records`, each versioned after the row it replaces: the table keeps a
+        key's highest updated_at, and the last writer's clock may have been ahead of ours."""
         if not records:
             return
+        before = self._versions(records)
+        versions = [max(now_ms, before.get(_key(r), now_ms - 1) + 1) for r in records]
         self._store.insert_columns(
             "stripe_corrections",
             {
@@ -305,10 +376,22 @@ class Corrector:
                 "value": pa.array([r.value for r in records], DECIMAL),
                 "identifiers": pa.array([r.identifiers for r in records], pa.list_(pa.string())),
                 "reason": pa.array([r.reason for r in records]),
-                "updated_at": pa.array([now_ms] * len(records), TIME_MS),
+                "updated_at": pa.array(versions, TIME_MS),
             },
         )
         self._report_late()
+
+    def _versions(self, records: Sequence[Record]) -> dict[tuple[str, str, int, str], int]:
+        rows = self._store.query(
+            """SELECT meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id,
+                      toUnixTimestamp64Milli(max(updated_at))
+               FROM stripe_corrections
+               WHERE (meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id)
+                     IN {keys:Array(Tuple(String, String, Int64, String))}
+               GROUP BY 1, 2, 3, 4""",
+            {"keys": sorted({_key(r) for r in records})},
+        )
+        return {(str(m), str(c), int(b), str(i)): int(v) for m, c, b, i, v in rows}
 
     def _report_late(self) -> None:
         """The gauge of cancelled usage Stripe still bills, per meter."""
@@ -318,3 +401,8 @@ class Corrector:
         )
         for meter, value in rows:
             self._metrics.stripe_overbilled.labels(str(meter)).set(float(Decimal(value)))
+
+
+def _key(r: Record) -> tuple[str, str, int, str]:
+    """A record's key in stripe_corrections (its ORDER BY)."""
+    return (r.meter, r.customer_id, r.bucket_ms, r.cancelled_id)

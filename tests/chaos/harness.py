@@ -46,6 +46,8 @@ POINTS = (
     "after_done",
     "stripe_mid_batch",
     "after_stripe_2xx",
+    "after_adjustment_intent",
+    "after_stripe_adjustment",
     "session_refresh",
 )
 KEY = "sk_test_chaos"
@@ -57,7 +59,7 @@ Key = tuple[str, str, int]  # (customer, meter, hour start in epoch seconds)
 class Scenario:
     name: str
     events: int = 15_000
-    kill_points: tuple[str, ...] = ()
+    kill_points: tuple[str, ...] = ()  # "point" (its 1st-3rd occurrence) or "point:n"
     random_kills: int = 0
     emulator: dict[str, Any] = field(default_factory=dict)
     store_faults: str = ""
@@ -256,7 +258,9 @@ class _Run:
         kills = 0
         for point in plan:
             self.produce_wave()
-            fault = f"{point}:{self.sc.kill_at or self.rng.randint(1, 3)}" if point else ""
+            fault = point or ""
+            if point and ":" not in point:  # a point without its occurrence: 1st-3rd
+                fault = f"{point}:{self.sc.kill_at or self.rng.randint(1, 3)}"
             proc, _ = self.start(fault)
             try:
                 if point:

@@ -47,7 +47,15 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
         Scenario(
             "retry-conditions",
             events // 2,
-            kill_points=("after_intent", "after_write_usage_events", "after_done") * kills,
+            # A kill inside the first adjustment (clock 3 hours behind), finished by a
+            # process whose clock reads a day later. One intent a start (one batch a wave).
+            kill_points=(
+                "after_intent:1",
+                "after_write_usage_events",
+                "after_stripe_adjustment:1",
+                "after_done",
+            )
+            * kills,
             random_kills=kills,
             registry_outage=4.0,
             clock_skews=(0.0, 3 * 3600.0, -3 * 3600.0, 26 * 3600.0),

@@ -182,8 +182,9 @@ def test_per_event_cancels_unsent_adjusted_and_late(rig: Rig) -> None:
     )
     assert rig.metric("usage_consumer_stripe_late_corrections_value", meter="tokens") == 2
 
+    rows = correction_rows(rig)
     run(rig)  # settled: nothing is done twice
-    assert correction_rows(rig) == 3
+    assert correction_rows(rig) == rows
     report = reconcile_now(rig, t)
     [line] = report.corrected_late
     assert (line.customer, line.meter, line.late, line.drift) == ("cus_a", "tokens", 2, 0)
@@ -254,7 +255,8 @@ def test_a_crash_between_the_adjustment_and_its_mark_cancels_once(rig: Rig) -> N
     emitter.close()
     rig.store.failing = False
     assert stripe_total(rig, "tokens", "cus_a") == 7
-    assert status(rig, "tokens", "e0") == "sent" and correction_rows(rig) == 0
+    assert status(rig, "tokens", "e0") == "sent"
+    assert corrections(rig) == {("e0", "cus_a"): ("adjusting", Decimal(5))}  # the decision
 
     run(rig)  # the restart cancels again (accepted) and marks
     assert stripe_total(rig, "tokens", "cus_a") == 7
@@ -322,3 +324,70 @@ def test_a_late_bucket_never_sends_a_revision_that_was_not_sent_yet(rig: Rig) ->
     assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal(7))}
     assert sorted(s for s, _, _ in rig.statuses().values()) == ["cancelled", "sent"]
     assert clickhouse_total(rig, "api_calls", "cus_a") == 3
+
+
+def test_a_restart_with_a_jumped_clock_finishes_the_adjustment_it_began(rig: Rig) -> None:
+    """Stripe cancelled e0, the process died before its mark, and the next process's clock
+    reads 26 hours later (Stripe's does not): it must finish the adjustment, not record
+    as still billed what Stripe no longer bills."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t + MINUTE_MS, "7")])
+    run(rig)
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    emitter = rig.emitter()
+    rig.store.failing = True
+    with pytest.raises(StoreError):
+        emitter.run_once()
+    emitter.close()
+    rig.store.failing = False
+    assert stripe_total(rig, "tokens", "cus_a") == 7
+
+    rig.clock.jump(26 * 3600)  # this process's clock only
+    run(rig)
+    assert stripe_total(rig, "tokens", "cus_a") == 7
+    assert status(rig, "tokens", "e0") == "cancelled"
+    assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
+
+
+def test_an_aggregated_adjustment_interrupted_is_finished_after_a_clock_jump(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(
+        rig, [("api_calls", "cus_a", "a1", t + 1, "4"), ("api_calls", "cus_a", "a2", t + 2, "6")]
+    )
+    run(rig)
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+    emitter = rig.emitter()
+    rig.store.failing = True
+    with pytest.raises(StoreError):
+        emitter.run_once()  # revision 1 cancelled at Stripe; its mark did not land
+    emitter.close()
+    rig.store.failing = False
+    assert stripe_total(rig, "api_calls", "cus_a") == 0
+    assert corrections(rig) == {(str(t), "cus_a"): ("adjusting", Decimal(4))}
+
+    rig.clock.jump(26 * 3600)  # this process's clock only: Stripe's still takes the cancel
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6  # the bucket pushed afresh
+    assert corrections(rig) == {(str(t), "cus_a"): ("adjusted", Decimal(4))}
+    assert clickhouse_total(rig, "api_calls", "cus_a") == 6
+
+
+def test_a_record_replaced_by_a_process_whose_clock_is_behind_still_wins(rig: Rig) -> None:
+    """stripe_corrections keeps a key's highest version: a process 3 hours behind the one
+    that recorded a late bucket must still replace that record when the amount moves."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("api_calls", "cus_a", "a1", t + 1, "10")])
+    run(rig)
+    rig.jump(24 * 3600)
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+    run(rig)
+    assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal(10))}
+
+    rig.clock.jump(-3 * 3600)  # the next process's clock is behind
+    ingest(rig, [("api_calls", "cus_a", "a2", t + 2, "4")])  # nets against the excess
+    run(rig)
+    assert corrections(rig) == {(str(t), "cus_a"): ("late", Decimal(6))}
+    rows = correction_rows(rig)
+    run(rig)
+    assert correction_rows(rig) == rows  # settled at this amount: written once
+    assert stripe_total(rig, "api_calls", "cus_a") == 10
