@@ -36,6 +36,7 @@ from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
     MarkFailingStore,
     Rig,
+    dies_in_one_cycle,
     drain,
     minute,
     open_rig,
@@ -50,13 +51,17 @@ Cancel = tuple[str, str, str]  # meter, customer, cancelled event id
 
 
 class CancelMarkFailingStore(MarkFailingStore):
-    """Fails the CANCELLED marks while `failing`: a crash right after Stripe's adjustments."""
+    """Fails the CANCELLED marks while `failing`: a crash right after Stripe's adjustments;
+    with `failing_records`, the final records instead: a crash right after the marks."""
+
+    failing_records = False
 
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
         cancels = table == "stripe_pushes" and CANCELLED in columns["status_rank"].to_pylist()
-        if self.failing and cancels:
+        final = table == "stripe_corrections" and "adjusting" not in columns["outcome"].to_pylist()
+        if (self.failing and cancels) or (self.failing_records and final):
             self.refused += 1
-            raise StoreError("injected: the cancelled marks failed")
+            raise StoreError("injected: the cancelled marks or the record failed")
         self.inner.insert_columns(table, columns, token)
 
 
@@ -243,25 +248,45 @@ def test_an_aggregated_bucket_is_adjusted_and_pushed_again_then_netted_when_late
     assert clickhouse_total(rig, "api_calls", "cus_a") == Decimal("2.5")
 
 
-def test_a_crash_between_the_adjustment_and_its_mark_cancels_once(rig: Rig) -> None:
+def die_at_the_cancelled_marks(rig: Rig) -> None:
+    """One emitter cycle whose CANCELLED marks fail: Stripe adjusted, then the process dies."""
+    dies_in_one_cycle(rig, StoreError)
+
+
+@pytest.mark.parametrize("jump_hours", [0, 26], ids=["same-clock", "next-clock-a-day-ahead"])
+def test_a_crash_between_the_adjustment_and_its_mark_cancels_once(
+    rig: Rig, jump_hours: int
+) -> None:
+    """The restart finishes the adjustment it finds begun, even when its clock (not
+    Stripe's) reads a day later: deciding afresh would record as still billed what Stripe
+    no longer bills."""
     t = minute(rig.now_ms() - HOUR_MS)
     ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t + MINUTE_MS, "7")])
     run(rig)
     ingest(rig, cancels=[("tokens", "cus_a", "e0")])
-    emitter = rig.emitter()
-    rig.store.failing = True
-    with pytest.raises(StoreError):
-        emitter.run_once()  # Stripe cancelled e0; the mark did not land; the process dies
-    emitter.close()
-    rig.store.failing = False
+    die_at_the_cancelled_marks(rig)
     assert stripe_total(rig, "tokens", "cus_a") == 7
     assert status(rig, "tokens", "e0") == "sent"
     assert corrections(rig) == {("e0", "cus_a"): ("adjusting", Decimal(5))}  # the decision
 
+    rig.clock.jump(jump_hours * 3600)
     run(rig)  # the restart cancels again (accepted) and marks
     assert stripe_total(rig, "tokens", "cus_a") == 7
     assert status(rig, "tokens", "e0") == "cancelled"
     assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
+
+
+def test_a_crash_between_the_marks_and_the_record_is_recorded_as_adjusted(rig: Rig) -> None:
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t + MINUTE_MS, "7")])
+    run(rig)
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    dies_in_one_cycle(rig, StoreError, "failing_records")
+    assert status(rig, "tokens", "e0") == "cancelled"  # the marks landed, the record did not
+
+    run(rig)  # nothing is left to cancel: the begun adjustment is recorded as done
+    assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
+    assert stripe_total(rig, "tokens", "cus_a") == 7
 
 
 def test_reconcile_takes_the_last_value_by_millisecond_as_stripe_does(rig: Rig) -> None:
@@ -326,29 +351,6 @@ def test_a_late_bucket_never_sends_a_revision_that_was_not_sent_yet(rig: Rig) ->
     assert clickhouse_total(rig, "api_calls", "cus_a") == 3
 
 
-def test_a_restart_with_a_jumped_clock_finishes_the_adjustment_it_began(rig: Rig) -> None:
-    """Stripe cancelled e0, the process died before its mark, and the next process's clock
-    reads 26 hours later (Stripe's does not): it must finish the adjustment, not record
-    as still billed what Stripe no longer bills."""
-    t = minute(rig.now_ms() - HOUR_MS)
-    ingest(rig, [("tokens", "cus_a", "e0", t, "5"), ("tokens", "cus_a", "e1", t + MINUTE_MS, "7")])
-    run(rig)
-    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
-    emitter = rig.emitter()
-    rig.store.failing = True
-    with pytest.raises(StoreError):
-        emitter.run_once()
-    emitter.close()
-    rig.store.failing = False
-    assert stripe_total(rig, "tokens", "cus_a") == 7
-
-    rig.clock.jump(26 * 3600)  # this process's clock only
-    run(rig)
-    assert stripe_total(rig, "tokens", "cus_a") == 7
-    assert status(rig, "tokens", "e0") == "cancelled"
-    assert corrections(rig) == {("e0", "cus_a"): ("adjusted", Decimal(5))}
-
-
 def test_an_aggregated_adjustment_interrupted_is_finished_after_a_clock_jump(rig: Rig) -> None:
     t = minute(rig.now_ms() - HOUR_MS)
     ingest(
@@ -356,12 +358,7 @@ def test_an_aggregated_adjustment_interrupted_is_finished_after_a_clock_jump(rig
     )
     run(rig)
     ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
-    emitter = rig.emitter()
-    rig.store.failing = True
-    with pytest.raises(StoreError):
-        emitter.run_once()  # revision 1 cancelled at Stripe; its mark did not land
-    emitter.close()
-    rig.store.failing = False
+    die_at_the_cancelled_marks(rig)  # revision 1 cancelled at Stripe
     assert stripe_total(rig, "api_calls", "cus_a") == 0
     assert corrections(rig) == {(str(t), "cus_a"): ("adjusting", Decimal(4))}
 

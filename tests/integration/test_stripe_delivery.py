@@ -249,14 +249,22 @@ def drain(emitter: Emitter, cycles: int = 25) -> None:
     raise AssertionError(f"the emitter still had work after {cycles} cycles")
 
 
+def dies_in_one_cycle(rig: Rig, error: type[Exception], switch: str = "failing") -> None:
+    """One emitter cycle with the store's failure `switch` on, ending in `error`; then the
+    process is gone."""
+    emitter = rig.emitter()
+    setattr(rig.store, switch, True)
+    try:
+        with pytest.raises(error):
+            emitter.run_once()
+    finally:
+        emitter.close()
+        setattr(rig.store, switch, False)
+
+
 def lost_marks(rig: Rig) -> None:
     """One cycle whose 2xx answers cannot be marked, then the process is gone."""
-    emitter = rig.emitter()
-    rig.store.failing = True
-    with pytest.raises(MarksBlocked):
-        emitter.run_once()
-    emitter.close()
-    rig.store.failing = False
+    dies_in_one_cycle(rig, MarksBlocked)
 
 
 def seed_mixed(rig: Rig) -> Truth:
