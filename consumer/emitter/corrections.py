@@ -144,10 +144,16 @@ class Corrector:
     def _resume(self, now_ms: int) -> int:
         """Finish the adjustments an earlier cycle decided on and did not record as done
         (a crash, or an outcome that was still unknown)."""
+        # Keys first, unmerged rows only (merges drop a finished decision's row), so a
+        # cycle never reads the whole table FINAL.
         rows = self._store.query(
             """SELECT meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id,
                       mode, toString(value), identifiers
-               FROM stripe_corrections FINAL WHERE outcome = 'adjusting'
+               FROM stripe_corrections FINAL
+               WHERE (meter, customer_id, bucket_start, cancelled_id) IN (
+                        SELECT meter, customer_id, bucket_start, cancelled_id
+                        FROM stripe_corrections WHERE outcome = 'adjusting')
+                 AND outcome = 'adjusting'
                ORDER BY meter, customer_id, bucket_start, cancelled_id LIMIT {n:UInt32}""",
             {"n": PER_CYCLE},
         )
