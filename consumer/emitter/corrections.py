@@ -385,7 +385,8 @@ class Corrector:
                 "updated_at": pa.array(versions, TIME_MS),
             },
         )
-        self._report_late()
+        if any(r.outcome != ADJUSTING for r in records):  # a decision alone moves no amount
+            self._report_late()
 
     def _versions(self, records: Sequence[Record]) -> dict[tuple[str, str, int, str], int]:
         rows = self._store.query(
