@@ -272,3 +272,37 @@ def kafka() -> Iterator[str]:
     with container:
         wait_for_logs(container, "Kafka Server started", timeout=120)
         yield f"localhost:{port}"
+
+
+def explain_totals(store: Backend, got: Totals, want: Totals) -> str:
+    """What a failed totals comparison needs to be diagnosed from the data: for every
+    (customer, meter) that differs, the ledger's copies of one (meter, event id) (with the
+    partition, offset and record time each came from), and the windows' sum beside the
+    ledger's."""
+    lines = []
+    for customer, meter in sorted(k for k in {*got, *want} if got.get(k) != want.get(k)):
+        lines.append(
+            f"{customer} {meter}: got {got.get((customer, meter))} want "
+            f"{want.get((customer, meter))}"
+        )
+        for row in store.query(
+            """SELECT event_id, event_time, toString(value), partition, offset, record_time
+               FROM usage_events FINAL
+               WHERE meter = {m:String} AND customer_id = {c:String} AND event_id IN (
+                   SELECT event_id FROM usage_events FINAL
+                   WHERE meter = {m:String} AND customer_id = {c:String}
+                   GROUP BY event_id HAVING count() > 1)
+               ORDER BY event_id, partition, offset""",
+            {"m": meter, "c": customer},
+        ):
+            lines.append(f"  ledger copy: {row}")
+        for row in store.query(
+            """SELECT 'ledger', toString(sum(value)), count() FROM usage_events FINAL
+               WHERE meter = {m:String} AND customer_id = {c:String}
+               UNION ALL
+               SELECT 'windows', toString(sum(sum_value)), sum(event_count)
+               FROM usage_windows FINAL WHERE meter = {m:String} AND customer_id = {c:String}""",
+            {"m": meter, "c": customer},
+        ):
+            lines.append(f"  {row}")
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ from consumer.pipeline import Pipeline, build_pipeline
 from consumer.sample import Message, generate
 from consumer.store import open_store
 from consumer.totals import clickhouse_totals
-from tests.integration.conftest import make_settings, wait_for, wait_outbox_drained
+from tests.integration.conftest import explain_totals, make_settings, wait_for, wait_outbox_drained
 from tests.integration.test_pipeline import ours
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,8 @@ def test_an_instance_joins_and_leaves_mid_run(
             s.set()
         a.join()
     try:
-        assert clickhouse_totals(store, settings.meters) == sample.truth
+        got = clickhouse_totals(store, settings.meters)
+        assert got == sample.truth, explain_totals(store, got, sample.truth)
     finally:
         store.close()
     assert ours(stripe_totals(settings, emulator.url), prefix) == sample.truth
