@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint typecheck unit integration chaos bench bench-stripe clean
+.PHONY: demo test lint typecheck unit integration chaos stress bench bench-stripe clean
 
 $(STAMP): pyproject.toml setup.py consumer/_avrofast.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: $(STAMP) lint typecheck
 # The full crash matrix (200+ kills); the CI-sized run is part of `make test`.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos
+
+# The multi-instance tests 20 times each while a CPU hog keeps every core busy
+# (tests/stress.py); exits non-zero unless every run passed.
+STRESS_RUNS ?= 20
+stress: $(STAMP)
+	$(BIN)/python -m tests.stress --runs $(STRESS_RUNS) -- $(BIN)/pytest -q tests/integration/test_concurrent_copies.py
+	$(BIN)/python -m tests.stress --runs $(STRESS_RUNS) -- $(BIN)/pytest -q tests/integration/test_rebalance.py
 
 # The emitter's achieved request rate against the emulator (writes tests/bench/stripe_rate.json).
 bench-stripe: $(STAMP)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer
 
@@ -37,6 +38,9 @@ class IngestContext:
     flood_min_messages: int = 1000
     poison_after_attempts: int = 3
     topic_ids: Callable[[str], str] | None = None  # None: incarnations are not told apart
+    # Held from a batch's ledger question to its ledger write being durable; instances on
+    # one store share it (consumer/ledger_lock.py).
+    ledger_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class UnknownConfiguration(Exception):

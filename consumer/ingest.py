@@ -33,7 +33,7 @@ class Ingestor:
         self.tracks: dict[int, Track] = {}
         self.unready: set[int] = set()
         self.paused: set[int] = set()
-        self.retry: list[RangeWrite] = []
+        self._backoff = 0.0
         self.catch_up: dict[int, int] = {}
         self.ranges = RangeMaker(ctx, self.tracks)
         self._recreated: set[int] = set()
@@ -73,7 +73,6 @@ class Ingestor:
             self.committed.pop(p, None)
         self.unready -= gone
         self.paused -= gone
-        self.retry = [r for r in self.retry if r.partition not in gone]
         self.ranges.forget(gone)
         self.catch_up = {p: o for p, o in self.catch_up.items() if p not in gone}
         consumer.incremental_unassign(partitions)
@@ -157,23 +156,29 @@ class Ingestor:
             c.commits.commit_offsets(self.catch_up)
             self.catch_up = {}
         self._failed_now = False
-        ranges = self.retry or self.ranges.make(self._transient)
-        if ranges:
-            self._write(ranges)
+        # The ledger question and the ledger write as one step among the instances on this
+        # store: a copy classified after another instance's copy was written is a duplicate.
+        with c.ledger_lock:
+            ranges = self.ranges.make(self._transient)
+            if ranges:
+                self._write(ranges)
+        if self._backoff:
+            c.clock.sleep(self._backoff)  # outside the lock: other instances go on
+            self._backoff = 0.0
         if not self._failed_now:
             self._recovered()
         return len(msgs)
 
-    def _write(self, ranges: Sequence[RangeWrite]) -> None:
+    def _write(self, ranges: list[RangeWrite]) -> None:
         try:
             self.ctx.commits.run(ranges, int(self.ctx.clock.now() * 1000))
         except TRANSIENT as exc:
             # ClickHouse (or the side-output topic) is shared: pause every partition, so no
-            # buffer grows while the same ranges are retried.
-            self.retry = list(ranges)
+            # buffer grows while the same formed ranges wait to be classified and written
+            # again.
             self._transient("write", exc, list(self.tracks))
             return
-        self.retry = []
+        self.ranges.written(ranges)
         self._advance(ranges)
 
     def _transient(self, what: str, exc: Exception, partitions: list[int]) -> None:
@@ -186,7 +191,7 @@ class Ingestor:
         if fresh:
             self.ctx.consumer.pause([TopicPartition(self.ctx.topic, p) for p in fresh])
             self.paused.update(fresh)
-        self.ctx.clock.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 10)))
+        self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 10))
 
     def _recovered(self) -> None:
         """A step with no transient failure: resume whatever an earlier one paused. Partitions

@@ -35,6 +35,7 @@ from consumer.kafka_io import (
     log_fallback,
     producer_config,
 )
+from consumer.ledger_lock import ledger_lock
 from consumer.metrics import Metrics
 from consumer.records import Record
 from consumer.rollup import Rollup
@@ -242,6 +243,7 @@ def build_pipeline(
             flood_min_messages=p.invalid_ratio_min_messages,
             poison_after_attempts=p.poison_after_attempts,
             topic_ids=TopicIds(k),
+            ledger_lock=ledger_lock(settings.clickhouse),
         ),
         batch_max=p.batch_max_messages,
         batch_seconds=p.batch_max_seconds,

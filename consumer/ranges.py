@@ -91,8 +91,14 @@ class RangeMaker:
             ranges.append(
                 RangeWrite(c.topic, f.partition, f.start, f.end, f.attempt, f.snapshot, cl)
             )
-            del self.formed[f.partition]
         return ranges
+
+    def written(self, ranges: list[RangeWrite]) -> None:
+        """The ranges' writes are durable: their partitions form their next ranges. Until
+        then a formed range stays, and a write that failed is classified again on the next
+        try (its intent stands), so it sees whatever other instances wrote meanwhile."""
+        for r in ranges:
+            self.formed.pop(r.partition, None)
 
     def _batch(self) -> list[Formed]:
         """The ranges to write together. A suspect one (re-formed after a crash, or a chunk

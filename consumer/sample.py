@@ -80,10 +80,13 @@ def generate(
     span_ms: int = 4 * HOUR_MS,
     customer_prefix: str = "cus_",
     cancels: bool = False,
+    restamped: float = 0.0,
 ) -> Sample:
     """`n` accepted events plus ~1% duplicates (some in another partition, half of those
     re-stamped a minute apart), late, future, invalid and undecodable ones;
-    with `cancels`, 0.3% of the sum meters' events are cancelled by a later event."""
+    with `cancels`, 0.3% of the sum meters' events are cancelled by a later event; with
+    `restamped`, that share of the sum meters' events also gets a copy re-stamped a minute
+    later right behind it in the next partition (a producer's retry racing its original)."""
     rng = random.Random(seed)
     v1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
     v2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
@@ -135,6 +138,10 @@ def generate(
         hour = ev.ts // HOUR_MS * 3600
         _account(hourly, last_seen, (ev.customer, meter, hour), agg, ev)
         messages.extend(_extras(rng, i, n, ev, accepted, encode, partitions, now_ms))
+        if restamped and name != "storage_gb" and rng.random() < restamped:
+            shift = 60_000 if ev.ts % HOUR_MS < HOUR_MS - 60_000 else -60_000
+            copy = encode(replace(ev, ts=ev.ts + shift), "duplicate")
+            messages.append(replace(copy, partition=(msg.partition + 1) % partitions))
         if cancels and name != "storage_gb" and rng.random() < CANCEL_SHARE:
             target, _ = accepted[rng.randrange(max(0, len(accepted) - 2000), len(accepted))]
             if target.event_name != "storage_gb" and target.event_id not in cancelled:

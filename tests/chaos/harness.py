@@ -75,6 +75,9 @@ class Scenario:
     poison: int = 0  # messages that crash the consumer whenever they are classified (P7)
     registry_outage: float = 0.0  # serve schemas from a registry, down for this long per start
     clock_skews: tuple[float, ...] = ()  # each start's wall-clock skew, in turn (clock jumps)
+    instances: int = 1  # consumer instances in the process, sharing its store (and group)
+    restamped: float = 0.0  # share of events with a re-stamped copy in the next partition
+    trickle: bool = False  # produce each wave while the consumer runs, not before it starts
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Harness:
                 self.seed,
                 customer_prefix=f"cus_{sc.name}_",
                 cancels=True,
+                restamped=sc.restamped,
             )
             _post(emu.url, "/_emulator/config", sc.emulator)
             add_poison(sample, sc.poison, sc.partitions)
@@ -248,20 +252,24 @@ class _Run:
             self.registry.outage(self.sc.registry_outage)  # every start meets one first
         self.log.write(f"--- start fault={fault or '-'}\n")
         self.log.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer.cli", "run"], env=env, stdout=self.log, stderr=self.log
-        )
+        command = [sys.executable, "-m", "consumer.cli", "run"]
+        if self.sc.instances > 1:
+            command = [sys.executable, "-m", "tests.chaos.instances", str(self.sc.instances)]
+        proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
         return proc, port
 
     def kill_cycles(self) -> int:
         plan: list[str | None] = [*self.sc.kill_points, *[None] * self.sc.random_kills]
         kills = 0
         for point in plan:
-            self.produce_wave()
+            if not self.sc.trickle:
+                self.produce_wave()
             fault = point or ""
             if point and ":" not in point:  # a point without its occurrence: 1st-3rd
                 fault = f"{point}:{self.sc.kill_at or self.rng.randint(1, 3)}"
             proc, _ = self.start(fault)
+            if self.sc.trickle:
+                self.produce_wave(chunks=40)  # the consumer reads at the head, as in production
             try:
                 if point:
                     proc.wait(timeout=25)  # the fault hook kills it at the point
@@ -277,10 +285,18 @@ class _Run:
                 store_sql(self.home, self.sc.between_kills)
         return kills
 
-    def produce_wave(self) -> None:
-        if self.waves:
-            wave = self.waves.pop(0)
-            ends = produce_messages(wave, self.broker.bootstrap, f"{self.sc.name}.events")
+    def produce_wave(self, chunks: int = 1) -> None:
+        """The next wave, at once or in `chunks` 100 ms apart."""
+        if not self.waves:
+            return
+        wave = self.waves.pop(0)
+        size = -(-len(wave) // chunks)
+        for i in range(0, len(wave), size):
+            if i:
+                time.sleep(0.1)
+            ends = produce_messages(
+                wave[i : i + size], self.broker.bootstrap, f"{self.sc.name}.events"
+            )
             for p, end in ends.items():
                 self.ends[p] = max(self.ends.get(p, 0), end)
 

@@ -60,6 +60,21 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
             registry_outage=4.0,
             clock_skews=(0.0, 3 * 3600.0, -3 * 3600.0, 26 * 3600.0),
         ),
+        # Two instances in one process on one store, each owning some of six partitions; 5%
+        # of the events also come re-stamped in the next partition, so both instances
+        # classify copies of one event at once (one process: they share the kills).
+        Scenario(
+            "two-instances",
+            events // 2,
+            random_kills=4 * kills,
+            partitions=6,
+            instances=2,
+            restamped=0.05,
+            # each wave produced while the process runs: both instances read at the head,
+            # so an event's two copies are classified at about the same time
+            trickle=True,
+            emulator=STRIPE_FAULTS,
+        ),
         # The ClickHouse edges below: in the full run here, in the CI run by their own test.
         *(clickhouse_edges() if full else []),
     ]
