@@ -49,7 +49,7 @@ def _summary(text: str) -> str:
     """pytest's closing line (the last naming passed, failed or error), else the last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if re.search(r"\d+ (passed|failed|error)", ln):
+        if re.match(r"^=*\s*\d+ (passed|failed|errors?)\b.* in [\d.]+s", ln):
             return ln
     return lines[-1] if lines else ""
 

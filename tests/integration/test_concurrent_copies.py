@@ -23,26 +23,30 @@ from decimal import Decimal
 import pytest
 
 from consumer.broker import TansuBroker
-from consumer.clock import SystemClock
 from consumer.config import Settings
 from consumer.demo import stripe_totals
 from consumer.emulator import EmulatorServer
-from consumer.health import Health
-from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
 from consumer.store import Backend, open_store
 from consumer.totals import Totals, clickhouse_totals
 from tests.integration.conftest import (
     HourKey,
     clickhouse_hourly,
     explain_totals,
-    make_settings,
     stripe_hourly,
     wait_for,
     wait_outbox_drained,
 )
 from tests.integration.test_pipeline import ours
-from tests.integration.test_two_instances import Both, Ev, committed, truth
+from tests.integration.test_two_instances import (
+    Both,
+    Ev,
+    committed,
+    poll_loops,
+    split_partitions,
+    truth,
+    two_pipelines,
+    two_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -93,11 +97,8 @@ def _read(store: Backend, settings: Settings, url: str, want: Totals) -> Seen:
 def outcome(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Outcome]:
-    tmp = tmp_path_factory.mktemp(NAME)
-    settings = make_settings(broker, emulator, tmp, NAME)
-    quiet = make_settings(broker, emulator, tmp, NAME, stripe={"enabled": False})
+    settings, quiet = two_settings(broker, emulator, tmp_path_factory.mktemp(NAME), NAME)
     k = settings.kafka
-    broker.create_topics({k.topic: 2, k.dlq_topic: 1, k.late_topic: 1})
     seed = int(time.time()) % 100_000
     print(f"test_concurrent_copies seed={seed}")
     rng = random.Random(seed)
@@ -105,33 +106,16 @@ def outcome(
     # lateness of their own partition, neither in the future.
     events = _events(rng, int(time.time() * 1000) - 80 * 60_000)
     store = open_store(settings.clickhouse)
-    clock = SystemClock()
-    pipes = {
-        "A": build_pipeline(settings, clock, Metrics(), Health(clock), store),
-        "B": build_pipeline(quiet, clock, Metrics(), Health(clock), store),
-    }
-    a, b = pipes["A"], pipes["B"]
+    pipes = two_pipelines(settings, quiet, store)
+    a = pipes["A"]
     assert a.emitter is not None
     stop, halt = threading.Event(), threading.Event()
     emitter = threading.Thread(target=a.emitter.run, args=(stop,), name="emitter")
     errors: list[BaseException] = []
-
-    def loop(p: Pipeline) -> None:
-        try:
-            while not halt.is_set():
-                p.ingestor.step()
-        except BaseException as exc:
-            errors.append(exc)
-
-    loops = [threading.Thread(target=loop, args=(p,)) for p in pipes.values()]
+    loops = poll_loops(pipes, halt, errors)
     both = Both(broker.bootstrap, k.topic)
     try:
-        deadline = time.monotonic() + 60
-        while not (len(a.ingestor.tracks) == 1 and len(b.ingestor.tracks) == 1):
-            assert time.monotonic() < deadline, "the two instances never split the partitions"
-            a.ingestor.step()
-            b.ingestor.step()
-        owners = {n: set(p.ingestor.tracks) for n, p in pipes.items()}
+        owners = split_partitions(pipes)
         emitter.start()
         for t in loops:
             t.start()

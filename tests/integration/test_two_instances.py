@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -168,6 +169,54 @@ class Both:
         return dict(self.ends)
 
 
+def two_settings(
+    broker: TansuBroker, emulator: EmulatorServer, tmp: Path, name: str
+) -> tuple[Settings, Settings]:
+    """A test's settings for instance A and for B (Stripe off), and its 2-partition topic."""
+    settings = make_settings(broker, emulator, tmp, name)
+    quiet = make_settings(broker, emulator, tmp, name, stripe={"enabled": False})
+    k = settings.kafka
+    broker.create_topics({k.topic: 2, k.dlq_topic: 1, k.late_topic: 1})
+    return settings, quiet
+
+
+def two_pipelines(settings: Settings, quiet: Settings, store: Backend) -> dict[str, Pipeline]:
+    """Instance A (with the emitter) and B (Stripe off) on one store, as in one process."""
+    clock = SystemClock()
+    return {
+        "A": build_pipeline(settings, clock, Metrics(), Health(clock), store),
+        "B": build_pipeline(quiet, clock, Metrics(), Health(clock), store),
+    }
+
+
+def split_partitions(pipes: dict[str, Pipeline]) -> dict[str, set[int]]:
+    """Step both instances until cooperative-sticky gave each one partition."""
+    deadline = time.monotonic() + 60
+    while not all(len(p.ingestor.tracks) == 1 for p in pipes.values()):
+        assert time.monotonic() < deadline, "the two instances never split the partitions"
+        for p in pipes.values():
+            p.ingestor.step()
+    owners = {n: set(p.ingestor.tracks) for n, p in pipes.items()}
+    for n, p in pipes.items():
+        assert {tp.partition for tp in p.consumer.assignment()} == owners[n]
+    return owners
+
+
+def poll_loops(
+    pipes: dict[str, Pipeline], halt: threading.Event, errors: list[BaseException]
+) -> list[threading.Thread]:
+    """A thread a pipeline stepping its poll loop until `halt`; failures land in `errors`."""
+
+    def loop(p: Pipeline) -> None:
+        try:
+            while not halt.is_set():
+                p.ingestor.step()
+        except BaseException as exc:
+            errors.append(exc)
+
+    return [threading.Thread(target=loop, args=(p,)) for p in pipes.values()]
+
+
 def counts(p: Pipeline) -> tuple[float, float]:
     return counter_total(p.metrics.events_accepted), counter_total(p.metrics.events_duplicate)
 
@@ -211,11 +260,8 @@ def read(store: Backend, settings: Settings, url: str, prefix: str) -> Seen:
 def outcome(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Outcome]:
-    tmp = tmp_path_factory.mktemp(NAME)
-    settings = make_settings(broker, emulator, tmp, NAME)
-    quiet = make_settings(broker, emulator, tmp, NAME, stripe={"enabled": False})
+    settings, quiet = two_settings(broker, emulator, tmp_path_factory.mktemp(NAME), NAME)
     k = settings.kafka
-    broker.create_topics({k.topic: 2, k.dlq_topic: 1, k.late_topic: 1})
     rng = random.Random(23)
     base = int(time.time() * 1000) - 40 * 60_000
     phase1 = make_events(CHUNKS * CHUNK, 0, rng, base, 3000)
@@ -226,11 +272,7 @@ def outcome(
     first3 = make_events(RESTAMPED, 50_000, rng, phase2[-1].ts - 55 * 60_000, 100, PREFIX3)
     again3 = [dataclasses.replace(e, ts=e.ts + RESTAMP_MS) for e in first3]
     store = open_store(settings.clickhouse)
-    clock = SystemClock()
-    pipes = {
-        "A": build_pipeline(settings, clock, Metrics(), Health(clock), store),
-        "B": build_pipeline(quiet, clock, Metrics(), Health(clock), store),
-    }
+    pipes = two_pipelines(settings, quiet, store)
     a, b = pipes["A"], pipes["B"]
     assert a.emitter is not None
     stop = threading.Event()
@@ -239,15 +281,7 @@ def outcome(
     both = Both(broker.bootstrap, k.topic)
     loops: list[threading.Thread] = []
     try:
-        # Both instances join; cooperative-sticky gives each one partition.
-        deadline = time.monotonic() + 60
-        while not (len(a.ingestor.tracks) == 1 and len(b.ingestor.tracks) == 1):
-            assert time.monotonic() < deadline, "the two instances never split the partitions"
-            a.ingestor.step()
-            b.ingestor.step()
-        owners = {n: set(p.ingestor.tracks) for n, p in pipes.items()}
-        for n, p in pipes.items():
-            assert {tp.partition for tp in p.consumer.assignment()} == owners[n]
+        owners = split_partitions(pipes)
         out = Outcome(settings, phase1 + phase2, first3, owners)
 
         # Phase 1: the copies of each chunk go in one right after the other.
@@ -264,15 +298,7 @@ def outcome(
         # Phase 2: both poll loops run at once while every event lands in both partitions.
         halt = threading.Event()
         errors: list[BaseException] = []
-
-        def loop(p: Pipeline) -> None:
-            try:
-                while not halt.is_set():
-                    p.ingestor.step()
-            except BaseException as exc:
-                errors.append(exc)
-
-        loops = [threading.Thread(target=loop, args=(p,)) for p in pipes.values()]
+        loops = poll_loops(pipes, halt, errors)
         for t in loops:
             t.start()
         ends = both.send(phase2)
