@@ -96,10 +96,17 @@ class CommitSequence:
         )
         fault_point("after_intent")
 
-    def run(self, ranges: Sequence[RangeWrite], now_ms: int) -> None:
+    def run(
+        self,
+        ranges: Sequence[RangeWrite],
+        now_ms: int,
+        ledger_written: Callable[[], None] = lambda: None,
+    ) -> None:
         """Steps 2-7 for ranges whose intents are durable. The side outputs and the writes
         nothing else reads (pushes, dead letters, late events) run on the pool while this
-        thread writes the ledger; all of them end before the window job and `done`."""
+        thread writes the ledger; all of them end before the window job and `done`.
+        `ledger_written` is called as soon as the ledger write is durable (the ingest loop
+        ends its turn on the store's ledger there)."""
         self._check_forward(ranges)
         token = batch_id(ranges)
         side = self._pool.submit(
@@ -115,6 +122,7 @@ class CommitSequence:
         )
         try:
             self._timed("usage_events", lambda: write_ledger(self.store, token, ranges))
+            ledger_written()
         finally:
             # Never leave a write of this attempt running into the next one.
             futures.wait([side, outputs])

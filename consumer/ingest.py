@@ -10,11 +10,12 @@ stays paused until it can (P4). Bugs raise.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.context import TRANSIENT, UNREADY, IngestContext
+from consumer.ledger_lock import Turn
 from consumer.ranges import DeadLetterFlood, RangeMaker, UnknownConfiguration
 from consumer.sink import RangeWrite
 from consumer.state import earlier_incarnation
@@ -158,10 +159,10 @@ class Ingestor:
         self._failed_now = False
         # The ledger question and the ledger write as one step among the instances on this
         # store: a copy classified after another instance's copy was written is a duplicate.
-        with c.ledger_lock:
+        with Turn(c.ledger_lock) as turn:
             ranges = self.ranges.make(self._transient)
             if ranges:
-                self._write(ranges)
+                self._write(ranges, turn.done)
         if self._backoff:
             c.clock.sleep(self._backoff)  # outside the lock: other instances go on
             self._backoff = 0.0
@@ -169,9 +170,9 @@ class Ingestor:
             self._recovered()
         return len(msgs)
 
-    def _write(self, ranges: list[RangeWrite]) -> None:
+    def _write(self, ranges: list[RangeWrite], ledger_written: Callable[[], None]) -> None:
         try:
-            self.ctx.commits.run(ranges, int(self.ctx.clock.now() * 1000))
+            self.ctx.commits.run(ranges, int(self.ctx.clock.now() * 1000), ledger_written)
         except TRANSIENT as exc:
             # ClickHouse (or the side-output topic) is shared: pause every partition, so no
             # buffer grows while the same formed ranges wait to be classified and written

@@ -10,7 +10,8 @@ A's stale ends; and a later owner resumes from ingest_state even if Kafka's offs
 rewound. A then leaves the group cleanly.
 
 The stall is a wrapper around the shared store that blocks A's thread *before* it enters
-the backend (whose lock would otherwise stall B too). A's writes after the stall go
+the backend (whose lock would otherwise stall B too), and A has a ledger lock of its own, as
+an instance of another process would. A's writes after the stall go
 without their insert dedup tokens, as if the stall had outlived the token window: the
 stale rows really land, and only the keyed tables can make them converge (P3).
 """
@@ -199,6 +200,10 @@ def test_zombie_write_after_takeover_changes_nothing(
     stall = Stall(store, stalled_table)
     clock = SystemClock()
     a = build_pipeline(zombie_cfg, clock, Metrics(), Health(clock), stall)
+    # A stands for an instance of another process (as a zombie on a ClickHouse server
+    # would be): its own ledger lock, so B goes on while A is stalled inside its write.
+    # Instances of one process take turns on the ledger (test_concurrent_copies.py).
+    a.ingestor.ctx.ledger_lock = threading.Lock()
     a_errors: list[BaseException] = []
     stop_a, woke, carry_on = threading.Event(), threading.Event(), threading.Event()
 
