@@ -5,7 +5,7 @@ in the batch, and every re-form finds exactly that copy in the ledger."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,7 +39,15 @@ class Crash(Exception):
 def test_a_copy_in_another_partition_of_the_batch_is_billed_once_across_a_crash(
     broker: TansuBroker, emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:
-    settings = make_settings(broker, emulator, tmp_path, unique)
+    # One poll waits for all six messages (both partitions), however late a loaded host
+    # delivers the second partition's fetch: the test needs them in one batch.
+    settings = make_settings(
+        broker,
+        emulator,
+        tmp_path,
+        unique,
+        pipeline={"batch_max_messages": 6, "batch_max_seconds": 20},
+    )
     k = settings.kafka
     setup(broker, settings, partitions=2)
     customer = f"cus_{unique}"
@@ -69,7 +77,11 @@ def test_a_copy_in_another_partition_of_the_batch_is_billed_once_across_a_crash(
         run = commits.run
         batches: list[set[int]] = []
 
-        def crash_after_writes(ranges: Sequence[RangeWrite], now_ms: int) -> None:
+        def crash_after_writes(
+            ranges: Sequence[RangeWrite],
+            now_ms: int,
+            ledger_written: Callable[[], None] = lambda: None,
+        ) -> None:
             batches.append({r.partition for r in ranges})
             if batches[-1] == {0, 1}:
 
@@ -77,7 +89,7 @@ def test_a_copy_in_another_partition_of_the_batch_is_billed_once_across_a_crash(
                     raise Crash
 
                 commits.side.publish = crash  # type: ignore[method-assign,assignment]
-            run(ranges, now_ms)
+            run(ranges, now_ms, ledger_written)
 
         commits.run = crash_after_writes  # type: ignore[method-assign]
         with pytest.raises(Crash):
@@ -88,7 +100,8 @@ def test_a_copy_in_another_partition_of_the_batch_is_billed_once_across_a_crash(
         assert batches == [{0, 1}], "both partitions were meant to be in the first batch"
         states = load_states(store, k.group_id, k.topic, [0, 1])
         assert [states[p].rank for p in (0, 1)] == [INTENT, INTENT]
-        run_until_drained(settings, {0: 3, 1: 3}, timeout=120, quiet=True, store=store)
+        drain = make_settings(broker, emulator, tmp_path, unique)  # polls that return soon
+        run_until_drained(drain, {0: 3, 1: 3}, timeout=120, quiet=True, store=store)
         rows = store.query(
             "SELECT event_id, partition, toString(value) FROM usage_events FINAL "
             f"WHERE customer_id = '{customer}' ORDER BY event_id"
