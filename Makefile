@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test lint typecheck unit integration chaos stress bench bench-stripe clean
 
-$(STAMP): pyproject.toml setup.py consumer/_avrofast.c
+$(STAMP): pyproject.toml setup.py consumer/decode/_avrofast.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check consumer tests
 	$(BIN)/ruff format --check consumer tests
+	$(BIN)/lint-imports --no-logo
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consumer.config import ConfigError, Settings, load_settings
-from consumer.emulator.args import add_arguments as add_emulator_arguments
 from consumer.store import StoreError
 
 if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
+    from consumer.clock import Clock
     from consumer.emitter.standing import Undelivered
+    from consumer.store import Backend
 
 log = logging.getLogger("usage_consumer")
 
@@ -28,19 +29,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from consumer import health as health_http
     from consumer.clock import SystemClock
-    from consumer.faults import clock_skew_seconds
-    from consumer.metrics import Metrics
-    from consumer.pipeline import build_pipeline
 
-    settings = _settings(args)
-    clock, metrics = SystemClock(clock_skew_seconds()), Metrics()
+    return serve(_settings(args), SystemClock())
+
+
+def serve(settings: Settings, clock: Clock, store: Backend | None = None) -> int:
+    """`run`: the pipeline with /metrics and probes until SIGTERM or SIGINT, then a drain.
+    The clock and store are injected so the crash harness can skew one and fault the other."""
+    from consumer.app import build_pipeline
+    from consumer.metrics import Metrics
+    from consumer.ops import health as health_http
+
+    metrics = Metrics()
     health = health_http.Health(clock)
     p = settings.pipeline
     _, port = health_http.serve(p.metrics_host, p.metrics_port, metrics, health)
     log.info("metrics on :%d (/metrics /healthz /readyz)", port)
-    pipeline = build_pipeline(settings, clock, metrics, health)
+    pipeline = build_pipeline(settings, clock, metrics, health, store)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -55,8 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from consumer.demo import produce
-    from consumer.sample import generate
+    from consumer.local.demo import produce
+    from consumer.local.sample import generate
 
     settings = _settings(args)
     sample = generate(
@@ -85,8 +91,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_totals(args: argparse.Namespace) -> int:
     from consumer.emitter.standing import undelivered
+    from consumer.ops.totals import clickhouse_totals, format_table
     from consumer.store import open_store
-    from consumer.totals import clickhouse_totals, format_table
 
     settings = _settings(args)
     store = open_store(settings.clickhouse)
@@ -123,7 +129,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from consumer.emitter.session import stripe_client
     from consumer.emitter.summaries import SummaryReader
     from consumer.metrics import Metrics
-    from consumer.reconcile import ReconcileError, format_report, parse_time, reconcile
+    from consumer.ops.reconcile import ReconcileError, format_report, parse_time, reconcile
     from consumer.store import open_store
 
     settings = _settings(args)
@@ -162,7 +168,7 @@ def cmd_meters(args: argparse.Namespace) -> int:
     from consumer.clock import SystemClock
     from consumer.emitter.ratelimit import TokenBucket
     from consumer.emitter.session import stripe_client
-    from consumer.meters_sync import accounts_of, apply, format_plan, plan
+    from consumer.ops.meters_sync import accounts_of, apply, format_plan, plan
 
     settings = _settings(args)
     s = settings.stripe
@@ -182,15 +188,21 @@ def cmd_meters(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from consumer.emulator.args import to_options
-    from consumer.emulator.server import main as emulator_main
+    # Its options are parsed here, not by parser(): `run` never imports consumer.local.
+    from consumer.local.emulator.args import add_arguments, to_options
+    from consumer.local.emulator.server import main as emulator_main
 
-    emulator_main(args.host, args.port, to_options(args))
+    own = argparse.ArgumentParser(
+        prog="usage-consumer stripe-emulator", description="serve the Stripe meter APIs locally"
+    )
+    add_arguments(own)
+    options = own.parse_args(args.emulator_args)
+    emulator_main(options.host, options.port, to_options(options))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from consumer.demo import main as demo_main
+    from consumer.local.demo import main as demo_main
 
     return demo_main(Path(args.workdir), args.events, args.customers, args.partitions, args.seed)
 
@@ -228,8 +240,11 @@ def parser() -> argparse.ArgumentParser:
     ms_sub = ms.add_subparsers(dest="meters_command", required=True)
     sync = ms_sub.add_parser("sync", help="create or verify them (idempotent)")
     sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    e = sub.add_parser("stripe-emulator", help="serve the Stripe meter APIs locally")
-    add_emulator_arguments(e)
+    sub.add_parser(
+        "stripe-emulator",
+        help="serve the Stripe meter APIs locally (--help: its options)",
+        add_help=False,
+    )
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--events", type=int, default=100_000)
@@ -252,7 +267,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "stripe-emulator":
+        args.emulator_args = rest  # its own parser reads them (cmd_emulator)
+    elif rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -113,10 +113,15 @@ class KafkaConfig(_Frozen):
 
 class SchemaConfig(_Frozen):
     mode: Literal["confluent", "plain"] = "confluent"
-    registry_url: str | None = Field(None, description="Confluent schema registry; None = schemas/")
+    registry_url: str | None = Field(
+        None, description="Confluent schema registry; None = the packaged id map"
+    )
     registry_username: str | None = None
     registry_password: SecretStr | None = None
     plain_writer_schema: Path | None = None
+    fast_decoder: bool = Field(
+        True, description="decode with the C fast path where built; false: fastavro for all"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SchemaConfig:

@@ -26,3 +26,9 @@ def exact_sum(values: Iterable[Decimal]) -> Decimal:
 def truncated_mean(total: Decimal, count: int) -> Decimal:
     """total / count truncated to 9 places, as ClickHouse's Decimal(38, 9) division does."""
     return _WIDE.divide(total, Decimal(count)).quantize(NINE_PLACES, "ROUND_DOWN", _WIDE)
+
+
+def exact(value: Decimal) -> str:
+    """Decimal as a plain string without exponent or trailing zeros ("10", "0.5")."""
+    text = format(value.normalize(EXACT), "f")
+    return text if "." not in text else text.rstrip("0").rstrip(".") or "0"

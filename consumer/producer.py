@@ -20,8 +20,8 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from consumer.schemas import LocalSchemaSource
-from consumer.wire import encode_confluent
+from consumer.decode.schemas import LocalSchemaSource
+from consumer.decode.wire import encode_confluent
 
 CURRENT_SCHEMA_ID = 4
 DeliveryCallback = Callable[[Any, Any], None]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from consumer.broker import TansuBroker
+from consumer.local.broker import TansuBroker
 
 _names = itertools.count(1)
 

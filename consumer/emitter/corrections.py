@@ -43,15 +43,15 @@ from decimal import Decimal
 
 import pyarrow as pa
 
+from consumer import crash_points
 from consumer.config import MeterConfig
 from consumer.emitter import outbox
 from consumer.emitter.buckets import anchors
 from consumer.emitter.delivery import DAY_MS, HOUR_MS
+from consumer.emitter.identifiers import per_event_identifier
 from consumer.emitter.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
 from consumer.emitter.sender import CannotCancel, Sender
 from consumer.emitter.units import billed
-from consumer.faults import fault_point
-from consumer.identifiers import per_event_identifier
 from consumer.metrics import Metrics
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
 
@@ -328,7 +328,7 @@ class Corrector:
             intent = replace(record, outcome=ADJUSTING)
             intent.identifiers = [p.identifier for p in d.adjust + d.cancel]
             self._write([intent], now_ms)
-            fault_point("after_adjustment_intent")
+            crash_points.reached("after_adjustment_intent")
         for p in d.adjust:
             try:
                 self._sender.cancel(p)
@@ -338,7 +338,7 @@ class Corrector:
                     record.reason += RETRY_WHY
                 record.identifiers = [p.identifier]
                 return self._late(record)
-        fault_point("after_stripe_adjustment")
+        crash_points.reached("after_stripe_adjustment")
         gone = d.adjust + d.cancel
         why = "adjusted" if d.adjust else "unsent"
         self._unsend(gone, now_ms, why)

@@ -14,11 +14,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from consumer import crash_points
 from consumer.clock import Clock
 from consumer.emitter.marks import Marks
 from consumer.emitter.outbox import Push
 from consumer.emitter.sender import Sender, SendFailed, event_count
-from consumer.faults import fault_point
 
 MARK_EVERY = 0.2  # seconds between delivery-mark inserts while requests answer
 TOP_UP_FOR = 15.0  # seconds a cycle keeps topping up before the next cycle's other steps
@@ -104,14 +104,14 @@ class Dispatch:
                     pending.discard(fut)
                     answers += 1
                     if answers == 2:
-                        fault_point("stripe_mid_batch")  # some requests answered, some not
+                        crash_points.reached("stripe_mid_batch")  # some requests answered, some not
                     try:
                         delivered = fut.result()
                     except SendFailed as exc:
                         failure = exc
                         continue
                     if delivered:
-                        fault_point("after_stripe_2xx")
+                        crash_points.reached("after_stripe_2xx")
                         answered += delivered
                 if answered and self._clock.monotonic() - last_mark >= MARK_EVERY:
                     mark()

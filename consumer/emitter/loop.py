@@ -38,12 +38,12 @@ from consumer.emitter.buckets import anchors
 from consumer.emitter.corrections import Corrector
 from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
 from consumer.emitter.dispatch import TOP_UP_FOR, Dispatch
-from consumer.emitter.limits import Limits
+from consumer.emitter.error_reports import ReportTaker
 from consumer.emitter.marks import Marks, MarksBlocked
 from consumer.emitter.outbox import ATTEMPTED, Push
-from consumer.emitter.reports import ReportTaker
 from consumer.emitter.sender import Sender, SendFailed
 from consumer.emitter.summaries import SummaryReader
+from consumer.emitter.too_old import Limits
 from consumer.emitter.units import Assigner, rules_for
 from consumer.emitter.verify import Verifier
 from consumer.metrics import Metrics

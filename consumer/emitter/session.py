@@ -9,8 +9,8 @@ from typing import Any
 
 import stripe
 
+from consumer import crash_points
 from consumer.clock import Clock
-from consumer.faults import fault_point
 from consumer.metrics import Metrics
 
 
@@ -77,7 +77,7 @@ class SessionKeeper:
             s = service.create(options={"stripe_account": self._account})
         else:
             s = service.create()
-        fault_point("session_refresh")  # Stripe made a session; we never stored it
+        crash_points.reached("session_refresh")  # Stripe made a session; we never stored it
         self._token = s.authentication_token
         self._expires_at = datetime.fromisoformat(s.expires_at).timestamp()
         self._metrics.stripe_sessions.labels(cause).inc()

@@ -26,8 +26,7 @@ from decimal import ROUND_FLOOR, Decimal
 from consumer.config import MeterConfig
 from consumer.emitter.accounts import AccountResolver, Unbillable
 from consumer.emitter.outbox import CANCELLED, REJECTED, SENT, Push
-from consumer.exact import EXACT
-from consumer.sink import exact
+from consumer.exact import EXACT, exact
 from consumer.store.backend import Backend
 
 log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share one logger

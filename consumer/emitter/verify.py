@@ -15,11 +15,11 @@ import stripe
 
 from consumer.emitter import minutes, outbox
 from consumer.emitter.delivery import DeliveryPolicy, Landed, judge
-from consumer.emitter.limits import Limits
 from consumer.emitter.minutes import BucketKey
 from consumer.emitter.outbox import ATTEMPTED, REDATED, SENT
 from consumer.emitter.sender import rfc3339
 from consumer.emitter.summaries import SummaryReader
+from consumer.emitter.too_old import Limits
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 

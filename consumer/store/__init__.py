@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from consumer.config import ClickHouseConfig
-from consumer.store import faulty
 from consumer.store.backend import Backend, ChdbBackend, ServerBackend, StoreError, StoreLocked
 
 __all__ = ["Backend", "StoreError", "StoreLocked", "open_store"]
@@ -11,17 +10,14 @@ __all__ = ["Backend", "StoreError", "StoreLocked", "open_store"]
 
 def open_store(cfg: ClickHouseConfig) -> Backend:
     """Open the configured backend (chDB in process, or a ClickHouse server)."""
-    store: Backend
     if cfg.backend == "chdb":
-        store = ChdbBackend(cfg.chdb_path, cfg.database, fsync=cfg.fsync_after_insert)
-    else:
-        store = ServerBackend(
-            cfg.host,
-            cfg.port,
-            cfg.username,
-            cfg.password.get_secret_value(),
-            cfg.database,
-            secure=cfg.secure,
-            fsync=cfg.fsync_after_insert,
-        )
-    return faulty.from_environment(store)
+        return ChdbBackend(cfg.chdb_path, cfg.database, fsync=cfg.fsync_after_insert)
+    return ServerBackend(
+        cfg.host,
+        cfg.port,
+        cfg.username,
+        cfg.password.get_secret_value(),
+        cfg.database,
+        secure=cfg.secure,
+        fsync=cfg.fsync_after_insert,
+    )

@@ -411,7 +411,7 @@ MIGRATIONS.append(
         "window jobs",
         [
             # The windows a batch touched, recorded before its ranges are done and marked
-            # done once recomputed (consumer/rollup.py); a pending one outlives a crash.
+            # done once recomputed (consumer/sinks/rollup.py); a pending one outlives a crash.
             """CREATE TABLE IF NOT EXISTS window_jobs (
         group_id String,
         topic String,

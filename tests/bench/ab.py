@@ -24,9 +24,9 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from consumer.broker import TansuBroker
-from consumer.demo import produce_messages
-from consumer.sample import generate
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce_messages
+from consumer.local.sample import generate
 from tests.bench.pipeline import SEED, TOPIC
 
 _CHILD = """

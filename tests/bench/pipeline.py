@@ -1,7 +1,7 @@
 """`make bench`: what the consumer costs against the raw Kafka ceiling, on the same data in
 one run.
 
-One seeded sample (consumer/sample.py: duplicates, late, future, invalid and undecodable
+One seeded sample (consumer/local/sample.py: duplicates, late, future, invalid and undecodable
 messages about 1% each, with ground truth) is produced once into a Tansu topic; then each
 phase reads all of it in a process of its own, so each has its own peak RSS and the
 embedded store its own process:
@@ -42,24 +42,24 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from consumer.broker import TansuBroker
+from consumer.app import build_decoder, build_pipeline
 from consumer.clock import SystemClock
 from consumer.config import SchemaConfig, Settings, load_settings
-from consumer.decode import DecodeError
-from consumer.demo import produce_messages
-from consumer.events import RangeDecoder
-from consumer.health import Health
-from consumer.kafka_io import consumer_config
+from consumer.decode.columns import RangeDecoder
+from consumer.decode.event import DecodeError
+from consumer.decode.validate import Limits
+from consumer.ingest.kafka import consumer_config
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce_messages
+from consumer.local.progress import Progress
+from consumer.local.sample import generate
 from consumer.metrics import Metrics
-from consumer.pipeline import build_decoder, build_pipeline
+from consumer.ops.health import Health
+from consumer.ops.totals import clickhouse_totals
 from consumer.producer import UsageProducer
-from consumer.progress import Progress
 from consumer.records import RangeInput
-from consumer.sample import generate
 from consumer.store import open_store
 from consumer.store.backend import Backend
-from consumer.totals import clickhouse_totals
-from consumer.validate import Limits
 from tests.bench import stripe_rate
 
 SEED = 11
@@ -312,7 +312,8 @@ def dedup_memory(window_hours: int, ids: int) -> dict[str, Any]:
     """The recent-id filter holding `ids` distinct ids spread over 24 event hours, fed as the
     pipeline feeds it (added after each range, looked up before the next). Its RSS growth is
     compared with the same run under a tiny window, which keeps about two hours of them."""
-    from consumer.dedup import HOUR_MS, RecentIds, ids_keys
+    from consumer.classify.recent import HOUR_MS, RecentIds
+    from consumer.decode.keys import ids_keys
 
     def keys(names: list[str]) -> Any:
         return ids_keys(["api_calls"] * len(names), names)

@@ -24,14 +24,14 @@ from typing import Any
 
 import stripe
 
+from consumer.app import build_emitter
 from consumer.clock import SystemClock
 from consumer.config import Settings, load_settings
 from consumer.emitter import outbox
+from consumer.emitter.identifiers import aggregated_identifier, per_event_identifier
 from consumer.emitter.outbox import PENDING, Push
-from consumer.identifiers import aggregated_identifier, per_event_identifier
-from consumer.meters_sync import apply, plan
 from consumer.metrics import Metrics
-from consumer.pipeline import build_emitter
+from consumer.ops.meters_sync import apply, plan
 from consumer.store import open_store
 from consumer.store.backend import Backend
 from consumer.store.migrations import migrate

@@ -26,10 +26,10 @@ from typing import Any
 import stripe
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.broker import TansuBroker, free_port
-from consumer.demo import produce_messages
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
-from consumer.sample import METERS, Message, Sample, generate
+from consumer.local.broker import TansuBroker, free_port
+from consumer.local.demo import produce_messages
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.sample import METERS, Message, Sample, generate
 from consumer.store.backend import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.chaos.registry import Registry
@@ -252,7 +252,7 @@ class _Run:
             self.registry.outage(self.sc.registry_outage)  # every start meets one first
         self.log.write(f"--- start fault={fault or '-'}\n")
         self.log.flush()
-        command = [sys.executable, "-m", "consumer.cli", "run"]
+        command = [sys.executable, "-m", "tests.support.armed"]
         if self.sc.instances > 1:
             command = [sys.executable, "-m", "tests.chaos.instances", str(self.sc.instances)]
         proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)

@@ -2,7 +2,8 @@
 
     python -m tests.chaos.instances 2
 
-Configured like `run` (the environment), with the same /metrics, fault points and signals.
+Configured like `run` (the environment), with the same /metrics and signals, and armed like
+`tests/support/armed.py`.
 With chDB one process holds a store, so instances that share it live in one process, each
 with its own Kafka consumer in the group (so the partitions are split between them and
 rebalance as they start and stop), its own rollup thread and its own batches; only the
@@ -18,13 +19,11 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from consumer.clock import SystemClock
+from consumer.app import Pipeline, build_pipeline
 from consumer.config import load_settings
-from consumer.faults import clock_skew_seconds
-from consumer.health import Health, serve
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
-from consumer.store import open_store
+from consumer.ops.health import Health, serve
+from tests.support.armed import arm
 
 log = logging.getLogger("instances")
 
@@ -34,10 +33,11 @@ def main(argv: Sequence[str]) -> int:
     n = int(argv[0]) if argv else 2
     settings = load_settings()
     quiet = load_settings(stripe={"enabled": False})
-    clock, metrics = SystemClock(clock_skew_seconds()), Metrics()
+    armed = arm()
+    clock, metrics = armed.clock, Metrics()
     health = Health(clock)
     serve(settings.pipeline.metrics_host, settings.pipeline.metrics_port, metrics, health)
-    store = open_store(settings.clickhouse)
+    store = armed.open_store(settings.clickhouse)
     pipes: list[Pipeline] = [build_pipeline(settings, clock, metrics, health, store)]
     pipes += [build_pipeline(quiet, clock, Metrics(), Health(clock), store) for _ in range(n - 1)]
     stop = threading.Event()

@@ -1,4 +1,4 @@
-"""A Confluent-compatible schema registry serving schemas/, which the harness can take down."""
+"""A Confluent-compatible registry serving the packaged schemas; the harness can take it down."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from consumer.schemas import SCHEMAS_DIR
+from consumer.decode.schemas import SCHEMAS_DIR
 
 
 class Registry:

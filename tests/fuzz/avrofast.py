@@ -1,4 +1,4 @@
-"""A long differential fuzz of consumer._avrofast, optionally under AddressSanitizer and
+"""A long differential fuzz of consumer.decode._avrofast, optionally under AddressSanitizer and
 UndefinedBehaviorSanitizer. Not collected by pytest; run by hand:
 
     .venv/bin/python -m tests.fuzz.avrofast --seconds 300 --asan
@@ -83,14 +83,14 @@ def _relaunch_sanitized(argv: list[str]) -> int:
 
 
 def _load_extension() -> None:
-    """Before consumer.avrofast is imported: the sanitized build when the parent made one."""
+    """Before consumer.decode.fast is imported: the sanitized build when the parent made one."""
     path = os.environ.get(_SO_ENV)
     if not path:
         return
-    spec = importlib.util.spec_from_file_location("consumer._avrofast", path)
+    spec = importlib.util.spec_from_file_location("consumer.decode._avrofast", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["consumer._avrofast"] = module
+    sys.modules["consumer.decode._avrofast"] = module
     spec.loader.exec_module(module)
 
 
@@ -366,16 +366,18 @@ def run(seconds: float, seed: int) -> int:
     _load_extension()
     import fastavro
 
-    from consumer import _avrofast, avrofast
-    from consumer.decode import DecodedEvent, Decoder
-    from consumer.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
-    from consumer.wire import frame_confluent
+    from consumer.decode import _avrofast
+    from consumer.decode import fast as avrofast
+    from consumer.decode.event import DecodedEvent
+    from consumer.decode.reference import Decoder, plain_reader
+    from consumer.decode.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
+    from consumer.decode.wire import frame_confluent
 
     print(f"extension: {_avrofast.__file__}", flush=True)
     reader = reader_schema()
     fixed_writers = {
         1: load_schema(SCHEMAS_DIR / "usage_event.v1.avsc"),
-        2: load_schema(SCHEMAS_DIR / "usage_event.avsc"),
+        2: load_schema(SCHEMAS_DIR / "usage_event.v2.avsc"),
         3: load_schema(SCHEMAS_DIR / "usage_event.v3.avsc"),
         4: reader,
     }
@@ -402,7 +404,7 @@ def run(seconds: float, seed: int) -> int:
             schemas[sid] = fastavro.parse_schema(gen.writer())
         programs = {}
         for sid, w in schemas.items():
-            p = avrofast.compile_program(w, reader)
+            p = avrofast.compile_program(w, reader, plain_reader)
             if p is None:
                 print(f"compile_program refused a generated schema: {w}", flush=True)
                 return 1

@@ -17,14 +17,14 @@ from typing import Any
 import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer import health as health_http
+from consumer.app import Pipeline, build_pipeline
 from consumer.clock import SystemClock
 from consumer.config import Settings
-from consumer.health import Health
+from consumer.local.sample import Message
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
+from consumer.ops import health as health_http
+from consumer.ops.health import Health
 from consumer.producer import UsageProducer
-from consumer.sample import Message
 from consumer.store.backend import Backend, StoreError
 from tests.integration.conftest import wait_for
 from tests.integration.store_wrap import Passthrough

@@ -13,14 +13,14 @@ import pytest
 import stripe
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.broker import free_port
+from consumer.app import Pipeline
 from consumer.config import MeterConfig, Settings, load_settings
-from consumer.demo import produce
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
-from consumer.pipeline import Pipeline
-from consumer.sample import Sample, generate
+from consumer.local.broker import free_port
+from consumer.local.demo import produce
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.sample import Sample, generate
+from consumer.ops.totals import Totals
 from consumer.store import Backend
-from consumer.totals import Totals
 
 STRIPE_KEY = "sk_test_integration"
 METERS = [

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
-from consumer.demo import produce_messages, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.sample import Sample, generate
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce_messages, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import Sample, generate
+from consumer.ops.totals import clickhouse_totals, side_counts
 from consumer.store import Backend, open_store
 from consumer.store.backend import ChdbBackend
 from consumer.store.migrations import migrate
-from consumer.totals import clickhouse_totals, side_counts
 from tests.chaos.harness import Harness, Outcome
 from tests.chaos.scenarios import (
     DEDUP_TABLES,

@@ -22,12 +22,12 @@ from decimal import Decimal
 
 import pytest
 
-from consumer.broker import TansuBroker
 from consumer.config import Settings
-from consumer.demo import stripe_totals
-from consumer.emulator import EmulatorServer
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.ops.totals import Totals, clickhouse_totals
 from consumer.store import Backend, open_store
-from consumer.totals import Totals, clickhouse_totals
 from tests.integration.conftest import (
     HourKey,
     clickhouse_hourly,

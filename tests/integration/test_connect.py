@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import stripe
 
-from consumer.broker import TansuBroker
 from consumer.config import Settings
-from consumer.demo import run_until_drained
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import run_until_drained
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.producer import UsageProducer
 from consumer.store import open_store
 from tests.integration.conftest import METERS, STRIPE_KEY, make_settings

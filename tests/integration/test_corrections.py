@@ -13,23 +13,21 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from consumer.classify import Accepted, AcceptedBatch, Classified, Snapshot
+from consumer.classify.classifier import Accepted, Classified, Snapshot
 from consumer.config import MeterConfig
-from consumer.decode import DecodedEvent
+from consumer.decode.event import DecodedEvent
 from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
+from consumer.emitter.identifiers import per_event_identifier
 from consumer.emitter.outbox import CANCELLED
 from consumer.emitter.summaries import SummaryReader
-from consumer.emulator import EmulatorServer
-from consumer.identifiers import per_event_identifier
-from consumer.reconcile import format_report, reconcile
+from consumer.local.emulator import EmulatorServer
+from consumer.ops.reconcile import format_report, reconcile
 from consumer.records import Record
-from consumer.rollup import recompute_windows
-from consumer.sink import (
+from consumer.sinks.ledger import (
     RangeWrite,
     accepted_table,
     batch_id,
     cancels_of,
-    write_effects,
 )
 from consumer.store.backend import StoreError
 from tests.integration.conftest import METERS
@@ -42,6 +40,7 @@ from tests.integration.test_stripe_delivery import (
     open_rig,
 )
 from tests.integration.test_stripe_delivery import server as server  # a fixture
+from tests.support.writes import accepted_batch, recompute_windows, write_effects
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +109,7 @@ def ingest(rig: Rig, events: Sequence[Ev] = (), cancels: Sequence[Cancel] = ()) 
             n,
             1,
             snap,
-            Classified(accepted=AcceptedBatch.of_rows(usage), cancels=taken),
+            Classified(accepted=accepted_batch(usage), cancels=taken),
         )
     ]
     token = batch_id(ranges)

@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
+from consumer.app import build_pipeline
 from consumer.clock import SystemClock
-from consumer.demo import run_until_drained, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.health import Health
+from consumer.decode.schemas import SCHEMAS_DIR, load_schema
+from consumer.decode.wire import encode_confluent
+from consumer.intent.state import INTENT, load_states
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import run_until_drained, stripe_totals
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.pipeline import build_pipeline
+from consumer.ops.health import Health
 from consumer.producer import UsageProducer, event_record
-from consumer.schemas import SCHEMAS_DIR, load_schema
-from consumer.sink import RangeWrite
-from consumer.state import INTENT, load_states
+from consumer.sinks.ledger import RangeWrite
 from consumer.store import open_store
-from consumer.wire import encode_confluent
 from tests.integration.conftest import make_settings
 from tests.integration.test_pipeline import setup
 
 pytestmark = pytest.mark.integration
 
-V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
 
 
 class Crash(Exception):

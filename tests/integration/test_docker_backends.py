@@ -12,13 +12,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from consumer.demo import produce, run_until_drained, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.sample import generate
+from consumer.local.demo import produce, run_until_drained, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import generate
+from consumer.ops.totals import clickhouse_totals
 from consumer.store import open_store
 from consumer.store.backend import DECIMAL, Backend, ServerBackend
 from consumer.store.migrations import MIGRATIONS, migrate
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import make_settings
 
 

@@ -27,14 +27,14 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.broker import free_port
 from consumer.config import Settings, load_settings
-from consumer.demo import produce_messages, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.sample import Message, generate
-from consumer.state import DONE, load_states
+from consumer.intent.state import DONE, load_states
+from consumer.local.broker import free_port
+from consumer.local.demo import produce_messages, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import Message, generate
+from consumer.ops.totals import clickhouse_totals
 from consumer.store.backend import Backend, ServerBackend
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import (
     METERS,
     STRIPE_KEY,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import stripe
 
-from consumer.emulator import EmulatorServer
+from consumer.local.emulator import EmulatorServer
 from tests.integration.test_emulator_sdk import (
     client,
     ev,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import stripe
 
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 
 pytestmark = pytest.mark.integration
 
@@ -345,7 +345,7 @@ def test_verbose_logs_one_line_per_request(
 
 def test_main_prints_address_and_stops_on_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "consumer.emulator", "--port", "0"]
+    command = [sys.executable, "-m", "consumer.local.emulator", "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         assert process.stdout is not None

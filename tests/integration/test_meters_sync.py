@@ -11,14 +11,14 @@ import pytest
 import stripe
 import yaml
 
+from consumer.app import build_emitter
 from consumer.cli import main
 from consumer.clock import ManualClock
 from consumer.config import MeterConfig, load_settings
 from consumer.emitter.sender import SendFailed
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
-from consumer.meters_sync import MeterMismatch, accounts_of, apply, plan, verify
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
-from consumer.pipeline import build_emitter
+from consumer.ops.meters_sync import MeterMismatch, accounts_of, apply, plan, verify
 from consumer.store import open_store
 from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from consumer.broker import TansuBroker
+from consumer.app import EmitterFailed, build_pipeline
 from consumer.clock import SystemClock
 from consumer.config import Settings
-from consumer.demo import produce, run_until_drained, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.health import Health
-from consumer.ingest import DeadLetterFlood
+from consumer.ingest.loop import DeadLetterFlood
+from consumer.intent.state import load_states
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce, run_until_drained, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import Sample, generate
 from consumer.metrics import Metrics
-from consumer.pipeline import EmitterFailed, build_pipeline
+from consumer.ops.health import Health
+from consumer.ops.totals import Totals, clickhouse_totals, side_counts
 from consumer.producer import UsageProducer
-from consumer.sample import Sample, generate
-from consumer.state import load_states
 from consumer.store import open_store
-from consumer.totals import Totals, clickhouse_totals, side_counts
 from tests.integration.conftest import make_settings, produce_sample
 
 pytestmark = pytest.mark.integration

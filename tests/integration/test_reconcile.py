@@ -15,15 +15,15 @@ import pytest
 import stripe
 import yaml
 
-from consumer.broker import TansuBroker
 from consumer.cli import main
 from consumer.config import Settings
-from consumer.demo import produce, run_until_drained
 from consumer.emitter.summaries import SummaryReader
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce, run_until_drained
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.sample import generate
 from consumer.metrics import Metrics
-from consumer.reconcile import Report, pieces, reconcile
-from consumer.sample import generate
+from consumer.ops.reconcile import Report, pieces, reconcile
 from consumer.store import open_store
 from tests.integration.conftest import METERS, STRIPE_KEY, make_settings
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
+from consumer.app import build_pipeline
 from consumer.clock import SystemClock
-from consumer.emulator import EmulatorServer
-from consumer.health import Health
+from consumer.intent.state import DONE, INTENT, load_states
+from consumer.local.broker import TansuBroker
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.pipeline import build_pipeline
+from consumer.ops.health import Health
 from consumer.producer import UsageProducer
-from consumer.state import DONE, INTENT, load_states
 from consumer.store import open_store
 from tests.integration.conftest import METERS, make_settings, wait_for
 

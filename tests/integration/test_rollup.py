@@ -13,8 +13,8 @@ import pytest
 
 from consumer.clock import SystemClock
 from consumer.metrics import Metrics
-from consumer.rollup import Rollup, RollupFailed, WindowJob
-from consumer.sink import accepted_table, batch_id, cancels_of, write_effects
+from consumer.sinks.ledger import accepted_table, batch_id, cancels_of
+from consumer.sinks.rollup import Rollup, RollupFailed, WindowJob
 from consumer.store.backend import Backend, ChdbBackend, StoreError
 from consumer.store.migrations import migrate
 from tests.integration.test_windows_clickhouse import (
@@ -26,6 +26,7 @@ from tests.integration.test_windows_clickhouse import (
     ranges_for,
     reference,
 )
+from tests.support.writes import write_effects
 
 pytestmark = pytest.mark.integration
 

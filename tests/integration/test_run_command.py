@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.broker import TansuBroker, free_port
-from consumer.demo import stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.state import DONE, load_states
+from consumer.intent.state import DONE, load_states
+from consumer.local.broker import TansuBroker, free_port
+from consumer.local.demo import stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.ops.totals import clickhouse_totals
 from consumer.store import open_store
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import STRIPE_KEY, produce_sample, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from consumer.broker import TansuBroker
-from consumer.demo import run_until_drained
-from consumer.emulator import EmulatorServer
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import run_until_drained
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
 from consumer.producer import UsageProducer
 from consumer.store import open_store

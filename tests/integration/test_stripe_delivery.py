@@ -27,23 +27,23 @@ import pyarrow as pa
 import pytest
 import stripe
 
+from consumer.app import build_emitter
 from consumer.clock import ManualClock
 from consumer.config import Settings, load_settings
 from consumer.emitter import outbox, standing
 from consumer.emitter.delivery import DAY_MS, HOUR_MS, MINUTE_MS
+from consumer.emitter.identifiers import per_event_identifier
 from consumer.emitter.loop import Emitter, MarksBlocked
 from consumer.emitter.outbox import PENDING, SENT, Push
 from consumer.emitter.sender import SendFailed
-from consumer.emulator import EmulatorOptions, EmulatorServer, serve
-from consumer.identifiers import per_event_identifier
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
-from consumer.pipeline import build_emitter
 from consumer.store import open_store
 from consumer.store.backend import DECIMAL, TIME_MS, Backend, StoreError
-from consumer.store.faulty import FaultyBackend
 from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY
 from tests.integration.store_wrap import Passthrough
+from tests.support.faulty_store import FaultyBackend
 
 pytestmark = pytest.mark.integration
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
+from consumer.app import build_pipeline
 from consumer.clock import SystemClock
-from consumer.demo import stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.health import Health
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import stripe_totals
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.pipeline import build_pipeline
+from consumer.ops.health import Health
+from consumer.ops.totals import clickhouse_totals
 from consumer.store import open_store
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import produce_sample, wait_for, wait_outbox_drained
 from tests.integration.test_pipeline import ours
 

@@ -11,9 +11,9 @@ import pytest
 
 from consumer.emitter import outbox
 from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
+from consumer.emitter.identifiers import per_event_identifier
 from consumer.emitter.outbox import PENDING, Push
-from consumer.emulator import EmulatorServer
-from consumer.identifiers import per_event_identifier
+from consumer.local.emulator import EmulatorServer
 from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
     Rig,

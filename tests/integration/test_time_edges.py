@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
-from consumer.demo import run_until_drained
-from consumer.emulator import EmulatorServer
+from consumer.decode.schemas import reader_schema
+from consumer.decode.wire import encode_confluent
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import run_until_drained
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
 from consumer.producer import CURRENT_SCHEMA_ID, UsageProducer, event_record, message_key
-from consumer.schemas import reader_schema
 from consumer.store import open_store
-from consumer.wire import encode_confluent
 from tests.integration.conftest import make_settings
 
 pytestmark = pytest.mark.integration

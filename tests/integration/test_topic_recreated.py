@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from consumer.broker import TansuBroker
-from consumer.demo import produce_messages, run_until_drained, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.sample import generate
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce_messages, run_until_drained, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import generate
+from consumer.ops.totals import clickhouse_totals
 from consumer.store import open_store
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import make_settings
 
 pytestmark = pytest.mark.integration

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
-from consumer.demo import run_until_drained, stripe_totals
-from consumer.emulator import EmulatorServer
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import run_until_drained, stripe_totals
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
+from consumer.ops.totals import clickhouse_totals, side_counts
 from consumer.store import Backend, StoreError, open_store
 from consumer.store.migrations import migrate
-from consumer.totals import clickhouse_totals, side_counts
 from tests.integration.conftest import produce_sample
 from tests.integration.store_wrap import Passthrough
 from tests.integration.test_pipeline import ours

@@ -33,20 +33,20 @@ from pathlib import Path
 
 import pytest
 
-from consumer.broker import TansuBroker
+from consumer.app import Pipeline, build_pipeline
 from consumer.clock import SystemClock
 from consumer.config import Settings
-from consumer.demo import stripe_totals
-from consumer.emulator import EmulatorServer
+from consumer.decode.schemas import reader_schema
+from consumer.decode.wire import encode_confluent
 from consumer.exact import EXACT
-from consumer.health import Health
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import stripe_totals
+from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
+from consumer.ops.health import Health
+from consumer.ops.totals import Totals, clickhouse_totals
 from consumer.producer import CURRENT_SCHEMA_ID, UsageProducer, event_record, message_key
-from consumer.schemas import reader_schema
 from consumer.store import Backend, open_store
-from consumer.totals import Totals, clickhouse_totals
-from consumer.wire import encode_confluent
 from tests.integration.conftest import (
     clickhouse_hourly,
     counter_total,

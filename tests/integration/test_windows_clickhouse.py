@@ -1,8 +1,9 @@
 """The ClickHouse window SQL against the Python reference aggregations, on a real chDB store.
 
-Events go through the sink exactly as the pipeline writes them (`write_effects` then
-`recompute_windows`), including copies of the same events in a later batch, and the analyst
-views must equal `consumer.window.aggregate` over the deduplicated events, digit for digit.
+Events go through the sinks as the pipeline writes them (tests/support/writes.py:
+`write_effects` then `recompute_windows`), including copies of the same events in a later
+batch, and the analyst views must equal `tests.support.window.aggregate` over the
+deduplicated events, digit for digit.
 """
 
 from __future__ import annotations
@@ -19,22 +20,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.classify import Accepted, AcceptedBatch, Classified, Snapshot
+from consumer.classify.classifier import Accepted, Classified, Snapshot
 from consumer.config import MeterConfig
-from consumer.decode import DecodedEvent
+from consumer.decode.event import DecodedEvent
+from consumer.ops.totals import aggregation_values
 from consumer.records import Record
-from consumer.rollup import recompute_windows
-from consumer.sink import (
+from consumer.sinks.ledger import (
     RangeWrite,
     accepted_table,
     batch_id,
     cancels_of,
-    write_effects,
 )
 from consumer.store.backend import Backend, ChdbBackend
 from consumer.store.migrations import migrate
-from consumer.totals import aggregation_values
-from consumer.window import MINUTE_MS, Point, aggregate, minute_of
+from tests.support.window import MINUTE_MS, Point, aggregate, minute_of
+from tests.support.writes import accepted_batch, recompute_windows, write_effects
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,7 @@ def ranges_for(
             )
             rec = Record(topic, partition, offset, None, b"", ev.ts + c.record_delay_ms)
             accepted.append(Accepted(rec, event, meter))
-        classified = Classified(accepted=AcceptedBatch.of_rows(accepted))
+        classified = Classified(accepted=accepted_batch(accepted))
         out.append(RangeWrite(topic, partition, 0, len(group), 1, SNAPSHOT, classified))
     if cancels:
         taken = []

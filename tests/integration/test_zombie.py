@@ -31,17 +31,17 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from consumer.broker import TansuBroker
+from consumer.app import Pipeline, build_pipeline
 from consumer.clock import SystemClock
-from consumer.demo import produce_messages, stripe_totals
-from consumer.emulator import EmulatorServer
-from consumer.health import Health
+from consumer.intent.state import DONE, INTENT, load_states
+from consumer.local.broker import TansuBroker
+from consumer.local.demo import produce_messages, stripe_totals
+from consumer.local.emulator import EmulatorServer
+from consumer.local.sample import Message, generate
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
-from consumer.sample import Message, generate
-from consumer.state import DONE, INTENT, load_states
+from consumer.ops.health import Health
+from consumer.ops.totals import clickhouse_totals
 from consumer.store import Backend, open_store
-from consumer.totals import clickhouse_totals
 from tests.integration.conftest import (
     clickhouse_hourly,
     counter_total,
@@ -171,7 +171,7 @@ def test_zombie_write_after_takeover_changes_nothing(
     stalled_table: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="consumer.commit")
+    caplog.set_level(logging.WARNING, logger="consumer.intent.commit")
     zombie_cfg = make_settings(
         broker, emulator, tmp_path, unique, kafka=KAFKA, stripe={"enabled": False}
     )
@@ -282,7 +282,7 @@ def test_zombie_write_after_takeover_changes_nothing(
         assert latest_epochs(store, k.group_id, k.topic) == dict.fromkeys(PARTITIONS, b_epoch)
         # The broker refused A's commit (it is no longer a member): offsets did not go back.
         assert group_committed(broker.bootstrap, k.group_id, k.topic, PARTITIONS) == third
-        refused = [r.getMessage() for r in caplog.records if r.name == "consumer.commit"]
+        refused = [r.getMessage() for r in caplog.records if r.name == "consumer.intent.commit"]
         assert any("Kafka commit failed" in m for m in refused), refused
 
         # A polls again, learns it lost its partitions, and is stopped.

@@ -18,21 +18,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer import avrofast
-from consumer.avrofast import (
+from consumer.decode import fast as avrofast
+from consumer.decode.event import DecodedEvent
+from consumer.decode.fast import (
     FastBatch,
     compile_program,
     decode_batch,
     id_hash_bytes,
     without_logical,
 )
-from consumer.decode import DecodedEvent, Decoder
-from consumer.sample import generate
-from consumer.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
-from consumer.wire import encode_confluent, frame_confluent
+from consumer.decode.reference import Decoder, plain_reader
+from consumer.decode.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
+from consumer.decode.wire import encode_confluent, frame_confluent
+from consumer.local.sample import generate
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
-V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
 V3 = load_schema(SCHEMAS_DIR / "usage_event.v3.avsc")
 V4 = reader_schema()
 VERSIONS = {1: V1, 2: V2, 3: V3, 4: V4}
@@ -59,7 +60,7 @@ class DictSource:
 def programs_for(schemas: dict[int, Any]) -> dict[int, bytes]:
     out = {}
     for sid, writer in schemas.items():
-        program = compile_program(writer, V4)
+        program = compile_program(writer, V4, plain_reader)
         if program is not None:
             out[sid] = program
     return out
@@ -409,24 +410,24 @@ REFUSED = {
 @pytest.mark.parametrize("edit", REFUSED.values(), ids=REFUSED.keys())
 def test_compile_refuses(edit: Callable[[list[dict[str, Any]]], None]) -> None:
     writer = variant(V4, edit)
-    assert compile_program(writer, V4) is None
+    assert compile_program(writer, V4, plain_reader) is None
 
 
 def test_compile_refuses_non_records_and_other_names() -> None:
-    assert compile_program(fastavro.parse_schema("string"), V4) is None
+    assert compile_program(fastavro.parse_schema("string"), V4, plain_reader) is None
     renamed = without_logical_keep(V4)
     renamed["name"] = "io.usageconsumer.Other"
     renamed = fastavro.parse_schema(renamed)
-    assert compile_program(renamed, V4) is None
+    assert compile_program(renamed, V4, plain_reader) is None
     rec = {**_base_rec(), "properties": {}, "source": "", "cancels": ""}
     _, wants = check([encode_confluent(rec, renamed, 5)], {5: renamed})
     assert wants == [None]  # fastavro refuses to resolve records of other names
 
 
 def test_compile_refuses_other_readers() -> None:
-    assert compile_program(V2, V2) is None  # the reader must be the v4 shape
+    assert compile_program(V2, V2, plain_reader) is None  # the reader must be the v4 shape
     wider = variant(V4, _retype("value", DECIMAL_39))
-    assert compile_program(V4, wider) is None
+    assert compile_program(V4, wider, plain_reader) is None
 
 
 @pytest.mark.parametrize("edit", REFUSED.values(), ids=REFUSED.keys())
@@ -606,7 +607,7 @@ SKIPPED: dict[str, tuple[Any, bytes, bool]] = {  # (extra type, its bytes, fast?
 def test_skipped_fields_are_checked(case: tuple[Any, bytes, bool]) -> None:
     extra_type, encoded, fast = case
     writer = with_extra(extra_type)
-    assert compile_program(writer, V4) is not None
+    assert compile_program(writer, V4, plain_reader) is not None
     batch, _ = check([frame_confluent(7, encoded + V1_TAIL)], {7: writer})
     assert bool(batch.slow[0]) != fast
 

@@ -11,15 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.classify import CANDIDATE_SCHEMA, Classified, Classifier, Snapshot
+from consumer.classify.classifier import CANDIDATE_SCHEMA, Classified, Classifier, Snapshot
+from consumer.classify.recent import HOUR_MS, RecentIds
 from consumer.config import MeterConfig
-from consumer.decode import Decoder
-from consumer.dedup import HOUR_MS, RecentIds, id_hash
+from consumer.decode.keys import id_hash
+from consumer.decode.reference import Decoder
+from consumer.decode.schemas import LocalSchemaSource, reader_schema
+from consumer.decode.validate import Limits
+from consumer.decode.wire import encode_confluent, frame_confluent
 from consumer.producer import CURRENT_SCHEMA_ID, event_record, message_key
 from consumer.records import Record
-from consumer.schemas import LocalSchemaSource, reader_schema
-from consumer.validate import Limits
-from consumer.wire import encode_confluent, frame_confluent
 
 T0 = 1_763_000_000_000
 API = MeterConfig(name="api_calls", event_name="api_call", allowed_lateness_seconds=3600)

@@ -1,4 +1,4 @@
-"""The columnar classifier equals the per-event model (tests/reference.py) on any range:
+"""The columnar classifier equals the per-event model (tests/support/reference.py) on any range:
 good, odd and broken messages, copies in and out of the range, lateness, cancels."""
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer import classify
-from consumer.classify import CANDIDATE_SCHEMA, Classifier, Job, Snapshot
+from consumer.classify import classifier as classify
+from consumer.classify.classifier import CANDIDATE_SCHEMA, Classifier, Job, Snapshot
+from consumer.classify.recent import HOUR_MS, RecentIds
 from consumer.config import MeterConfig
-from consumer.decode import Decoder
-from consumer.dedup import HOUR_MS, RecentIds, id_hash
+from consumer.decode.keys import id_hash
+from consumer.decode.reference import Decoder
+from consumer.decode.schemas import SCHEMAS_DIR, LocalSchemaSource, load_schema, reader_schema
+from consumer.decode.validate import Limits
+from consumer.decode.wire import encode_confluent, frame_confluent
 from consumer.producer import event_record
 from consumer.records import RangeInput, Record
-from consumer.schemas import SCHEMAS_DIR, LocalSchemaSource, load_schema, reader_schema
-from consumer.validate import Limits
-from consumer.wire import encode_confluent, frame_confluent
-from tests import reference
+from tests.support import reference
 
 T0 = 1_763_000_000_000
 METERS = {
@@ -34,7 +35,7 @@ METERS = {
 }
 LIMITS = Limits()
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
-V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
 V4 = reader_schema()
 
 IDS = st.one_of(

@@ -12,18 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.decode import DecodedEvent, DecodeError, Decoder
-from consumer.schemas import (
+from consumer.decode.event import DecodedEvent, DecodeError
+from consumer.decode.reference import Decoder
+from consumer.decode.schemas import (
     SCHEMAS_DIR,
     LocalSchemaSource,
     SchemaSourceUnavailable,
     load_schema,
     reader_schema,
 )
-from consumer.wire import encode_confluent, encode_event, frame_confluent
+from consumer.decode.wire import encode_confluent, encode_event, frame_confluent
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
-V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
 V3 = load_schema(SCHEMAS_DIR / "usage_event.v3.avsc")
 V4 = reader_schema()
 WRITERS = {1: V1, 2: V2, 3: V3, 4: V4}
@@ -199,7 +200,7 @@ def test_trailing_bytes_plain() -> None:
 
 
 def _variant(path: Path, mutate: Any) -> Path:
-    raw = json.loads((SCHEMAS_DIR / "usage_event.avsc").read_text())
+    raw = json.loads((SCHEMAS_DIR / "usage_event.v2.avsc").read_text())
     mutate(raw["fields"])
     path.write_text(json.dumps(raw))
     return path
@@ -208,7 +209,7 @@ def _variant(path: Path, mutate: Any) -> Path:
 def _source_with(tmp_path: Path, schema: Path) -> LocalSchemaSource:
     registry = tmp_path / "registry.json"
     registry.write_text(json.dumps({"7": schema.name}))
-    return LocalSchemaSource(registry)
+    return LocalSchemaSource(tmp_path)
 
 
 def test_writer_missing_required_field(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.dedup import HOUR_MS, RecentIds, id_hash
+from consumer.classify.recent import HOUR_MS, RecentIds
+from consumer.decode.keys import id_hash
 
 
 @given(st.lists(st.tuples(st.text(max_size=4), st.integers(0, 5 * HOUR_MS)), max_size=100))

@@ -19,6 +19,7 @@ from consumer.emitter.delivery import (
     Unclear,
     judge,
 )
+from consumer.emitter.error_reports import parse_ms, parse_report
 from consumer.emitter.outbox import (
     ATTEMPTED,
     EXPIRED,
@@ -29,7 +30,6 @@ from consumer.emitter.outbox import (
     SENT_V1,
     Push,
 )
-from consumer.emitter.reports import parse_ms, parse_report
 from consumer.emitter.sender import to_events
 
 T = 1_767_225_600_000

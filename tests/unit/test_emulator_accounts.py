@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.emulator.errors import EmulatorError
-from consumer.emulator.routes import Request, stripe_account
+from consumer.local.emulator.errors import EmulatorError
+from consumer.local.emulator.routes import Request, stripe_account
 from tests.unit.test_emulator_state import ev, make, meter, send, totals
 
 

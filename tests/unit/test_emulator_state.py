@@ -10,9 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.emulator.errors import EmulatorError
-from consumer.emulator.formats import format_decimal, format_rfc3339, parse_form, parse_rfc3339
-from consumer.emulator.state import EmulatorOptions, State
+from consumer.local.emulator.errors import EmulatorError
+from consumer.local.emulator.formats import (
+    format_decimal,
+    format_rfc3339,
+    parse_form,
+    parse_rfc3339,
+)
+from consumer.local.emulator.state import EmulatorOptions, State
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a UTC midnight
 DAY = 86400.0

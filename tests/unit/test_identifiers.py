@@ -1,4 +1,4 @@
-from consumer.identifiers import aggregated_identifier, per_event_identifier
+from consumer.emitter.identifiers import aggregated_identifier, per_event_identifier
 
 
 def test_per_event_identifier_is_deterministic_and_meter_scoped() -> None:

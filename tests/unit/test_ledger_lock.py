@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from consumer.config import ClickHouseConfig
-from consumer.ledger_lock import Turn, ledger_lock
+from consumer.ingest.ledger_lock import Turn, ledger_lock
 
 
 def test_one_lock_per_store_whatever_the_path_spelling(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.poison import SPLIT, Plan, after_crash, next_chunk
+from consumer.intent.poison import SPLIT, Plan, after_crash, next_chunk
 
 LIMIT = 3
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.reconcile import MINUTE, SPAN, piece_at, pieces
+from consumer.ops.reconcile import MINUTE, SPAN, piece_at, pieces
 
 
 @given(

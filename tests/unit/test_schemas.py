@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import fastavro
 import pytest
 
-from consumer.schemas import (
+from consumer.decode.schemas import (
     SCHEMAS_DIR,
     LocalSchemaSource,
     RegistrySchemaSource,
@@ -25,8 +25,8 @@ from consumer.schemas import (
     schema_fingerprint,
 )
 
-V2_TEXT = (SCHEMAS_DIR / "usage_event.avsc").read_text()
-V2 = load_schema(SCHEMAS_DIR / "usage_event.avsc")
+V2_TEXT = (SCHEMAS_DIR / "usage_event.v2.avsc").read_text()
+V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
 
 
 def field_names(schema: dict[str, Any]) -> list[str]:
@@ -75,7 +75,7 @@ def test_local_source_loads_registry_json() -> None:
 def test_local_source_resolves_relative_to_its_file(tmp_path: Path) -> None:
     (tmp_path / "mine.avsc").write_text(V2_TEXT)
     (tmp_path / "registry.json").write_text(json.dumps({"42": "mine.avsc"}))
-    source = LocalSchemaSource(tmp_path / "registry.json")
+    source = LocalSchemaSource(tmp_path)
     assert source.schema_ids == {42}
     assert schema_fingerprint(source.writer_schema(42)) == schema_fingerprint(V2)
 

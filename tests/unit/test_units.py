@@ -16,8 +16,7 @@ from consumer.emitter.units import (
     settle,
     significant_digits,
 )
-from consumer.exact import EXACT, exact_sum
-from consumer.sink import exact
+from consumer.exact import EXACT, exact, exact_sum
 
 WHOLE_SUM = {"m": Rule("whole", True)}
 values = st.decimals(min_value=0, max_value=10**6, places=9, allow_nan=False)

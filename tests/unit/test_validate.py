@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 
 from consumer.config import MeterConfig
-from consumer.decode import DecodedEvent
-from consumer.validate import DAY_MS, MAX_ID_LENGTH, Invalid, Limits, validate
+from consumer.decode.event import DecodedEvent
+from consumer.decode.validate import DAY_MS, MAX_ID_LENGTH, Invalid, Limits, validate
 
 RECORD_TS = 1_763_000_000_000
 API_CALLS = MeterConfig(name="api_calls", event_name="api_call", max_value=Decimal("1000"))

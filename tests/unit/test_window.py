@@ -3,7 +3,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.window import AGGREGATIONS, Point, Watermarks, aggregate, minute_of
+from tests.support.window import AGGREGATIONS, Point, Watermarks, aggregate, minute_of
 
 values = st.decimals(min_value=0, max_value=10**12, places=9, allow_nan=False)
 points = st.lists(

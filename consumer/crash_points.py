@@ -1,0 +1,35 @@
+"""Named points of the write sequence where a crash test stops the process.
+
+Production installs nothing, so a point costs one check of a module attribute. The crash
+harness runs the consumer through a test-only entry point (`tests/support/armed.py`) that
+installs a hook killing the process at a chosen occurrence of a point, or when a chosen
+poison message is classified (P7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+PointHook = Callable[[str], None]
+MessagesHook = Callable[[Iterable[bytes | None]], None]
+
+_point: PointHook | None = None
+_messages: MessagesHook | None = None
+
+
+def reached(name: str) -> None:
+    """The write sequence reached the point `name`."""
+    if _point is not None:
+        _point(name)
+
+
+def classifying(values: Iterable[bytes | None]) -> None:
+    """These message values are about to be classified."""
+    if _messages is not None:
+        _messages(values)
+
+
+def install(point: PointHook | None = None, messages: MessagesHook | None = None) -> None:
+    """Install (or, with no arguments, remove) the hooks; tests only."""
+    global _point, _messages
+    _point, _messages = point, messages

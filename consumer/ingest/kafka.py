@@ -1,0 +1,68 @@
+"""Kafka clients built from configuration, and the topic id that tells incarnations apart.
+
+librdkafka settings pass through untouched; secrets go only into the client config.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import TopicCollection
+from confluent_kafka.admin import AdminClient
+
+from consumer.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+
+def client_config(cfg: KafkaConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": cfg.bootstrap_servers}
+    if cfg.sasl_username is not None:
+        conf["sasl.username"] = cfg.sasl_username
+    if cfg.sasl_password is not None:
+        conf["sasl.password"] = cfg.sasl_password.get_secret_value()
+    conf.update(cfg.librdkafka)
+    return conf
+
+
+def consumer_config(cfg: KafkaConfig) -> dict[str, Any]:
+    """Manual commits only after effects are durable; offsets never stored automatically."""
+    conf = {
+        "group.id": cfg.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": cfg.auto_offset_reset,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+    }
+    conf.update(client_config(cfg))
+    conf.update(cfg.consumer_librdkafka)
+    return conf
+
+
+def producer_config(cfg: KafkaConfig) -> dict[str, Any]:
+    conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+    conf.update(client_config(cfg))
+    conf.update(cfg.producer_librdkafka)
+    return conf
+
+
+class TopicIdUnavailable(Exception):
+    """The broker could not say which incarnation of the topic this is (transient)."""
+
+
+class TopicIds:
+    """The topic's id, which changes when a topic is deleted and re-created (P4)."""
+
+    def __init__(self, cfg: KafkaConfig, timeout: float = 10.0) -> None:
+        self._admin = AdminClient(client_config(cfg))
+        self._timeout = timeout
+
+    def __call__(self, topic: str) -> str:
+        try:
+            found = self._admin.describe_topics(TopicCollection([topic]))[topic]
+            return str(found.result(timeout=self._timeout).topic_id)
+        except Exception as exc:  # KafkaException, timeouts: all mean "ask again later"
+            raise TopicIdUnavailable(f"describe topic {topic}: {exc}") from None
