@@ -6,8 +6,19 @@ from __future__ import annotations
 import hashlib
 
 
+SEPARATOR, ESCAPE = "\x1f", "\x1e"
+
+
+def _part(part: str) -> str:
+    """The part with the separator and the escape escaped, so that the joined parts name
+    one tuple only (a separator inside a customer or event id cannot shift a boundary).
+    Parts without either control character, all real ones, are unchanged, and so are
+    their identifiers."""
+    return part.replace(ESCAPE, ESCAPE + ESCAPE).replace(SEPARATOR, ESCAPE + SEPARATOR)
+
+
 def _digest(*parts: str) -> str:
-    h = hashlib.sha256("\x1f".join(parts).encode())
+    h = hashlib.sha256(SEPARATOR.join(map(_part, parts)).encode())
     return h.hexdigest()[:40]
 
 

@@ -127,9 +127,15 @@ def _write_per_event_pushes(
         )
 
 
-# per_event_identifier(name, event_id) over the columns `name` and `event_id`
+# per_event_identifier(name, event_id) over the columns `name` and `event_id`, each part
+# escaped as consumer/emitter/identifiers.py escapes it
+_ESCAPED = "replaceAll(replaceAll({}, '\\x1e', '\\x1e\\x1e'), '\\x1f', '\\x1e\\x1f')"
 PER_EVENT_IDENTIFIER_SQL = (
-    "concat('uc1e_', substring(lower(hex(SHA256(concat(name, '\\x1f', event_id)))), 1, 40))"
+    "concat('uc1e_', substring(lower(hex(SHA256(concat("
+    + _ESCAPED.format("name")
+    + ", '\\x1f', "
+    + _ESCAPED.format("event_id")
+    + ")))), 1, 40))"
 )
 
 

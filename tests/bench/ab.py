@@ -4,7 +4,7 @@
     python -m tests.bench.ab /tmp/before        # the other tree: this checkout
 
 What a change costs, measured the way the bench measures (c) (tests/bench/pipeline.py: the
-whole consumer on a fresh store and group, from its first message to its last offset
+whole consumer on a fresh store and group, from before its first poll to its last offset
 visible), with both trees run in turn (before, after, before, after, ...) so a host whose
 speed drifts moves both alike. Prints every run and the ratio of the medians; each run must
 also leave ClickHouse equal to the ground truth. Sizes as for `make bench` (BENCH_EVENTS,

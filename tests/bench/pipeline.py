@@ -95,12 +95,10 @@ def consume(bootstrap: str, partitions: int, total: int, decode: str) -> dict[st
     decoder = build_decoder(SchemaConfig())
     ranges = RangeDecoder(decoder, settings.meter_for_event(), Limits())
     seen = rejected = 0
-    started = 0.0
     deadline = time.monotonic() + 600
+    started = time.perf_counter()  # before the first poll: its fetch counts
     while seen < total and time.monotonic() < deadline:
         batch = consumer.consume(settings.pipeline.batch_max_messages, 1.0)
-        if batch and not started:
-            started = time.perf_counter()
         for msg in batch:
             if msg.error() is not None:
                 raise RuntimeError(f"consume failed: {msg.error()}")
@@ -173,9 +171,6 @@ def settings_for(
     )
 
 
-CONSUMED = "usage_consumer_events_consumed_total"
-
-
 def pipeline(bootstrap: str, ends: dict[int, int], workdir: str, group: str) -> dict[str, Any]:
     """Phase (c): the whole consumer, on a store and consumer group of its own, until every
     offset is visible (committed, and its windows recomputed); returns its rate and
@@ -188,17 +183,17 @@ def pipeline(bootstrap: str, ends: dict[int, int], workdir: str, group: str) -> 
     worker = threading.Thread(target=run.run, args=(stop,), name="pipeline")
     total = sum(ends.values())
     bar = Progress("pipeline", total)
-    worker.start()
-    started, done = 0.0, 0
+    done = 0
     deadline = time.monotonic() + 1800
+    # From before the first poll (the group join and first fetch count, as (a) and (b)
+    # count their first fetch) to the last offset visible.
+    started = time.perf_counter()
+    worker.start()
     try:
         while worker.is_alive() and done < total and time.monotonic() < deadline:
-            # From the first message consumed, as (a) and (b) count, to the last visible.
-            if not started and metrics.registry.get_sample_value(CONSUMED):
-                started = time.perf_counter()
             done = sum(min(run.rollup.visible.get(p, 0), e) for p, e in ends.items())
             bar.update(done)
-            time.sleep(0.05 if started else 0.005)
+            time.sleep(0.05)
     finally:
         seconds = time.perf_counter() - started
         stop.set()

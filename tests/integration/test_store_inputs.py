@@ -80,7 +80,15 @@ def test_ledger_question_ignores_each_candidates_own_range(store: ChdbBackend) -
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=12), st.text(max_size=30)), max_size=8))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=12) | st.text(alphabet="\x1e\x1fa", min_size=1),
+            st.text(max_size=30) | st.text(alphabet="\x1e\x1fa"),
+        ),
+        max_size=8,
+    )
+)
 def test_clickhouse_computes_the_python_per_event_identifier(
     store: ChdbBackend, pairs: list[tuple[str, str]]
 ) -> None:

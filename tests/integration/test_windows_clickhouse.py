@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from pathlib import Path
 
 import pytest
@@ -390,6 +390,51 @@ def test_reference_is_exact_for_sums_beyond_28_digits(store: Backend) -> None:
     window = minutely(store)[("api_calls", "cus_big", BASE_MS)]
     assert window["sum"] == Decimal("10000000000000000000.000000001")  # ClickHouse is exact
     assert minutely(store) == reference([big, tiny], "minute")
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    values=st.lists(
+        st.decimals(min_value=0, max_value=10**19, places=9, allow_nan=False),
+        min_size=1,
+        max_size=40,
+    ),
+    spread=st.integers(0, 3),
+)
+def test_clickhouse_sums_are_exact_decimals(
+    store: Backend, values: list[Decimal], spread: int
+) -> None:
+    # Checked against plain Decimal arithmetic, not the reference: what ClickHouse sums,
+    # minute by minute and per hour, is every value's exact sum (no float, no rounding).
+    reset(store)
+    events = [
+        Ev("api_calls", "cus_exact", f"x-{i}", BASE_MS + (i % (spread + 1)) * 60_000 + i, v)
+        for i, v in enumerate(values)
+    ]
+    write_batch(
+        store, ranges_for([Copy(e, 0, 0) for e in events], f"t.exact.{next(_topics)}"), BASE_MS
+    )
+    minutes = {k: r["sum"] for k, r in minutely(store).items() if k[1] == "cus_exact"}
+    expected: dict[Key, Decimal] = defaultdict(Decimal)
+    with localcontext(Context(prec=60)):  # Python's default 28 digits would round these
+        for e in events:
+            expected[("api_calls", "cus_exact", minute_of(e.ts))] += e.value
+        total = sum(values, Decimal(0))
+    assert minutes == dict(expected)
+    assert hourly(store)[("api_calls", "cus_exact", BASE_MS)]["sum"] == total
+
+
+def test_a_hundred_thousand_tenths_sum_to_exactly_ten_thousand_in_clickhouse(
+    store: Backend,
+) -> None:
+    events = [Ev("api_calls", "cus_tenths", f"t-{i}", BASE_MS + i % 60_000, Decimal("0.1"))
+              for i in range(100_000)]  # fmt: skip
+    write_batch(store, ranges_for([Copy(e, 0, 0) for e in events], "t.tenths"), BASE_MS)
+    assert hourly(store)[("api_calls", "cus_tenths", BASE_MS)]["sum"] == Decimal(10_000)
 
 
 # --- cancellations -----------------------------------------------------------------------

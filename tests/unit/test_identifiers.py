@@ -1,3 +1,8 @@
+import hashlib
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from consumer.emitter.identifiers import aggregated_identifier, per_event_identifier
 
 
@@ -22,3 +27,40 @@ def test_aggregated_identifier_changes_with_each_part() -> None:
 
 def test_no_ambiguity_from_joining_parts() -> None:
     assert per_event_identifier("ab", "c") != per_event_identifier("a", "bc")
+
+
+def test_a_separator_inside_a_part_cannot_shift_a_boundary() -> None:
+    assert per_event_identifier("a", "b\x1fc") != per_event_identifier("a\x1fb", "c")
+    assert per_event_identifier("a\x1e", "\x1fc") != per_event_identifier("a", "\x1e\x1fc")
+    assert aggregated_identifier("m", "c\x1f60000", 1, 2) != aggregated_identifier(
+        "m\x1fc", "60000", 1, 2
+    )
+
+
+# Text made mostly of the separator, the escape and one letter, so boundaries are crowded.
+_CROWDED = st.text(alphabet=st.sampled_from("\x1e\x1fa"), max_size=6)
+
+
+@settings(max_examples=500)
+@given(_CROWDED, _CROWDED, _CROWDED, _CROWDED)
+def test_per_event_identifiers_differ_whenever_their_parts_do(
+    a: str, b: str, c: str, d: str
+) -> None:
+    assert (per_event_identifier(a, b) == per_event_identifier(c, d)) == ((a, b) == (c, d))
+
+
+@settings(max_examples=300)
+@given(_CROWDED, _CROWDED, _CROWDED, _CROWDED)
+def test_aggregated_identifiers_differ_whenever_their_parts_do(
+    a: str, b: str, c: str, d: str
+) -> None:
+    same = aggregated_identifier(a, b, 60_000, 1) == aggregated_identifier(c, d, 60_000, 1)
+    assert same == ((a, b) == (c, d))
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="\x1e\x1f")), st.text())
+def test_ids_without_the_two_control_characters_keep_their_identifiers(name: str, eid: str) -> None:
+    # The scheme before escaping: identifiers already stored in the outbox stay matched.
+    eid = eid.replace("\x1e", "").replace("\x1f", "")
+    old = "uc1e_" + hashlib.sha256(f"{name}\x1f{eid}".encode()).hexdigest()[:40]
+    assert per_event_identifier(name, eid) == old
