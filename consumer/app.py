@@ -28,9 +28,9 @@ from consumer.decode.schemas import (
 )
 from consumer.decode.validate import DAY_MS, Limits
 from consumer.emitter.loop import Emitter
-from consumer.emitter.ratelimit import TokenBucket
-from consumer.emitter.sender import Sender
-from consumer.emitter.session import SessionKeeper, stripe_client
+from consumer.emitter.send.ratelimit import TokenBucket
+from consumer.emitter.send.sender import Sender
+from consumer.emitter.send.session import SessionKeeper, stripe_client
 from consumer.ingest.kafka import TopicIds, consumer_config, producer_config
 from consumer.ingest.ledger_lock import ledger_lock
 from consumer.ingest.loop import IngestContext, Ingestor

@@ -18,7 +18,7 @@ from consumer.store import StoreError
 
 if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
     from consumer.clock import Clock
-    from consumer.emitter.standing import Undelivered
+    from consumer.emitter.truth.standing import Undelivered
     from consumer.store import Backend
 
 log = logging.getLogger("usage_consumer")
@@ -90,7 +90,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_totals(args: argparse.Namespace) -> int:
-    from consumer.emitter.standing import undelivered
+    from consumer.emitter.truth.standing import undelivered
     from consumer.ops.totals import clickhouse_totals, format_table
     from consumer.store import open_store
 
@@ -125,9 +125,9 @@ def _held_rows(held: list[Undelivered]) -> list[list[str]]:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from consumer.clock import SystemClock
-    from consumer.emitter.ratelimit import TokenBucket
-    from consumer.emitter.session import stripe_client
-    from consumer.emitter.summaries import SummaryReader
+    from consumer.emitter.send.ratelimit import TokenBucket
+    from consumer.emitter.send.session import stripe_client
+    from consumer.emitter.truth.summaries import SummaryReader
     from consumer.metrics import Metrics
     from consumer.ops.reconcile import ReconcileError, format_report, parse_time, reconcile
     from consumer.store import open_store
@@ -166,8 +166,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_meters(args: argparse.Namespace) -> int:
     from consumer.clock import SystemClock
-    from consumer.emitter.ratelimit import TokenBucket
-    from consumer.emitter.session import stripe_client
+    from consumer.emitter.send.ratelimit import TokenBucket
+    from consumer.emitter.send.session import stripe_client
     from consumer.ops.meters_sync import accounts_of, apply, format_plan, plan
 
     settings = _settings(args)

@@ -31,21 +31,21 @@ import stripe
 
 from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
-from consumer.emitter import outbox
-from consumer.emitter.accounts import AccountResolver
-from consumer.emitter.alerts import BacklogAlerts
-from consumer.emitter.buckets import anchors
-from consumer.emitter.corrections import Corrector
-from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
-from consumer.emitter.dispatch import TOP_UP_FOR, Dispatch
-from consumer.emitter.error_reports import ReportTaker
-from consumer.emitter.marks import Marks, MarksBlocked
-from consumer.emitter.outbox import ATTEMPTED, Push
-from consumer.emitter.sender import Sender, SendFailed
-from consumer.emitter.summaries import SummaryReader
-from consumer.emitter.too_old import Limits
-from consumer.emitter.units import Assigner, rules_for
-from consumer.emitter.verify import Verifier
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.accounts import AccountResolver
+from consumer.emitter.plan.buckets import anchors
+from consumer.emitter.plan.outbox import ATTEMPTED, Push
+from consumer.emitter.plan.units import Assigner, rules_for
+from consumer.emitter.send.dispatch import TOP_UP_FOR, Dispatch
+from consumer.emitter.send.marks import Marks, MarksBlocked
+from consumer.emitter.send.sender import Sender, SendFailed
+from consumer.emitter.truth.alerts import BacklogAlerts
+from consumer.emitter.truth.corrections import Corrector
+from consumer.emitter.truth.delivery import DAY_MS, DeliveryPolicy
+from consumer.emitter.truth.error_reports import ReportTaker
+from consumer.emitter.truth.summaries import SummaryReader
+from consumer.emitter.truth.too_old import Limits
+from consumer.emitter.truth.verify import Verifier
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend, StoreError
 

@@ -145,7 +145,7 @@ def run_until_drained(
 
 def reconcile_run(settings: Settings, api_url: str) -> str:
     """Reconcile the whole run against the emulator's summaries; returns the verdict line."""
-    from consumer.emitter.summaries import SummaryReader
+    from consumer.emitter.truth.summaries import SummaryReader
     from consumer.ops.reconcile import format_report, reconcile
 
     end = (int(time.time()) // 60 + 10) * 60  # drained: nothing is settling

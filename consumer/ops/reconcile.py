@@ -7,7 +7,7 @@ between minute-aligned bounds; a partial first or last window is read on its own
 trailing minutes that may still be settling into Stripe's summaries are left out. Usage
 that is not billed yet, or held for a person (rejected, expired), is shown beside the drift,
 never counted as drift; so is cancelled usage Stripe still bills because it was cancelled
-too late to take back (late corrections, consumer/emitter/corrections.py).
+too late to take back (late corrections, consumer/emitter/truth/corrections.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from consumer.config import MeterConfig
-from consumer.emitter.summaries import SummaryReader
-from consumer.emitter.summaries import Window as Piece
+from consumer.emitter.truth.summaries import SummaryReader
+from consumer.emitter.truth.summaries import Window as Piece
 from consumer.exact import EXACT
 from consumer.metrics import Metrics
 from consumer.ops.totals import format_table

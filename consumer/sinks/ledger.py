@@ -128,7 +128,7 @@ def _write_per_event_pushes(
 
 
 # per_event_identifier(name, event_id) over the columns `name` and `event_id`, each part
-# escaped as consumer/emitter/identifiers.py escapes it
+# escaped as consumer/emitter/plan/identifiers.py escapes it
 _ESCAPED = "replaceAll(replaceAll({}, '\\x1e', '\\x1e\\x1e'), '\\x1f', '\\x1e\\x1f')"
 PER_EVENT_IDENTIFIER_SQL = (
     "concat('uc1e_', substring(lower(hex(SHA256(concat("

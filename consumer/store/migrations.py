@@ -226,7 +226,7 @@ MIGRATIONS.append(
             """ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS
         stripe_timestamp DateTime64(3, 'UTC') DEFAULT bucket_start""",
             "ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS reason String DEFAULT ''",
-            # Every push with its delivery status by name (ranks: consumer/emitter/outbox.py).
+            # Every push with its delivery status by name (ranks: consumer/emitter/plan/outbox.py).
             """CREATE VIEW IF NOT EXISTS stripe_delivery AS
         SELECT identifier, mode, meter, customer_id, bucket_start, stripe_timestamp, value,
                multiIf(status_rank IN (2, 6), 'sent', status_rank = 7, 'rejected',
@@ -255,7 +255,7 @@ MIGRATIONS.append(
         "stripe amounts sent, bucket ends and connected accounts",
         [
             # What a push's first send carried (whole numbers carry fractions between pushes,
-            # consumer/emitter/units.py); NULL for rows sent exactly before it was recorded.
+            # consumer/emitter/plan/units.py); NULL for rows sent exactly before it was recorded.
             """ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS
         sent_value Nullable(Decimal(38, 9)) DEFAULT NULL""",
             # Where an aggregated bucket ends (cut at billing-period anchors); 0 = unknown.

@@ -27,9 +27,9 @@ import stripe
 from consumer.app import build_emitter
 from consumer.clock import SystemClock
 from consumer.config import Settings, load_settings
-from consumer.emitter import outbox
-from consumer.emitter.identifiers import aggregated_identifier, per_event_identifier
-from consumer.emitter.outbox import PENDING, Push
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.identifiers import aggregated_identifier, per_event_identifier
+from consumer.emitter.plan.outbox import PENDING, Push
 from consumer.metrics import Metrics
 from consumer.ops.meters_sync import apply, plan
 from consumer.store import open_store

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from consumer.config import ClickHouseConfig, MeterConfig
-from consumer.emitter import outbox
-from consumer.emitter.buckets import bucket_of, bucket_sql
-from consumer.emitter.outbox import BucketingChanged
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.buckets import bucket_of, bucket_sql
+from consumer.emitter.plan.outbox import BucketingChanged
 from consumer.store import open_store
 from consumer.store.backend import Backend
 from consumer.store.migrations import migrate

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.emitter import outbox
-from consumer.emitter.outbox import ATTEMPTED, REJECTED, SENT, Push
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import ATTEMPTED, REJECTED, SENT, Push
 from consumer.store.backend import ChdbBackend
 from consumer.store.migrations import MIGRATIONS, migrate
 

@@ -16,10 +16,10 @@ import pytest
 from consumer.classify.classifier import Accepted, Classified, Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent
-from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
-from consumer.emitter.identifiers import per_event_identifier
-from consumer.emitter.outbox import CANCELLED
-from consumer.emitter.summaries import SummaryReader
+from consumer.emitter.plan.identifiers import per_event_identifier
+from consumer.emitter.plan.outbox import CANCELLED
+from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS
+from consumer.emitter.truth.summaries import SummaryReader
 from consumer.local.emulator import EmulatorServer
 from consumer.ops.reconcile import format_report, reconcile
 from consumer.records import Record
@@ -305,7 +305,7 @@ def test_reconcile_takes_the_last_value_by_millisecond_as_stripe_does(rig: Rig) 
 def test_cancellations_that_cannot_settle_never_hold_back_the_others(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.emitter import corrections as module
+    from consumer.emitter.truth import corrections as module
 
     monkeypatch.setattr(module, "PER_CYCLE", 2)
     t = minute(rig.now_ms() - HOUR_MS)

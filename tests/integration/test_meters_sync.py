@@ -15,7 +15,7 @@ from consumer.app import build_emitter
 from consumer.cli import main
 from consumer.clock import ManualClock
 from consumer.config import MeterConfig, load_settings
-from consumer.emitter.sender import SendFailed
+from consumer.emitter.send.sender import SendFailed
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
 from consumer.ops.meters_sync import MeterMismatch, accounts_of, apply, plan, verify

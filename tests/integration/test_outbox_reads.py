@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from consumer.config import ClickHouseConfig
-from consumer.emitter import outbox
-from consumer.emitter.outbox import ATTEMPTED, PENDING, REJECTED, Push
-from consumer.emitter.units import Assigner, Rule
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import ATTEMPTED, PENDING, REJECTED, Push
+from consumer.emitter.plan.units import Assigner, Rule
 from consumer.store import open_store
 from consumer.store.backend import Backend
 from consumer.store.migrations import migrate

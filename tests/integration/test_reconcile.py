@@ -17,7 +17,7 @@ import yaml
 
 from consumer.cli import main
 from consumer.config import Settings
-from consumer.emitter.summaries import SummaryReader
+from consumer.emitter.truth.summaries import SummaryReader
 from consumer.local.broker import TansuBroker
 from consumer.local.demo import produce, run_until_drained
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve

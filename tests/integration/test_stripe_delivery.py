@@ -30,12 +30,13 @@ import stripe
 from consumer.app import build_emitter
 from consumer.clock import ManualClock
 from consumer.config import Settings, load_settings
-from consumer.emitter import outbox, standing
-from consumer.emitter.delivery import DAY_MS, HOUR_MS, MINUTE_MS
-from consumer.emitter.identifiers import per_event_identifier
 from consumer.emitter.loop import Emitter, MarksBlocked
-from consumer.emitter.outbox import PENDING, SENT, Push
-from consumer.emitter.sender import SendFailed
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.identifiers import per_event_identifier
+from consumer.emitter.plan.outbox import PENDING, SENT, Push
+from consumer.emitter.send.sender import SendFailed
+from consumer.emitter.truth import standing
+from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS, MINUTE_MS
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
 from consumer.store import open_store

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from consumer.emitter import outbox
-from consumer.emitter.delivery import HOUR_MS, MINUTE_MS
-from consumer.emitter.identifiers import per_event_identifier
-from consumer.emitter.outbox import PENDING, Push
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.identifiers import per_event_identifier
+from consumer.emitter.plan.outbox import PENDING, Push
+from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS
 from consumer.local.emulator import EmulatorServer
 from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (

@@ -7,9 +7,9 @@ from decimal import Decimal
 import pytest
 
 from consumer.config import StripeConfig
-from consumer.emitter.accounts import Unbillable, account_for
-from consumer.emitter.dispatch import requests_of
-from consumer.emitter.outbox import Push
+from consumer.emitter.plan.accounts import Unbillable, account_for
+from consumer.emitter.plan.outbox import Push
+from consumer.emitter.send.dispatch import requests_of
 
 ACCOUNTS = {"acme": "acct_1Acme", "globex": "acct_2Globex"}
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.config import StripeConfig
-from consumer.emitter.buckets import anchors, bucket_of
+from consumer.emitter.plan.buckets import anchors, bucket_of
 
 
 def ms(text: str) -> int:

@@ -9,18 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.config import StripeConfig
-from consumer.emitter.delivery import (
-    DAY_MS,
-    HOUR_MS,
-    MAX_UNKNOWN,
-    MINUTE_MS,
-    DeliveryPolicy,
-    Landed,
-    Unclear,
-    judge,
-)
-from consumer.emitter.error_reports import parse_ms, parse_report
-from consumer.emitter.outbox import (
+from consumer.emitter.plan.outbox import (
     ATTEMPTED,
     EXPIRED,
     PENDING,
@@ -30,7 +19,18 @@ from consumer.emitter.outbox import (
     SENT_V1,
     Push,
 )
-from consumer.emitter.sender import to_events
+from consumer.emitter.send.sender import to_events
+from consumer.emitter.truth.delivery import (
+    DAY_MS,
+    HOUR_MS,
+    MAX_UNKNOWN,
+    MINUTE_MS,
+    DeliveryPolicy,
+    Landed,
+    Unclear,
+    judge,
+)
+from consumer.emitter.truth.error_reports import parse_ms, parse_report
 
 T = 1_767_225_600_000
 

@@ -18,11 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.clock import ManualClock
-from consumer.emitter import sender as sender_module
-from consumer.emitter.outbox import Push
-from consumer.emitter.ratelimit import TokenBucket
-from consumer.emitter.sender import Sender, SendFailed, rfc3339, to_events
-from consumer.emitter.session import SessionKeeper
+from consumer.emitter.plan.outbox import Push
+from consumer.emitter.send import sender as sender_module
+from consumer.emitter.send.ratelimit import TokenBucket
+from consumer.emitter.send.sender import Sender, SendFailed, rfc3339, to_events
+from consumer.emitter.send.session import SessionKeeper
 from consumer.exact import exact
 from consumer.metrics import Metrics
 
@@ -679,7 +679,7 @@ def test_a_rate_far_above_what_is_sent_queues_at_most_max_ahead_requests() -> No
     from concurrent.futures import ThreadPoolExecutor
 
     from consumer.clock import SystemClock
-    from consumer.emitter.dispatch import MAX_AHEAD, Dispatch
+    from consumer.emitter.send.dispatch import MAX_AHEAD, Dispatch
 
     release = threading.Event()
     handed = 0

@@ -7,8 +7,8 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.emitter.outbox import ATTEMPTED, PENDING, REJECTED, SENT, Push
-from consumer.emitter.units import (
+from consumer.emitter.plan.outbox import ATTEMPTED, PENDING, REJECTED, SENT, Push
+from consumer.emitter.plan.units import (
     MAX_WHOLE,
     Rule,
     part_count,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from consumer.emitter import standing
-from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
+from consumer.emitter.truth import standing
+from consumer.emitter.truth.delivery import DAY_MS, DeliveryPolicy
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 

@@ -19,8 +19,8 @@ from decimal import Decimal
 from typing import Literal
 
 from consumer.config import StripeConfig
-from consumer.emitter.outbox import DELIVERED, Push
-from consumer.emitter.units import billed
+from consumer.emitter.plan.outbox import DELIVERED, Push
+from consumer.emitter.plan.units import billed
 from consumer.exact import EXACT
 
 MINUTE_MS = 60_000

@@ -26,10 +26,10 @@ from typing import Any
 
 import stripe
 
-from consumer.emitter import outbox
-from consumer.emitter.delivery import DAY_MS, DeliveryPolicy
-from consumer.emitter.outbox import REJECTED, Push
-from consumer.emitter.sender import rfc3339
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import REJECTED, Push
+from consumer.emitter.send.sender import rfc3339
+from consumer.emitter.truth.delivery import DAY_MS, DeliveryPolicy
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 

@@ -21,10 +21,10 @@ from typing import Any
 import stripe
 
 from consumer.clock import Clock
-from consumer.emitter.outbox import Push
-from consumer.emitter.ratelimit import TokenBucket
-from consumer.emitter.session import SessionKeeper, stripe_client
-from consumer.emitter.units import billed, part_count, parts
+from consumer.emitter.plan.outbox import Push
+from consumer.emitter.plan.units import billed, part_count, parts
+from consumer.emitter.send.ratelimit import TokenBucket
+from consumer.emitter.send.session import SessionKeeper, stripe_client
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from consumer import crash_points
 from consumer.clock import Clock
-from consumer.emitter.marks import Marks
-from consumer.emitter.outbox import Push
-from consumer.emitter.sender import Sender, SendFailed, event_count
+from consumer.emitter.plan.outbox import Push
+from consumer.emitter.send.marks import Marks
+from consumer.emitter.send.sender import Sender, SendFailed, event_count
 
 MARK_EVERY = 0.2  # seconds between delivery-mark inserts while requests answer
 TOP_UP_FOR = 15.0  # seconds a cycle keeps topping up before the next cycle's other steps

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from consumer.emitter import outbox
-from consumer.emitter.delivery import DeliveryPolicy
-from consumer.emitter.outbox import EXPIRED, REDATED, Push
-from consumer.emitter.sender import rfc3339
-from consumer.emitter.units import Assigner
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import EXPIRED, REDATED, Push
+from consumer.emitter.plan.units import Assigner
+from consumer.emitter.send.sender import rfc3339
+from consumer.emitter.truth.delivery import DeliveryPolicy
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from consumer.config import MeterConfig
-from consumer.emitter.buckets import bucket_sql
-from consumer.emitter.identifiers import aggregated_identifier
+from consumer.emitter.plan.buckets import bucket_sql
+from consumer.emitter.plan.identifiers import aggregated_identifier
 from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row
 
 PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED, CANCELLED = 1, 2, 3, 4, 5, 6, 7, 8

@@ -45,13 +45,13 @@ import pyarrow as pa
 
 from consumer import crash_points
 from consumer.config import MeterConfig
-from consumer.emitter import outbox
-from consumer.emitter.buckets import anchors
-from consumer.emitter.delivery import DAY_MS, HOUR_MS
-from consumer.emitter.identifiers import per_event_identifier
-from consumer.emitter.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
-from consumer.emitter.sender import CannotCancel, Sender
-from consumer.emitter.units import billed
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.buckets import anchors
+from consumer.emitter.plan.identifiers import per_event_identifier
+from consumer.emitter.plan.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
+from consumer.emitter.plan.units import billed
+from consumer.emitter.send.sender import CannotCancel, Sender
+from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS
 from consumer.metrics import Metrics
 from consumer.store.backend import DECIMAL, TIME_MS, Backend
 

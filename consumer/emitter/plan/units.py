@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 
 from consumer.config import MeterConfig
-from consumer.emitter.accounts import AccountResolver, Unbillable
-from consumer.emitter.outbox import CANCELLED, REJECTED, SENT, Push
+from consumer.emitter.plan.accounts import AccountResolver, Unbillable
+from consumer.emitter.plan.outbox import CANCELLED, REJECTED, SENT, Push
 from consumer.exact import EXACT, exact
 from consumer.store.backend import Backend
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 
-
 SEPARATOR, ESCAPE = "\x1f", "\x1e"
 
 

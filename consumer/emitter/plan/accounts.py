@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from consumer.config import StripeConfig
-from consumer.emitter.outbox import Push
+from consumer.emitter.plan.outbox import Push
 from consumer.store.backend import Backend
 
 Key = tuple[str, str]  # (meter, customer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from consumer.emitter.outbox import ATTEMPTED_SQL, COLUMNS, Push, from_row
+from consumer.emitter.plan.outbox import ATTEMPTED_SQL, COLUMNS, Push, from_row
 from consumer.store.backend import Backend
 
 

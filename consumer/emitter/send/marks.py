@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 from consumer.clock import Clock
-from consumer.emitter import outbox
-from consumer.emitter.outbox import SENT, Push
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import SENT, Push
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend, StoreError
 

@@ -13,13 +13,14 @@ import logging
 
 import stripe
 
-from consumer.emitter import minutes, outbox
-from consumer.emitter.delivery import DeliveryPolicy, Landed, judge
-from consumer.emitter.minutes import BucketKey
-from consumer.emitter.outbox import ATTEMPTED, REDATED, SENT
-from consumer.emitter.sender import rfc3339
-from consumer.emitter.summaries import SummaryReader
-from consumer.emitter.too_old import Limits
+from consumer.emitter.plan import outbox
+from consumer.emitter.plan.outbox import ATTEMPTED, REDATED, SENT
+from consumer.emitter.send.sender import rfc3339
+from consumer.emitter.truth import minutes
+from consumer.emitter.truth.delivery import DeliveryPolicy, Landed, judge
+from consumer.emitter.truth.minutes import BucketKey
+from consumer.emitter.truth.summaries import SummaryReader
+from consumer.emitter.truth.too_old import Limits
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend
 

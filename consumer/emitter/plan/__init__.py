@@ -1,0 +1,1 @@
+"""What to send: the outbox of pushes, buckets, whole units, identifiers, Connect accounts."""
