@@ -1,0 +1,1 @@
+"""What operators run and watch: health and metrics HTTP, totals, reconcile, meters sync."""
