@@ -246,10 +246,10 @@ class Rollup:
 
     def submit(self, job: WindowJob) -> None:
         """Queue the job; blocks while `depth` jobs wait (the windows never fall behind
-        further). Raises RollupFailed if the thread died."""
+        further). Raises RollupFailed if the thread failed (it may still be ending: a job
+        queued then would never run)."""
+        self.check()
         if not self._thread.is_alive() and not self._stop.is_set():
-            if self.failure is not None:
-                raise RollupFailed(f"the window rollup stopped: {self.failure!r}")
             self._thread.start()
         while True:
             try:

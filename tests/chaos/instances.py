@@ -6,7 +6,8 @@ Configured like `run` (the environment), with the same /metrics, fault points an
 With chDB one process holds a store, so instances that share it live in one process, each
 with its own Kafka consumer in the group (so the partitions are split between them and
 rebalance as they start and stop), its own rollup thread and its own batches; only the
-first sends to Stripe (one emitter a store). The crash harness runs it to have copies of an
+first sends to Stripe (one emitter a store), and its emitter counts as behind while any
+instance's windows wait for their recompute. The crash harness runs it to have copies of an
 event classified by two instances at once, and SIGKILLs it like any consumer process.
 """
 
@@ -23,7 +24,7 @@ from consumer.config import load_settings
 from consumer.faults import clock_skew_seconds
 from consumer.health import Health, serve
 from consumer.metrics import Metrics
-from consumer.pipeline import Pipeline, build_pipeline
+from consumer.pipeline import Pipeline, build_emitter, build_pipeline
 from consumer.store import open_store
 
 log = logging.getLogger("instances")
@@ -38,8 +39,13 @@ def main(argv: Sequence[str]) -> int:
     health = Health(clock)
     serve(settings.pipeline.metrics_host, settings.pipeline.metrics_port, metrics, health)
     store = open_store(settings.clickhouse)
-    pipes: list[Pipeline] = [build_pipeline(settings, clock, metrics, health, store)]
+    pipes: list[Pipeline] = [build_pipeline(quiet, clock, metrics, health, store)]
     pipes += [build_pipeline(quiet, clock, Metrics(), Health(clock), store) for _ in range(n - 1)]
+    # The one emitter is behind (not idle) while any instance's windows wait for their
+    # recompute: it plans from those windows, and the harness drains on its idle gauge.
+    pipes[0].emitter = build_emitter(
+        settings, store, clock, metrics, lambda: sum(p.rollup.behind for p in pipes)
+    )
     stop = threading.Event()
     failures: list[BaseException] = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -715,12 +716,27 @@ def test_a_rate_far_above_what_is_sent_queues_at_most_max_ahead_requests() -> No
     marks: Any = NoMarks()
     dispatch = Dispatch(pool, sender, marks, SystemClock(), 100, 2, rate=10_000.0)
     dispatch.stopping = stopping
-    stopper = threading.Timer(0.5, stop)
+
+    def stop_once_settled() -> None:
+        # Stop after the top-ups have reached the bound and then ceased for half a second
+        # (however slow a loaded host builds the requests); a dispatch that kept topping up
+        # would hit the hard stop in more() instead.
+        deadline, last, since = time.monotonic() + 60, -1, time.monotonic()
+        while not stopping.is_set() and time.monotonic() < deadline:
+            if handed != last:
+                last, since = handed, time.monotonic()
+            elif handed >= MAX_AHEAD and time.monotonic() - since > 0.5:
+                break
+            time.sleep(0.01)
+        stop()
+
+    stopper = threading.Thread(target=stop_once_settled)
     stopper.start()
     try:
         dispatch.run(more(), more)
     finally:
-        stopper.cancel()
+        stop()
+        stopper.join()
         pool.shutdown(wait=True)
     # topping up stops once MAX_AHEAD requests wait (two more are in flight); a second
     # of the configured rate would be 10,000
