@@ -92,6 +92,7 @@ class Outcome:
     drained: bool
     seconds: float
     missed: str = ""  # a dependency fault the scenario asked for never hit the consumer
+    differences: str = ""  # where the totals differ from the truth: source, key, truth, got
 
     @property
     def ok(self) -> bool:
@@ -111,6 +112,7 @@ class Outcome:
             f"dead_letters_ok={self.side_ok} drained={self.drained} "
             f"{self.seconds:.0f}s {'OK' if self.ok else 'FAIL'}"
             + (f" missed: {self.missed}" if self.missed else "")
+            + (f"\n    differs: {self.differences}" if self.differences else "")
         )
 
 
@@ -153,7 +155,9 @@ class Harness:
             stripe = _stripe_hourly(emu.url)
             for key, value in _late_corrections_hourly(home).items():
                 stripe[key] = stripe.get(key, Decimal(0)) - value
-            lost, doubled, wrong = compare(sample, _clickhouse_hourly(home), stripe)
+            clickhouse = _clickhouse_hourly(home)
+            lost, doubled, wrong = compare(sample, clickhouse, stripe)
+            differences = differ(sample, clickhouse=clickhouse, stripe=stripe)
             side_ok = _side_outputs_ok(home, sample, sc.poison)
         return Outcome(
             sc.name,
@@ -166,6 +170,7 @@ class Harness:
             drained,
             time.monotonic() - started,
             run.missed(),
+            differences,
         )
 
 
@@ -478,6 +483,18 @@ def compare(sample: Sample, *observed: dict[Key, Decimal]) -> tuple[Decimal, Dec
             else:
                 doubled += value - truth
     return lost, doubled, wrong
+
+
+def differ(sample: Sample, limit: int = 8, **observed: dict[Key, Decimal]) -> str:
+    """The first keys whose totals differ from the truth, by source: what a failed
+    comparison is explained from (the store's windows, or what Stripe holds, or both)."""
+    out = []
+    for source, got in observed.items():
+        for key in sorted(set(sample.truth_hourly) | set(got)):
+            truth = sample.truth_hourly.get(key, Decimal(0))
+            if got.get(key, Decimal(0)) != truth:
+                out.append(f"{source} {key} truth={truth} got={got.get(key, Decimal(0))}")
+    return "; ".join(out[:limit]) + (f"; ... {len(out) - limit} more" if len(out) > limit else "")
 
 
 def _side_outputs_ok(home: Path, sample: Sample, poison: int) -> bool:

@@ -7,7 +7,8 @@ Configured like `run` (the environment), with the same /metrics and signals, and
 With chDB one process holds a store, so instances that share it live in one process, each
 with its own Kafka consumer in the group (so the partitions are split between them and
 rebalance as they start and stop), its own rollup thread and its own batches; only the
-first sends to Stripe (one emitter a store). The crash harness runs it to have copies of an
+first sends to Stripe (one emitter a store), and its emitter counts as behind while any
+instance's windows wait for their recompute. The crash harness runs it to have copies of an
 event classified by two instances at once, and SIGKILLs it like any consumer process.
 """
 
@@ -19,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from consumer.app import Pipeline, build_pipeline
+from consumer.app import Pipeline, build_emitter, build_pipeline
 from consumer.config import load_settings
 from consumer.metrics import Metrics
 from consumer.ops.health import Health, serve
@@ -38,8 +39,13 @@ def main(argv: Sequence[str]) -> int:
     health = Health(clock)
     serve(settings.pipeline.metrics_host, settings.pipeline.metrics_port, metrics, health)
     store = armed.open_store(settings.clickhouse)
-    pipes: list[Pipeline] = [build_pipeline(settings, clock, metrics, health, store)]
+    pipes: list[Pipeline] = [build_pipeline(quiet, clock, metrics, health, store)]
     pipes += [build_pipeline(quiet, clock, Metrics(), Health(clock), store) for _ in range(n - 1)]
+    # The one emitter is behind (not idle) while any instance's windows wait for their
+    # recompute: it plans from those windows, and the harness drains on its idle gauge.
+    pipes[0].emitter = build_emitter(
+        settings, store, clock, metrics, lambda: sum(p.rollup.behind for p in pipes)
+    )
     stop = threading.Event()
     failures: list[BaseException] = []
 
