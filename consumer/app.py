@@ -42,7 +42,8 @@ from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
 from consumer.store import Backend, open_store
-from consumer.store.migrations import migrate, record_config
+from consumer.store.config_versions import record_config
+from consumer.store.migrations import migrate
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from consumer.intent.forming import Formed, form
 from consumer.intent.tracks import Track
 from consumer.sinks.ledger import RangeWrite, ledger_lookup
 from consumer.store.backend import StoreError
-from consumer.store.migrations import load_config
+from consumer.store.config_versions import load_config
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
-"""ClickHouse access: the backend interface, its two implementations, and the schema."""
+"""ClickHouse access: the backend interface (backend.py), its two implementations (chdb.py,
+server.py), and the schema (migrations/)."""
 
 from __future__ import annotations
 
 from consumer.config import ClickHouseConfig
-from consumer.store.backend import Backend, ChdbBackend, ServerBackend, StoreError, StoreLocked
+from consumer.store.backend import Backend, StoreError, StoreLocked
+from consumer.store.chdb import ChdbBackend
+from consumer.store.server import ServerBackend
 
 __all__ = ["Backend", "StoreError", "StoreLocked", "open_store"]
 

@@ -30,7 +30,7 @@ from consumer.local.broker import TansuBroker, free_port
 from consumer.local.demo import produce_messages
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.local.sample import METERS, Message, Sample, generate
-from consumer.store.backend import ChdbBackend
+from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.chaos.registry import Registry
 

@@ -13,7 +13,7 @@ import pytest
 
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.outbox import ATTEMPTED, REJECTED, SENT, Push
-from consumer.store.backend import ChdbBackend
+from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import MIGRATIONS, migrate
 
 pytestmark = pytest.mark.integration
@@ -98,7 +98,7 @@ def test_a_held_embedded_store_is_named_not_corrupted(tmp_path: Path) -> None:
             "-c",
             (
                 "import sys, time; from pathlib import Path;"
-                "from consumer.store.backend import ChdbBackend;"
+                "from consumer.store.chdb import ChdbBackend;"
                 f"b = ChdbBackend(Path({str(path)!r}), 'usage'); print('held', flush=True);"
                 "time.sleep(60)"
             ),

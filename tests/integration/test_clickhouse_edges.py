@@ -24,7 +24,7 @@ from consumer.local.emulator import EmulatorServer
 from consumer.local.sample import Sample, generate
 from consumer.ops.totals import clickhouse_totals, side_counts
 from consumer.store import Backend, open_store
-from consumer.store.backend import ChdbBackend
+from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.chaos.harness import Harness, Outcome
 from tests.chaos.scenarios import (

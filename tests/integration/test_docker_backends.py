@@ -17,8 +17,9 @@ from consumer.local.emulator import EmulatorServer
 from consumer.local.sample import generate
 from consumer.ops.totals import clickhouse_totals
 from consumer.store import open_store
-from consumer.store.backend import DECIMAL, Backend, ServerBackend
+from consumer.store.backend import DECIMAL, Backend
 from consumer.store.migrations import MIGRATIONS, migrate
+from consumer.store.server import ServerBackend
 from tests.integration.conftest import make_settings
 
 

@@ -34,7 +34,8 @@ from consumer.local.demo import produce_messages, stripe_totals
 from consumer.local.emulator import EmulatorServer
 from consumer.local.sample import Message, generate
 from consumer.ops.totals import clickhouse_totals
-from consumer.store.backend import Backend, ServerBackend
+from consumer.store.backend import Backend
+from consumer.store.server import ServerBackend
 from tests.integration.conftest import (
     METERS,
     STRIPE_KEY,

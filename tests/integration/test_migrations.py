@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from consumer.store.backend import Backend, ChdbBackend
-from consumer.store.migrations import LEDGER_ORDER, MIGRATIONS, migrate
+from consumer.store.backend import Backend
+from consumer.store.chdb import ChdbBackend
+from consumer.store.migrations import MIGRATIONS, migrate
+from consumer.store.migrations.m12_ledger_keyed_time_first import LEDGER_ORDER
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +70,7 @@ def test_ledger_copy_keeps_every_row_even_when_cut_short(tmp_path: Path, cut: st
         )
         assert _key(store) != LEDGER_ORDER
         if cut != "none":  # a crash part way: the copy made, maybe swapped, never recorded
-            from consumer.store import migrations
+            from consumer.store.migrations import m12_ledger_keyed_time_first as migrations
 
             store.command(migrations._LEDGER_REKEYED)
             store.command(

@@ -15,7 +15,8 @@ from consumer.clock import SystemClock
 from consumer.metrics import Metrics
 from consumer.sinks.ledger import accepted_table, batch_id, cancels_of
 from consumer.sinks.rollup import Rollup, RollupFailed, WindowJob
-from consumer.store.backend import Backend, ChdbBackend, StoreError
+from consumer.store.backend import Backend, StoreError
+from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.integration.test_windows_clickhouse import (
     BASE_MS,

@@ -31,7 +31,8 @@ from consumer.sinks.ledger import (
     batch_id,
     cancels_of,
 )
-from consumer.store.backend import Backend, ChdbBackend
+from consumer.store.backend import Backend
+from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.support.window import MINUTE_MS, Point, aggregate, minute_of
 from tests.support.writes import accepted_batch, recompute_windows, write_effects

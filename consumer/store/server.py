@@ -1,0 +1,131 @@
+"""A ClickHouse server through clickhouse-connect."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from consumer.store.backend import INPUT, Row, StoreError, inputs_in
+
+
+class ServerBackend:
+    """A ClickHouse server through clickhouse-connect (production)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        database: str,
+        secure: bool = False,
+        fsync: bool = False,
+    ) -> None:
+        import clickhouse_connect
+
+        try:
+            admin = clickhouse_connect.get_client(
+                host=host, port=port, username=username, password=password, secure=secure
+            )
+            admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            admin.close()
+            # No session: one client then runs a range's independent writes concurrently.
+            self._client = clickhouse_connect.get_client(
+                host=host,
+                port=port,
+                username=username,
+                password=password,
+                database=database,
+                secure=secure,
+                settings={"optimize_on_insert": 0, **({"fsync_after_insert": 1} if fsync else {})},
+                autogenerate_session_id=False,
+            )
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), password)) from None
+        self._password = password
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            self._client.command(sql, parameters=dict(params or {}))
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), self._password)) from exc
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        try:
+            rows: Sequence[Sequence[Any]] = self._client.query(
+                sql, parameters=dict(params or {})
+            ).result_rows
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), self._password)) from exc
+        return [tuple(r) for r in rows]
+
+    def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
+        if not columns or len(next(iter(columns.values()))) == 0:
+            return
+        settings = {"insert_deduplication_token": token} if token else None
+        try:
+            self._client.insert_arrow(table, pa.table(dict(columns)), settings=settings)
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), self._password)) from exc
+
+    def query_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
+        text, data = self._external(sql, inputs)
+        try:
+            rows: Sequence[Sequence[Any]] = self._client.query(
+                text, parameters=dict(params or {}), external_data=data
+            ).result_rows
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), self._password)) from exc
+        return [tuple(r) for r in rows]
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        text, data = self._external(sql, inputs)
+        try:
+            self._client.command(text, parameters=dict(params or {}), external_data=data)
+        except Exception as exc:
+            raise StoreError(_scrub(str(exc), self._password)) from exc
+
+    @staticmethod
+    def _external(sql: str, inputs: Mapping[str, pa.Table]) -> tuple[str, Any]:
+        """The inputs as ClickHouse external tables (Parquet), referred to by name."""
+        from clickhouse_connect.driver.external import ExternalData
+
+        data = ExternalData()
+        for name in inputs_in(sql, inputs):
+            table = inputs[name]
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            structure = [f"{f.name} {clickhouse_type(f.type)}" for f in table.schema]
+            data.add_file(file_name=name, data=buf.getvalue(), fmt="Parquet", structure=structure)
+        return INPUT.sub(lambda m: m.group(1), sql), data
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def clickhouse_type(t: pa.DataType) -> str:
+    """The ClickHouse type an Arrow column of the store's inputs is read as."""
+    if pa.types.is_string(t):
+        return "String"
+    if pa.types.is_decimal(t):
+        return f"Decimal({t.precision}, {t.scale})"
+    if pa.types.is_timestamp(t):
+        return f"DateTime64(3, '{t.tz or 'UTC'}')"
+    if pa.types.is_map(t):
+        return f"Map({clickhouse_type(t.key_type)}, {clickhouse_type(t.item_type)})"
+    if pa.types.is_integer(t):
+        sign = "Int" if pa.types.is_signed_integer(t) else "UInt"
+        return f"{sign}{t.bit_width}"
+    raise ValueError(f"no ClickHouse type for Arrow {t}")
+
+
+def _scrub(message: str, secret: str) -> str:
+    return message.replace(secret, "***") if secret else message
