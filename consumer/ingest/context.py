@@ -42,12 +42,3 @@ class IngestContext:
     # Held from a batch's ledger question to its ledger write being durable; instances on
     # one store share it (consumer/ingest/ledger_lock.py).
     ledger_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class UnknownConfiguration(Exception):
-    """A bug or a wiped store: an intent names a configuration nobody recorded."""
-
-
-class DeadLetterFlood(Exception):
-    """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
-    than dead-letter everything; nothing of the range is written or committed."""
