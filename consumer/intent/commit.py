@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from consumer import crash_points
-from consumer.classify.classifier import Snapshot
+from consumer.classify.snapshot import Snapshot
 from consumer.intent.forming import Formed
 from consumer.intent.state import DONE, INTENT, RangeState, write_states
 from consumer.metrics import Metrics

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message
 
-from consumer.classify.classifier import Snapshot
+from consumer.classify.snapshot import Snapshot
 from consumer.intent.poison import Plan, after_crash, next_chunk
 from consumer.intent.tracks import Track
 from consumer.records import RangeInput

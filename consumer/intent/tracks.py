@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import Message
 
-from consumer.classify.classifier import Snapshot
 from consumer.classify.recent import RecentIds
+from consumer.classify.snapshot import Snapshot
 from consumer.decode.keys import ids_keys
 from consumer.intent.state import RangeState, load_states
 from consumer.store.backend import Backend

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from consumer import crash_points
-from consumer.classify.classifier import Classified, LedgerLookup, Snapshot
+from consumer.classify.classifier import Classified, LedgerLookup
+from consumer.classify.snapshot import Snapshot
 from consumer.decode.columns import LEDGER_SCHEMA
 from consumer.records import Record
 from consumer.sinks.rollup import Cancel

@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from consumer.classify.classifier import Accepted, Classified, Snapshot
+from consumer.classify.classifier import Accepted, Classified
+from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent
 from consumer.emitter.plan.identifiers import per_event_identifier

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.classify.classifier import Accepted, Classified, Snapshot
+from consumer.classify.classifier import Accepted, Classified
+from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent
 from consumer.ops.totals import aggregation_values

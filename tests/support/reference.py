@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from consumer.classify.classifier import Classified, Snapshot
+from consumer.classify.classifier import Classified
 from consumer.classify.recent import RecentIds
+from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent, DecodeError
 from consumer.decode.keys import id_hash

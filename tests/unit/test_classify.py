@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.classify.classifier import CANDIDATE_SCHEMA, Classified, Classifier, Snapshot
+from consumer.classify.classifier import CANDIDATE_SCHEMA, Classified, Classifier
 from consumer.classify.recent import HOUR_MS, RecentIds
+from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.keys import id_hash
 from consumer.decode.reference import Decoder

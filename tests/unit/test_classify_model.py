@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.classify import classifier as classify
-from consumer.classify.classifier import CANDIDATE_SCHEMA, Classifier, Job, Snapshot
+from consumer.classify.classifier import CANDIDATE_SCHEMA, Classifier, Job
 from consumer.classify.recent import HOUR_MS, RecentIds
+from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.keys import id_hash
 from consumer.decode.reference import Decoder
