@@ -14,7 +14,13 @@ from typing import cast
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 from confluent_kafka import Message
+
+# The column types every stage writes and ClickHouse stores: Decimal(38, 9) values, and
+# DateTime64(3, 'UTC') times as Arrow millisecond timestamps.
+DECIMAL = pa.decimal128(38, 9)
+TIME_MS = pa.timestamp("ms", tz="UTC")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,7 @@ from consumer.decode.event import DecodedEvent, DecodeError
 from consumer.decode.keys import Keys, key_of, keys_of, meter_salt
 from consumer.decode.reference import Decoder
 from consumer.decode.validate import Invalid, Limits, validate
-from consumer.records import RangeInput
-from consumer.store.backend import DECIMAL, TIME_MS
+from consumer.records import DECIMAL, TIME_MS, RangeInput
 
 USAGE, CANCEL, INVALID = 0, 1, 2
 VER_BASE = 1 << 62

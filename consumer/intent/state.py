@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from consumer.store.backend import TIME_MS, Backend
+from consumer.records import TIME_MS
+from consumer.store.backend import Backend
 
 INTENT, DONE = 1, 2
 

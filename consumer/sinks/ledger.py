@@ -17,9 +17,9 @@ from consumer import crash_points
 from consumer.classify.classifier import Classified, LedgerLookup
 from consumer.classify.snapshot import Snapshot
 from consumer.decode.columns import LEDGER_SCHEMA
-from consumer.records import Record
+from consumer.records import DECIMAL, TIME_MS, Record
 from consumer.sinks.rollup import Cancel
-from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.store.backend import Backend
 
 PENDING = 1
 Timer = Callable[[str], object]

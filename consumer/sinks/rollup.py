@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 from consumer import crash_points
 from consumer.clock import Clock
 from consumer.metrics import Metrics
-from consumer.store.backend import TIME_MS, Backend, StoreError
+from consumer.records import TIME_MS
+from consumer.store.backend import Backend, StoreError
 
 log = logging.getLogger(__name__)
 Cancel = tuple[str, str, str]  # (meter, customer, cancelled event id)

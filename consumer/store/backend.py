@@ -15,8 +15,6 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 Row = tuple[Any, ...]
-DECIMAL = pa.decimal128(38, 9)
-TIME_MS = pa.timestamp("ms", tz="UTC")
 
 
 class StoreError(Exception):

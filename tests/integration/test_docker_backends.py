@@ -16,8 +16,9 @@ from consumer.local.demo import produce, run_until_drained, stripe_totals
 from consumer.local.emulator import EmulatorServer
 from consumer.local.sample import generate
 from consumer.ops.totals import clickhouse_totals
+from consumer.records import DECIMAL
 from consumer.store import open_store
-from consumer.store.backend import DECIMAL, Backend
+from consumer.store.backend import Backend
 from consumer.store.migrations import MIGRATIONS, migrate
 from consumer.store.server import ServerBackend
 from tests.integration.conftest import make_settings

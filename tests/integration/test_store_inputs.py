@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from consumer.classify.classifier import CANDIDATE_SCHEMA
 from consumer.emitter.plan.identifiers import per_event_identifier
+from consumer.records import DECIMAL, TIME_MS
 from consumer.sinks.ledger import PER_EVENT_IDENTIFIER_SQL, ledger_lookup
-from consumer.store.backend import DECIMAL, TIME_MS
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 

@@ -39,8 +39,9 @@ from consumer.emitter.truth import standing
 from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS, MINUTE_MS
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
+from consumer.records import DECIMAL, TIME_MS
 from consumer.store import open_store
-from consumer.store.backend import DECIMAL, TIME_MS, Backend, StoreError
+from consumer.store.backend import Backend, StoreError
 from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY
 from tests.integration.store_wrap import Passthrough

@@ -13,9 +13,10 @@ import pyarrow as pa
 from consumer.classify.classifier import Accepted, AcceptedBatch, per_event_meters
 from consumer.decode.columns import LEDGER_SCHEMA, PROPERTIES, VER_BASE
 from consumer.decode.keys import id_hash
+from consumer.records import DECIMAL, TIME_MS
 from consumer.sinks.ledger import RangeWrite, write_ledger, write_outputs
 from consumer.sinks.rollup import Cancel, recompute, touched_windows
-from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.store.backend import Backend
 
 
 def accepted_batch(accepted: Sequence[Accepted]) -> AcceptedBatch:

@@ -32,7 +32,8 @@ import pyarrow as pa
 from consumer.config import MeterConfig
 from consumer.emitter.plan.buckets import bucket_sql
 from consumer.emitter.plan.identifiers import aggregated_identifier
-from consumer.store.backend import DECIMAL, TIME_MS, Backend, Row
+from consumer.records import DECIMAL, TIME_MS
+from consumer.store.backend import Backend, Row
 
 PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED, CANCELLED = 1, 2, 3, 4, 5, 6, 7, 8
 DELIVERED = (SENT_V1, SENT)

@@ -53,7 +53,8 @@ from consumer.emitter.plan.units import billed
 from consumer.emitter.send.sender import CannotCancel, Sender
 from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS
 from consumer.metrics import Metrics
-from consumer.store.backend import DECIMAL, TIME_MS, Backend
+from consumer.records import DECIMAL, TIME_MS
+from consumer.store.backend import Backend
 
 log = logging.getLogger("consumer.emitter.loop")  # the emitter's alerts share one logger
 CANCEL_WITHIN_MS = 23 * HOUR_MS
