@@ -106,6 +106,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _decodes_every_version(report: dict[str, Any], venv: Path, fast_rows: bool) -> None:
     assert report["module"].startswith(str(venv.parent)), report["module"]  # not the checkout
     assert report["schema_ids"] == [1, 2, 3, 4]
+    # every migration module of the tree made it into the package
+    assert report["migrations"] == sorted(
+        int(p.name[1:3]) for p in (ROOT / "consumer/store/migrations").glob("m[0-9][0-9]_*.py")
+    )
     assert len(report["versions"]) == 4
     for name, v in report["versions"].items():
         assert v["event_id"] == "evt-1" and v["value"] == "1.500000000", name

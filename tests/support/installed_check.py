@@ -1,6 +1,7 @@
 """Run by path with an installed package's interpreter (tests/integration/test_install.py):
 the packaged schemas load through importlib.resources and a message of every schema version
-decodes, by the fast path where it runs. Prints one JSON line.
+decodes, by the fast path where it runs, and the packaged migrations build a fresh store.
+Prints one JSON line.
 
     python tests/support/installed_check.py [--no-fast]
 """
@@ -11,8 +12,10 @@ import io
 import json
 import logging
 import sys
+import tempfile
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -22,6 +25,8 @@ from consumer.app import build_decoder
 from consumer.config import SchemaConfig
 from consumer.decode import fast
 from consumer.decode.schemas import SCHEMAS_DIR, LocalSchemaSource, load_schema
+from consumer.store.chdb import ChdbBackend
+from consumer.store.migrations import migrate
 
 FULL: dict[str, Any] = {
     "event_id": "evt-1",
@@ -56,8 +61,15 @@ def main(use_fast: bool) -> dict[str, Any]:
             "fast_row": not bool(batch.slow[0]),
             "fast_event_id": batch.event_id[0].as_py(),
         }
+    with tempfile.TemporaryDirectory() as tmp:  # the packaged migrations, on a fresh store
+        store = ChdbBackend(Path(tmp) / "chdb", "usage")
+        try:
+            applied = migrate(store)
+        finally:
+            store.close()
     return {
         "module": consumer.__file__,
+        "migrations": applied,
         "schema_ids": sorted(LocalSchemaSource().schema_ids),
         "fast": decoder.fast,
         "unavailable": fast.UNAVAILABLE,

@@ -7,42 +7,31 @@ converges under FINAL. Analysts read the views at the end, never the raw tables.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
+
 from consumer.store.backend import Backend
-from consumer.store.migrations import (
-    m01_ledger_and_fenced_ingest,
-    m02_minute_windows_recomputed_from,
-    m03_side_outputs,
-    m04_stripe_outbox,
-    m05_analyst_views,
-    m06_classification_configs_by_hash,
-    m07_stripe_delivery_truth,
-    m08_ingest_state_topic_id,
-    m09_stripe_amounts_sent_bucket,
-    m10_cancellations_and_stripe_corrections,
-    m11_touched_windows_come_from,
-    m12_ledger_keyed_time_first,
-    m13_window_jobs,
-)
 from consumer.store.migrations._sql import Step
 
-MIGRATIONS: list[tuple[int, str, list[Step]]] = [
-    (m.NUMBER, m.NAME, m.STEPS)
-    for m in (
-        m01_ledger_and_fenced_ingest,
-        m02_minute_windows_recomputed_from,
-        m03_side_outputs,
-        m04_stripe_outbox,
-        m05_analyst_views,
-        m06_classification_configs_by_hash,
-        m07_stripe_delivery_truth,
-        m08_ingest_state_topic_id,
-        m09_stripe_amounts_sent_bucket,
-        m10_cancellations_and_stripe_corrections,
-        m11_touched_windows_come_from,
-        m12_ledger_keyed_time_first,
-        m13_window_jobs,
-    )
-]
+
+def _load() -> list[tuple[int, str, list[Step]]]:
+    """Every mNN_*.py module of this package, in order; each names its own NUMBER, which
+    must be its file's and follow the one before (a gap or a twin is a bug, raised here)."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        match = re.fullmatch(r"m(\d+)_\w+", info.name)
+        if match:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            found.append((int(match.group(1)), module))
+    found.sort(key=lambda x: x[0])
+    for expected, (number, module) in enumerate(found, start=1):
+        if number != expected or number != module.NUMBER:
+            raise RuntimeError(f"migration {module.__name__}: expected number {expected}")
+    return [(m.NUMBER, m.NAME, m.STEPS) for _, m in found]
+
+
+MIGRATIONS: list[tuple[int, str, list[Step]]] = _load()
 
 
 def migrate(store: Backend) -> list[int]:
