@@ -26,6 +26,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from consumer.decode.event import DecodedEvent, DecodeError
+from consumer.decode.wire import header_schema_id
 
 try:
     from consumer.decode import _avrofast
@@ -137,7 +138,7 @@ def _all_slow(values: Sequence[bytes | None]) -> FastBatch:
     n = len(values)
     empty = pa.array([""] * n, pa.string())
     none = pa.array([], pa.string())
-    ids = [_header_id(v) for v in values]
+    ids = [header_schema_id(v) for v in values]
     return FastBatch(
         n,
         np.ones(n, np.bool_),
@@ -157,17 +158,11 @@ def _strings(n: int, offsets: _avrofast.Buffer, data: _avrofast.Buffer) -> pa.St
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _header_id(value: bytes | None) -> int | None:
-    if value is None or len(value) < 5 or value[0] != 0:
-        return None
-    return int.from_bytes(value[1:5], "big")
-
-
 def schema_ids(values: Sequence[bytes | None]) -> list[int]:
     """Sorted distinct schema ids named by well-formed headers (magic 0, 5 bytes or more),
     as `Decoder.named_schema_ids` returns them in Confluent mode."""
     if _avrofast is None:
-        return sorted({i for i in map(_header_id, values) if i is not None})
+        return sorted({i for i in map(header_schema_id, values) if i is not None})
     return _avrofast.schema_ids(values)
 
 

@@ -28,7 +28,7 @@ from fastavro.schema import to_parsing_canonical_form
 from consumer.decode import fast as avrofast
 from consumer.decode.event import DecodedEvent, DecodeError
 from consumer.decode.schemas import SchemaSource, UnknownSchemaId
-from consumer.decode.wire import HEADER_SIZE, MAGIC
+from consumer.decode.wire import HEADER_SIZE, MAGIC, header_schema_id
 
 _SCHEMA_ID = struct.Struct(">I").unpack_from
 # Everything fastavro's reader raises on malformed input (UnicodeDecodeError is a
@@ -173,13 +173,7 @@ class Decoder:
         intent can record them before the range is classified (P1)."""
         if not self._confluent:
             return []
-        return sorted(
-            {
-                _SCHEMA_ID(v, 1)[0]
-                for v in values
-                if v is not None and len(v) >= HEADER_SIZE and v[0] == MAGIC
-            }
-        )
+        return sorted({i for i in map(header_schema_id, values) if i is not None})
 
     def programs(self, schema_ids: Iterable[int]) -> dict[int, bytes]:
         """The fast path's programs (consumer/decode/fast.py) for these writer schema ids, cached

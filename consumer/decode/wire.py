@@ -19,6 +19,14 @@ HEADER_SIZE = HEADER.size  # 5
 _MAX_SCHEMA_ID = 2**32 - 1
 
 
+def header_schema_id(value: bytes | None) -> int | None:
+    """The schema id a well-formed Confluent header names (magic 0, 5 bytes or more)."""
+    if value is None or len(value) < HEADER_SIZE or value[0] != MAGIC:
+        return None
+    schema_id: int = HEADER.unpack_from(value)[1]
+    return schema_id
+
+
 def frame_confluent(schema_id: int, payload: bytes) -> bytes:
     """Prefix an Avro body with the Confluent header."""
     if not 0 <= schema_id <= _MAX_SCHEMA_ID:

@@ -77,9 +77,13 @@ def _row(*cells: str) -> str:
 
 
 def _model_table(model: type[BaseModel], env_prefix: str | None) -> list[str]:
-    head = ["setting", "environment" if env_prefix else "", "type", "default", "notes"]
-    if env_prefix is None:
-        head = ["setting", "type", "default", "notes"]
+    head = [
+        "setting",
+        *(["environment"] if env_prefix is not None else []),
+        "type",
+        "default",
+        "notes",
+    ]
     lines = [_row(*head), _row(*["---"] * len(head))]
     for name, field in model.model_fields.items():
         notes = "; ".join(x for x in (field.description or "", _limits(field)) if x)
