@@ -72,7 +72,13 @@ def produce_messages(
 
     producer = UsageProducer({"bootstrap.servers": bootstrap}, topic)
     for i, m in enumerate(messages):
-        producer.send_raw(m.key, m.value, partition=m.partition, on_delivery=delivered)
+        producer.send_raw(
+            m.key,
+            m.value,
+            partition=m.partition,
+            on_delivery=delivered,
+            record_time_ms=m.record_time_ms,
+        )
         if bar is not None and i % 2000 == 0:
             bar.update(i)
     if producer.flush(60) or failures:

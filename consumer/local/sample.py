@@ -36,6 +36,10 @@ class Message:
     partition: int
     kind: str  # accepted | duplicate | late | future | invalid | undecodable | cancel
     event_id: str = ""
+    # Kafka CreateTime: the sample's "now". The consumer judges an event's time against its
+    # record's time, so a message produced long after generation still means what it was
+    # generated to mean (a future-dated one stays future-dated).
+    record_time_ms: int | None = None
 
 
 @dataclass
@@ -118,7 +122,7 @@ def generate(
         else:
             payload = encode_confluent(rec, v2, 2)
         key = message_key(ev.event_name, ev.event_id)
-        return Message(key, payload, zlib.crc32(key) % partitions, kind, ev.event_id)
+        return Message(key, payload, zlib.crc32(key) % partitions, kind, ev.event_id, now_ms)
 
     for i in range(n):
         name = rng.choices(names, weights)[0]
@@ -155,8 +159,10 @@ def generate(
                 )  # fmt: skip
                 key = message_key(target.event_name, rec["event_id"])
                 payload = encode_confluent(rec, v4, 4)
-                messages.append(Message(key, payload, zlib.crc32(key) % partitions, "cancel"))
-    messages.extend(_undecodable(rng, partitions))
+                messages.append(
+                    Message(key, payload, zlib.crc32(key) % partitions, "cancel", "", now_ms)
+                )
+    messages.extend(_undecodable(rng, partitions, now_ms))
     kinds = Counter(m.kind for m in messages)
     ids = {ev.event_id for ev, _ in accepted}
     late_ids = {m.event_id for m in messages if m.kind == "late" and m.event_id}
@@ -202,7 +208,7 @@ def _extras(
                 shift = 60_000 if src.ts % HOUR_MS < HOUR_MS - 60_000 else -60_000
                 orig = encode(replace(src, ts=src.ts + shift), "duplicate")
         part = (orig.partition + 1) % partitions if other else orig.partition
-        yield Message(orig.key, orig.value, part, "duplicate")
+        yield replace(orig, partition=part, kind="duplicate", event_id="")
     elif r < 0.013 and i > 0.6 * n and ev.event_name != "storage_gb":
         late = _Event(
             ev.event_id + "-late", ev.event_name, ev.customer, ev.value, ev.ts - 3 * HOUR_MS
@@ -221,7 +227,7 @@ def _extras(
         yield encode(unknown, "invalid")
 
 
-def _undecodable(rng: random.Random, partitions: int) -> list[Message]:
+def _undecodable(rng: random.Random, partitions: int, now_ms: int) -> list[Message]:
     bad = [
         b"",
         b"\x01\x00\x00\x00\x02garbage",  # bad magic byte
@@ -230,4 +236,4 @@ def _undecodable(rng: random.Random, partitions: int) -> list[Message]:
         frame_confluent(2, bytes(rng.getrandbits(8) for _ in range(12))),  # not Avro
         b"not avro at all",
     ]
-    return [Message(None, v, i % partitions, "undecodable") for i, v in enumerate(bad)]
+    return [Message(None, v, i % partitions, "undecodable", "", now_ms) for i, v in enumerate(bad)]
