@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from consumer.app import Pipeline, build_pipeline
 from consumer.clock import SystemClock
@@ -135,23 +135,34 @@ def latest_epochs(store: Backend, group: str, topic: str) -> dict[int, int]:
 
 
 def force_group_offsets(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
-    """Commit offsets for an empty group from outside it: what a zombie commit would leave
-    behind on a broker that did not fence it. The broker refuses such a commit while the
-    group still has members (the last one may take a session timeout to go)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    deadline = time.monotonic() + 30
+    """Rewind the group's committed offsets: what a zombie commit would leave behind on a
+    broker that did not fence it. The commit comes from a member of the group: a commit from
+    outside it is refused while the group still lists a member, and Tansu drops a member
+    that went silent (an instance closed mid-rejoin) only when another member joins,
+    heartbeats or leaves, so retrying such a commit can wait forever."""
+    owned: set[int] = set()
+
+    def on_assign(_: Consumer, parts: list[TopicPartition]) -> None:
+        owned.update(tp.partition for tp in parts)  # incremental: cooperative-sticky
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "partition.assignment.strategy": "cooperative-sticky",  # as the pipeline's
+            **KAFKA["consumer_librdkafka"],
+        }
+    )
     try:
-        while True:
-            try:
-                c.commit(
-                    offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()],
-                    asynchronous=False,
-                )
-                return
-            except KafkaException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        c.subscribe([topic], on_assign=on_assign)
+        deadline = time.monotonic() + 60
+        while owned != set(offsets):
+            assert time.monotonic() < deadline, f"never assigned all of {topic} in {group}"
+            c.poll(0.2)
+        c.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
     finally:
         c.close()
 
