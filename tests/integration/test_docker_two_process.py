@@ -39,32 +39,23 @@ from consumer.store.server import ServerBackend
 from tests.integration.conftest import (
     METERS,
     STRIPE_KEY,
+    KafkaBroker,
     clickhouse_hourly,
+    docker_missing,
     ledger_totals,
     stripe_hourly,
     wait_for,
 )
-from tests.integration.test_docker_backends import MISSING
 from tests.integration.test_pipeline import ours
 from tests.integration.test_run_command import http_get, metric
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.docker,
-    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
+    pytest.mark.skipif(docker_missing() is not None, reason=docker_missing() or ""),
 ]
 PARTITIONS = 4
 FREEZE_SECONDS = 15  # > session.timeout.ms and max.poll.interval.ms (6 s each)
-
-
-def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for fut in admin.create_topics(
-        [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in topics.items()]
-    ).values():
-        fut.result(30)
 
 
 def process_config(
@@ -183,7 +174,7 @@ def test_two_processes_with_a_frozen_zombie_bill_exactly(
     owner_cfg = process_config(kafka, clickhouse, emulator, name, emit=True)
     settings: Settings = load_settings(**owner_cfg)
     k = settings.kafka
-    create_topics(kafka, {k.topic: PARTITIONS, k.dlq_topic: 1, k.late_topic: 1})
+    KafkaBroker(kafka).create_topics({k.topic: PARTITIONS, k.dlq_topic: 1, k.late_topic: 1})
     prefix = f"cus_{name}_"
     sample = generate(40_000, 10, PARTITIONS, int(time.time() * 1000), 29, customer_prefix=prefix)
     n = len(sample.messages)

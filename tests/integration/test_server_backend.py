@@ -1,6 +1,7 @@
-"""The production backends: a real ClickHouse server (clickhouse-connect) and real Kafka
-(apache/kafka), through testcontainers. They run where a Docker engine exists and are
-skipped, with the reason, where it does not."""
+"""The production backend (`clickhouse.backend: server`, clickhouse-connect) end to end:
+against the ClickHouse HTTP endpoint over chDB (tests/support/clickhouse_http.py) with
+Tansu, and against a real ClickHouse server and real Kafka (apache/kafka) through
+testcontainers where a Docker engine exists (skipped, with the reason, where none does)."""
 
 from __future__ import annotations
 
@@ -17,55 +18,25 @@ from consumer.local.emulator import EmulatorServer
 from consumer.local.sample import generate
 from consumer.ops.totals import clickhouse_totals
 from consumer.records import DECIMAL
-from consumer.store import open_store
+from consumer.store import StoreError, open_store
 from consumer.store.backend import Backend
 from consumer.store.migrations import MIGRATIONS, migrate
 from consumer.store.server import ServerBackend
-from tests.integration.conftest import make_settings
+from tests.integration.conftest import ServerUnderTest, make_settings
+
+pytestmark = pytest.mark.integration
 
 
-def _docker_missing() -> str | None:
-    try:
-        import docker  # type: ignore[import-untyped]
-
-        docker.from_env().ping()
-    except Exception as exc:
-        return f"needs a Docker engine ({type(exc).__name__}: {str(exc)[:120]})"
-    return None
-
-
-MISSING = _docker_missing()
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.docker,
-    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
-]
-
-
-class _Broker:
-    """The topic-creating part of TansuBroker, for a real Kafka."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
-
-    def create_topics(self, topics: dict[str, int]) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        for fut in admin.create_topics(
-            [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in topics.items()]
-        ).values():
-            fut.result(30)
-
-
-def _server(cfg: dict[str, Any]) -> Backend:
+def server_backend(cfg: dict[str, Any]) -> Backend:
     return ServerBackend(
         cfg["host"], cfg["port"], cfg["username"], cfg["password"], cfg["database"]
     )
 
 
-def test_server_backend_runs_the_same_migrations_and_queries(clickhouse: dict[str, Any]) -> None:
-    store = _server(clickhouse)
+def test_server_backend_runs_the_same_migrations_and_queries(
+    clickhouse_server: ServerUnderTest, unique: str
+) -> None:
+    store = server_backend({**clickhouse_server.clickhouse, "database": f"m{unique}"})
     try:
         assert migrate(store) == [version for version, _, _ in MIGRATIONS]
         assert migrate(store) == []
@@ -88,8 +59,10 @@ def test_server_backend_runs_the_same_migrations_and_queries(clickhouse: dict[st
         store.close()
 
 
-def test_server_backend_reads_arrow_inputs_as_external_tables(clickhouse: dict[str, Any]) -> None:
-    store = _server(clickhouse)
+def test_server_backend_reads_arrow_inputs_as_external_tables(
+    clickhouse_server: ServerUnderTest, unique: str
+) -> None:
+    store = server_backend({**clickhouse_server.clickhouse, "database": f"x{unique}"})
     try:
         store.command("CREATE TABLE IF NOT EXISTS arrow_in (k String, v Decimal(38, 9)) "
                       "ENGINE = MergeTree ORDER BY k")  # fmt: skip
@@ -106,42 +79,35 @@ def test_server_backend_reads_arrow_inputs_as_external_tables(clickhouse: dict[s
         store.close()
 
 
-def test_wrong_password_never_appears_in_the_error(clickhouse: dict[str, Any]) -> None:
-    from consumer.store import StoreError
-
+def test_wrong_password_never_appears_in_the_error(clickhouse_server: ServerUnderTest) -> None:
+    cfg = {**clickhouse_server.clickhouse, "password": "wrong-pass-xyz"}
     with pytest.raises(StoreError) as e:
-        ServerBackend(clickhouse["host"], clickhouse["port"], "usage", "wrong-pass-xyz", "usage")
+        server_backend(cfg)
     assert "wrong-pass-xyz" not in str(e.value)
+    assert "516" in str(e.value)  # AUTHENTICATION_FAILED
 
 
-def test_pipeline_on_real_kafka_and_clickhouse_server(
-    kafka: str,
-    clickhouse: dict[str, Any],
+def test_pipeline_on_kafka_and_a_clickhouse_server(
+    clickhouse_server: ServerUnderTest,
+    request: pytest.FixtureRequest,
     emulator: EmulatorServer,
     tmp_path: Path,
     unique: str,
 ) -> None:
-    broker = _Broker(kafka)
-    settings = make_settings(broker, emulator, tmp_path, f"d{unique}", clickhouse=clickhouse)
+    broker = clickhouse_server.kafka(request)
+    ch = clickhouse_server.clickhouse
+    settings = make_settings(broker, emulator, tmp_path, f"d{unique}", clickhouse=ch)
     k = settings.kafka
     broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
     prefix = f"cus_d{unique}_"
     sample = generate(10_000, 8, 3, int(time.time() * 1000), seed=13, customer_prefix=prefix)
-    ends = produce(sample, kafka, k.topic)
+    ends = produce(sample, broker.bootstrap, k.topic)
     run_until_drained(settings, ends, timeout=300, quiet=True)
     store = open_store(settings.clickhouse)
     try:
-        ch = {
-            key: v
-            for key, v in clickhouse_totals(store, settings.meters).items()
-            if key[0].startswith(prefix)
-        }
+        totals = clickhouse_totals(store, settings.meters)
     finally:
         store.close()
-    st = {
-        key: v
-        for key, v in stripe_totals(settings, emulator.url).items()
-        if key[0].startswith(prefix)
-    }
-    assert ch == sample.truth
-    assert st == sample.truth
+    st = stripe_totals(settings, emulator.url)
+    assert {key: v for key, v in totals.items() if key[0].startswith(prefix)} == sample.truth
+    assert {key: v for key, v in st.items() if key[0].startswith(prefix)} == sample.truth
