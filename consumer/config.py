@@ -139,7 +139,11 @@ class ClickHouseConfig(_Frozen):
     password: SecretStr = SecretStr("")
     database: str = Field("usage", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     secure: bool = False
-    fsync_after_insert: bool = False
+    fsync_after_insert: bool = Field(
+        False,
+        description="fsync each insert's part and directory before the insert returns "
+        "(durable through a host crash, slower inserts); set on every MergeTree table at start",
+    )
 
 
 _ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")

@@ -14,7 +14,7 @@ __all__ = ["Backend", "StoreError", "StoreLocked", "open_store"]
 def open_store(cfg: ClickHouseConfig) -> Backend:
     """Open the configured backend (chDB in process, or a ClickHouse server)."""
     if cfg.backend == "chdb":
-        return ChdbBackend(cfg.chdb_path, cfg.database, fsync=cfg.fsync_after_insert)
+        return ChdbBackend(cfg.chdb_path, cfg.database)
     return ServerBackend(
         cfg.host,
         cfg.port,
@@ -22,5 +22,4 @@ def open_store(cfg: ClickHouseConfig) -> Backend:
         cfg.password.get_secret_value(),
         cfg.database,
         secure=cfg.secure,
-        fsync=cfg.fsync_after_insert,
     )

@@ -28,13 +28,12 @@ _CONNECTIONS = 3
 class ChdbBackend:
     """ClickHouse in process. One process per store path (chDB's file lock enforces it)."""
 
-    def __init__(self, path: Path, database: str, fsync: bool = False) -> None:
+    def __init__(self, path: Path, database: str) -> None:
         import chdb
         from chdb import session
 
         path.mkdir(parents=True, exist_ok=True)
         self._database = database
-        self._settings = "SETTINGS fsync_after_insert=1" if fsync else ""
         try:
             self._session = session.Session(str(path))
             self._session.query(f"CREATE DATABASE IF NOT EXISTS {database}", "CSV")
@@ -119,8 +118,6 @@ class ChdbBackend:
         arrow_table = pa.table(dict(columns))  # noqa: F841 - read by chDB's Python() by name
         names = ", ".join(columns)
         settings = [f"insert_deduplication_token='{token}'"] if token else []
-        if self._settings:
-            settings.append("fsync_after_insert=1")
         suffix = f" SETTINGS {', '.join(settings)}" if settings else ""
         self._run(f"INSERT INTO {table} ({names}) SELECT * FROM Python(arrow_table){suffix}")
 

@@ -23,7 +23,6 @@ class ServerBackend:
         password: str,
         database: str,
         secure: bool = False,
-        fsync: bool = False,
     ) -> None:
         import clickhouse_connect
 
@@ -41,7 +40,7 @@ class ServerBackend:
                 password=password,
                 database=database,
                 secure=secure,
-                settings={"optimize_on_insert": 0, **({"fsync_after_insert": 1} if fsync else {})},
+                settings={"optimize_on_insert": 0},
                 autogenerate_session_id=False,
             )
         except Exception as exc:
