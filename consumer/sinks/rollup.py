@@ -44,7 +44,6 @@ _WINDOW_START = pa.timestamp("s", tz="UTC")
 def recompute(
     store: Backend,
     windows: pa.Table,
-    now_ms: int,
     cancels: Sequence[Cancel] = (),
     threads: int = 0,
 ) -> None:
@@ -70,8 +69,7 @@ def recompute(
            SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC') AS ws,
                   sum(value), count(), min(value), max(value),
                   argMin(value, (event_time, event_id)), min(event_time),
-                  argMax(value, (event_time, event_id)), max(event_time),
-                  fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
+                  argMax(value, (event_time, event_id)), max(event_time), {_COMPUTED_AT}
            FROM usage_events FINAL
            WHERE {_IN_MINUTES}
              AND {_WINDOW_HASH.format(t="ws")} IN (
@@ -80,22 +78,31 @@ def recompute(
            GROUP BY meter, customer_id, ws
            SETTINGS max_threads = {int(threads)}""",
         {"dirty": windows, "pairs": _pairs(windows)},
-        {"now": now_ms, "mm": minutes_of(windows)},
+        {"mm": minutes_of(windows)},
     )
     if emptied is not None and emptied.num_rows:
         store.command_with(
             f"""INSERT INTO usage_windows
                SELECT meter, customer_id, window_start, 0, 0, 0, 0, 0, toDateTime64(0, 3, 'UTC'),
-                      0, toDateTime64(0, 3, 'UTC'), fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
+                      0, toDateTime64(0, 3, 'UTC'), {_COMPUTED_AT}
                FROM $emptied
                WHERE (meter, customer_id, window_start) NOT IN (
                    SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')
                    FROM usage_events FINAL WHERE {_IN_MINUTES} AND {_NOT_CANCELLED})""",
             {"emptied": emptied, "pairs": _pairs(emptied)},
-            {"now": now_ms, "mm": minutes_of(emptied)},
+            {"mm": minutes_of(emptied)},
         )
 
 
+# A window row's version (usage_windows is ReplacingMergeTree(computed_at)): the server's
+# clock when the recompute's statement starts, before it takes its snapshot of the ledger.
+# A recompute that starts later sees every ledger row an earlier one saw, and each ledger row
+# is followed by a recompute of its window that starts after the row is durable; so the
+# newest version holds every row, whichever process ran it and in whichever order the
+# inserts land (a stale recompute landing last no longer wins). Nanoseconds make equal
+# versions of different snapshots practically impossible; it assumes the server's clock
+# does not step back.
+_COMPUTED_AT = "now64(9, 'UTC')"
 _WINDOW_HASH = "cityHash64(meter, customer_id, toUnixTimestamp({t}))"
 # The ledger's leading key: the minutes of the windows at hand.
 _IN_MINUTES = "(meter, toStartOfMinute(event_time)) IN {mm:Array(Tuple(String, DateTime('UTC')))}"
@@ -341,14 +348,13 @@ class Rollup:
                 self._clock.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(failures, 10)))
 
     def _recompute(self, job: WindowJob) -> None:
-        now_ms = int(self._clock.now() * 1000)
         windows = job.windows
         if windows is None:
             windows = windows_at(self.store, self.topic, job.spans, job.minutes)
         cancels = job.cancels
         if cancels is None:
             cancels = tuple(cancels_at(self.store, self.topic, job.spans))
-        recompute(self.store, windows, now_ms, cancels, self._threads)
+        recompute(self.store, windows, cancels, self._threads)
 
     def _write(self, jobs: Sequence[WindowJob], state: int) -> None:
         now_ms = int(self._clock.now() * 1000)

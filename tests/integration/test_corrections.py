@@ -115,7 +115,7 @@ def ingest(rig: Rig, events: Sequence[Ev] = (), cancels: Sequence[Cancel] = ()) 
     ]
     token = batch_id(ranges)
     write_effects(rig.store, token, ranges, rig.now_ms())
-    recompute_windows(rig.store, accepted_table(ranges), rig.now_ms(), cancels_of(ranges))
+    recompute_windows(rig.store, accepted_table(ranges), cancels_of(ranges))
 
 
 def run(rig: Rig) -> None:

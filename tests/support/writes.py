@@ -55,9 +55,7 @@ def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_
     return n
 
 
-def recompute_windows(
-    store: Backend, accepted: pa.Table, now_ms: int, cancels: Sequence[Cancel] = ()
-) -> None:
+def recompute_windows(store: Backend, accepted: pa.Table, cancels: Sequence[Cancel] = ()) -> None:
     """Upsert every minute window the accepted events (ledger columns) touched, and those
     of the events `cancels` takes back."""
-    recompute(store, touched_windows(accepted), now_ms, cancels)
+    recompute(store, touched_windows(accepted), cancels)
