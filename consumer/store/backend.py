@@ -68,3 +68,8 @@ def inputs_in(sql: str, inputs: Mapping[str, pa.Table]) -> list[str]:
     if missing or len(names) > MAX_INPUTS:
         raise ValueError(f"query inputs {names}: missing {missing}, at most {MAX_INPUTS}")
     return names
+
+
+def quote_identifier(name: str) -> str:
+    """A ClickHouse identifier in backquotes, whatever characters it holds."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"

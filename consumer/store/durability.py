@@ -8,7 +8,7 @@ them at the next start), and taken back when the option is switched off.
 
 from __future__ import annotations
 
-from consumer.store.backend import Backend
+from consumer.store.backend import Backend, quote_identifier
 
 SETTINGS = ("fsync_after_insert", "fsync_part_directory")
 _ON = ", ".join(f"{s} = 1" for s in SETTINGS)
@@ -23,7 +23,7 @@ def apply_fsync(store: Backend, on: bool) -> list[str]:
     changed = []
     for name, ddl in rows:
         has = "fsync_after_insert = 1" in str(ddl)
-        quoted = "`" + str(name).replace("\\", "\\\\").replace("`", "\\`") + "`"
+        quoted = quote_identifier(str(name))
         if on and not has:
             store.command(f"ALTER TABLE {quoted} MODIFY SETTING {_ON}")
         elif has and not on:

@@ -47,6 +47,7 @@ import lz4.frame
 from backports import zstd
 
 from consumer.local.broker import die_with_parent
+from consumer.store.backend import quote_identifier
 
 # Parameters of ClickHouse's HTTP interface that are not settings (HTTPHandler).
 NOT_SETTINGS = frozenset(
@@ -160,14 +161,15 @@ class Store:
 
 def _execute(conn: Any, req: Request) -> Result:
     if req.database:
-        conn.query(f"USE {_ident(req.database)}")
+        conn.query(f"USE {quote_identifier(req.database)}")
     if req.settings:
         conn.query(
-            "SET " + ", ".join(f"{_ident(k)} = {_literal(v)}" for k, v in req.settings.items())
+            "SET "
+            + ", ".join(f"{quote_identifier(k)} = {_literal(v)}" for k, v in req.settings.items())
         )
     for ext in req.external:
-        conn.query(f"CREATE TEMPORARY TABLE {_ident(ext.name)} ({ext.structure})")
-        _insert(conn, f"INSERT INTO {_ident(ext.name)}", ext.fmt, ext.data)
+        conn.query(f"CREATE TEMPORARY TABLE {quote_identifier(ext.name)} ({ext.structure})")
+        _insert(conn, f"INSERT INTO {quote_identifier(ext.name)}", ext.fmt, ext.data)
     insert = _INSERT.match(req.sql)
     if insert is not None and not _SELECT.search(re.sub(_QUOTED, b"", insert.group(1))):
         data = req.sql[insert.end() :]
@@ -185,10 +187,6 @@ def _insert(conn: Any, statement: str, fmt: str, data: bytes) -> int:
         if data:
             inserter.append(data)
         return int(inserter.finish().rows_written)
-
-
-def _ident(name: str) -> str:
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 def _literal(value: str) -> str:
