@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from consumer.store.backend import Backend
+
+log = logging.getLogger(__name__)
 
 # A statement, or a step that must look before it acts (a copy that may have been cut short).
 Step = str | Callable[[Backend], None]
 
 DEDUP = "non_replicated_deduplication_window = 1000"
+
+
+def copy_and_swap(
+    store: Backend,
+    table: str,
+    copy: str,
+    create: str,
+    columns: str,
+    source: str,
+    finished: Callable[[Backend], bool],
+    what: str,
+) -> None:
+    """Copy `columns` of `source` into `copy` (made by `create`) and swap it with `table`
+    atomically, unless `finished` says the swap was made. Safe to run again after a crash at
+    any point: a finished swap is recognised, an unfinished copy is dropped and made again."""
+    if not finished(store):
+        (count,) = store.query(f"SELECT count() FROM {source}")[0]
+        if int(count):
+            log.warning("copying %s (%s rows) into %s", table, count, what)
+        store.command(f"DROP TABLE IF EXISTS {copy}")
+        store.command(create)
+        store.command(f"INSERT INTO {copy} ({columns}) SELECT {columns} FROM {source}")
+        store.command(f"EXCHANGE TABLES {table} AND {copy}")
+    store.command(f"DROP TABLE IF EXISTS {copy}")
+
+
+def table_property(store: Backend, table: str, column: str) -> str | None:
+    """A column of `table`'s row in system.tables (its sorting key, engine, ...)."""
+    rows = store.query(
+        f"""SELECT {column} FROM system.tables
+            WHERE database = currentDatabase() AND name = {{t:String}}""",
+        {"t": table},
+    )
+    return str(rows[0][0]) if rows else None
 
 
 def rollup_view(

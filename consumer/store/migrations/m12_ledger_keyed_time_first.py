@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 from consumer.store.backend import Backend
-from consumer.store.migrations._sql import DEDUP, Step
-
-log = logging.getLogger(__name__)
+from consumer.store.migrations._sql import DEDUP, Step, copy_and_swap, table_property
 
 # The ledger keyed time first: a batch's windows are a few minutes of every customer, so
 # their recompute reads those minutes only (keyed customer first, it read every part of the
@@ -38,25 +34,17 @@ _LEDGER_COLUMNS = (
 
 
 def _rekey_ledger(store: Backend) -> None:
-    """Copy the ledger into its time-first layout and swap the two atomically. Safe to run
-    again after a crash at any point: a finished swap is recognised by its sorting key, an
-    unfinished copy is dropped and made again."""
-    rows = store.query(
-        """SELECT sorting_key FROM system.tables
-           WHERE database = currentDatabase() AND name = 'usage_events'"""
+    """Copy the ledger into its time-first layout and swap the two atomically."""
+    copy_and_swap(
+        store,
+        "usage_events",
+        "usage_events_rekeyed",
+        _LEDGER_REKEYED,
+        _LEDGER_COLUMNS,
+        "usage_events",
+        lambda s: table_property(s, "usage_events", "sorting_key") == LEDGER_ORDER,
+        "its time-first layout",
     )
-    if not rows or str(rows[0][0]) != LEDGER_ORDER:
-        (count,) = store.query("SELECT count() FROM usage_events")[0]
-        if int(count):
-            log.warning("copying the ledger (%s rows) into its time-first layout", count)
-        store.command("DROP TABLE IF EXISTS usage_events_rekeyed")
-        store.command(_LEDGER_REKEYED)
-        store.command(
-            f"INSERT INTO usage_events_rekeyed ({_LEDGER_COLUMNS}) "
-            f"SELECT {_LEDGER_COLUMNS} FROM usage_events"
-        )
-        store.command("EXCHANGE TABLES usage_events AND usage_events_rekeyed")
-    store.command("DROP TABLE IF EXISTS usage_events_rekeyed")
 
 
 NUMBER = 12

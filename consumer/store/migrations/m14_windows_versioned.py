@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 from consumer.store.backend import Backend
-from consumer.store.migrations._sql import DEDUP, Step
-
-log = logging.getLogger(__name__)
+from consumer.store.migrations._sql import DEDUP, Step, copy_and_swap, table_property
 
 # Two recomputes of one window (two instances, or two processes on one server) could land in
 # either order, and without a version the last insert won: a recompute that had read the
@@ -34,23 +30,25 @@ ORDER BY (meter, customer_id, window_start)
 SETTINGS {DEDUP}"""
 
 
+_COLUMNS = (
+    "meter, customer_id, window_start, sum_value, event_count, min_value, max_value, "
+    "first_value, first_time, last_value, last_time, computed_at"
+)
+
+
 def _version_windows(store: Backend) -> None:
     """Copy the windows as they read (FINAL) into the versioned table and swap the two
-    atomically. Safe to run again after a crash at any point: a finished swap is recognised
-    by its engine, an unfinished copy is dropped and made again."""
-    rows = store.query(
-        """SELECT engine_full FROM system.tables
-           WHERE database = currentDatabase() AND name = 'usage_windows'"""
+    atomically."""
+    copy_and_swap(
+        store,
+        "usage_windows",
+        "usage_windows_versioned",
+        _VERSIONED,
+        _COLUMNS,
+        "usage_windows FINAL",
+        lambda s: (table_property(s, "usage_windows", "engine_full") or "").startswith(_ENGINE),
+        "the versioned table",
     )
-    if not rows or not str(rows[0][0]).startswith(_ENGINE):
-        (count,) = store.query("SELECT count() FROM usage_windows FINAL")[0]
-        if int(count):
-            log.warning("copying %s windows into the versioned table", count)
-        store.command("DROP TABLE IF EXISTS usage_windows_versioned")
-        store.command(_VERSIONED)
-        store.command("INSERT INTO usage_windows_versioned SELECT * FROM usage_windows FINAL")
-        store.command("EXCHANGE TABLES usage_windows AND usage_windows_versioned")
-    store.command("DROP TABLE IF EXISTS usage_windows_versioned")
 
 
 NUMBER = 14
