@@ -210,7 +210,11 @@ class StripeConfig(_Frozen):
 class PipelineConfig(_Frozen):
     batch_max_messages: int = Field(200_000, ge=1)
     batch_max_seconds: float = Field(0.5, gt=0)
-    dedup_window_seconds: int = Field(6 * 3600, ge=60)
+    dedup_window_seconds: int = Field(
+        6 * 3600,
+        ge=60,
+        description="dedup horizon: copies of an id this far apart in event time are one event",
+    )
     future_tolerance_seconds: int = Field(300, ge=0)
     max_invalid_ratio: float = Field(
         0.5, gt=0, le=1, description="stop above this dead-letter share"

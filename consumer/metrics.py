@@ -40,14 +40,6 @@ class Metrics:
             "Duplicates of an event id first written from another partition.",
             registry=r,
         )
-        # Event ids the filter flagged but the ledger did not hold (filter false positives).
-        self.dedup_false_positives = Counter(
-            p + "dedup_false_positives", "Dedup filter positives not confirmed.", registry=r
-        )
-        # Event ids held in the recent-id filters.
-        self.dedup_filter_ids = Gauge(
-            p + "dedup_filter_ids", "Event ids in the recent-id filters.", registry=r
-        )
         # Seconds per ClickHouse write step of a range.
         self.insert_seconds = Histogram(
             p + "clickhouse_insert_seconds",

@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from consumer.classify.recent import RecentIds
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.columns import (
@@ -32,7 +31,6 @@ from consumer.decode.columns import (
     RangeDecoder,
 )
 from consumer.decode.event import DecodedEvent
-from consumer.decode.keys import Keys
 from consumer.decode.reference import Decoder
 from consumer.decode.validate import Limits
 from consumer.records import RangeInput, Record
@@ -65,11 +63,9 @@ class DeadLetter:
 @dataclass(eq=False)
 class AcceptedBatch:
     """A range's accepted events as ledger columns (decode/columns.py), in offset
-    order, with their filter keys; no Python object per event."""
+    order; no Python object per event."""
 
     table: pa.Table
-    keys: Keys
-    times_ms: npt.NDArray[np.int64]
     per_meter: dict[str, int]
     per_event: Mapping[str, str] = field(default_factory=dict)  # meter -> Stripe event name
     _rows: Callable[[], list[Accepted]] | None = None
@@ -87,7 +83,6 @@ class AcceptedBatch:
         return (
             isinstance(other, AcceptedBatch)
             and self.table.equals(other.table)
-            and np.array_equal(self.keys, other.keys)
             and self.per_meter == other.per_meter
         )
 
@@ -97,7 +92,7 @@ class AcceptedBatch:
 
     @classmethod
     def empty(cls) -> AcceptedBatch:
-        return cls(LEDGER_SCHEMA.empty_table(), _NO_KEYS, _NO_TIMES, {})
+        return cls(LEDGER_SCHEMA.empty_table(), {})
 
 
 def per_event_meters(meters: Iterable[MeterConfig]) -> dict[str, str]:
@@ -109,10 +104,6 @@ def per_event_meters(meters: Iterable[MeterConfig]) -> dict[str, str]:
     }
 
 
-_NO_KEYS: Keys = np.empty(0, np.int64)
-_NO_TIMES: npt.NDArray[np.int64] = np.empty(0, np.int64)
-
-
 @dataclass
 class Classified:
     accepted: AcceptedBatch = field(default_factory=AcceptedBatch.empty)
@@ -120,20 +111,21 @@ class Classified:
     late: list[Late] = field(default_factory=list)
     invalid: list[DeadLetter] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
-    false_positives: int = 0
     cross_partition: int = 0  # duplicates whose ledger copy came from another partition
     watermarks_after: dict[str, int] = field(default_factory=dict)
 
 
 # The candidates of a batch of ranges (CANDIDATE_SCHEMA: one row per distinct (meter, event
-# id) of each range, with the range's span) -> candidate row -> the partition of a copy the
-# ledger holds outside that row's own range (P2).
+# id) of each range, with its event time and the range's span) -> candidate row -> the
+# partition of a copy the ledger holds outside that row's own range (P2), within the dedup
+# horizon of the candidate's event time (sinks/ledger.py).
 LedgerLookup = Callable[[pa.Table], dict[int, int]]
 CANDIDATE_SCHEMA = pa.schema(
     [
         ("ci", pa.uint32()),
         ("meter", pa.string()),
         ("event_id", pa.string()),
+        ("event_time", pa.int64()),  # ms
         ("topic", pa.string()),
         ("partition", pa.uint32()),
         ("range_start", pa.uint64()),
@@ -150,7 +142,6 @@ class Job:
     start: int
     end: int
     snapshot: Snapshot
-    recent: RecentIds
 
 
 @dataclass
@@ -179,14 +170,13 @@ class Classifier:
         self,
         records: Sequence[Record] | RangeInput,
         snapshot: Snapshot,
-        recent: RecentIds,
         in_ledger: LedgerLookup,
     ) -> Classified:
         """One range, its span being its records' offsets."""
         inp = records if isinstance(records, RangeInput) else RangeInput.of_records(records)
         start = int(inp.offsets[0]) if len(inp) else 0
         end = int(inp.offsets[-1]) + 1 if len(inp) else 0
-        return self.classify_all([Job(inp, start, end, snapshot, recent)], in_ledger)[0]
+        return self.classify_all([Job(inp, start, end, snapshot)], in_ledger)[0]
 
     def classify_all(self, jobs: Sequence[Job], in_ledger: LedgerLookup) -> list[Classified]:
         """Several ranges with one ledger question for all of them."""
@@ -238,6 +228,7 @@ class Classifier:
                         pa.array(np.arange(base, base + n, dtype=np.uint32)),
                         meter,
                         event_id,
+                        pa.array(ev.ts[d.first], pa.int64()),
                         pa.array([j.inp.topic] * n, pa.string()),
                         pa.array(np.full(n, j.inp.partition, np.uint32)),
                         pa.array(np.full(n, j.start, np.uint64)),
@@ -271,8 +262,6 @@ class Classifier:
         dup_found = np.concatenate([found[held], found[d.copy_of]])
         out.cross_partition = int(np.count_nonzero((dup_found >= 0) & (dup_found != inp.partition)))
         out.duplicates = _per_meter(table.meters, ev.meter[dup_rows])
-        flagged = job.recent.seen_keys(ev.key[d.first])
-        out.false_positives = int(np.count_nonzero(flagged & ~held))
         # late: behind the watermark of its meter by more than the allowed lateness
         fresh = d.first[~held]
         late_rows, marks, after = _lateness(ev, fresh, job.snapshot.watermarks)
@@ -280,8 +269,6 @@ class Classifier:
         accepted = np.setdiff1d(fresh, late_rows, assume_unique=True)
         out.accepted = AcceptedBatch(
             ev.ledger_table(accepted),
-            ev.key[accepted],
-            ev.ts[accepted],
             _per_meter(table.meters, ev.meter[accepted]),
             self.per_event,
             lambda: [Accepted(inp.record(i), ev.event(i), ev.meter_of(i)) for i in accepted],

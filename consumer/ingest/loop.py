@@ -81,7 +81,7 @@ class Ingestor:
     def _load(self, partitions: list[int]) -> dict[int, Track]:
         c = self.ctx
         topic_id = c.topic_ids(c.topic) if c.topic_ids is not None else None
-        loaded = load_tracks(c.store, c.group, c.topic, partitions, c.dedup_window_ms, topic_id)
+        loaded = load_tracks(c.store, c.group, c.topic, partitions, topic_id)
         # windows a crash left pending (a range still open is re-formed: it resumes there)
         c.commits.rollup.recover(
             {p: None if t.reform else t.next_offset for p, t in loaded.items()}
@@ -212,8 +212,6 @@ class Ingestor:
             cl = r.classified
             for meter, n in cl.accepted.per_meter.items():
                 m.events_accepted.labels(meter).inc(n)
-            if t is not None:
-                t.recent.add_keys(cl.accepted.keys, cl.accepted.times_ms)
             for c in cl.cancels:
                 m.events_cancel.labels(c.meter.name).inc()
             for meter, n in cl.duplicates.items():
@@ -222,7 +220,6 @@ class Ingestor:
                 m.events_late.labels(x.meter.name).inc()
             for d in cl.invalid:
                 m.events_invalid.labels(d.reason).inc()
-            m.dedup_false_positives.inc(cl.false_positives)
             m.events_duplicate_cross_partition.inc(cl.cross_partition)
             m.insert_rows.labels("usage_events").inc(len(cl.accepted))
             m.insert_rows.labels("dead_letters").inc(len(cl.invalid))
@@ -241,7 +238,6 @@ class Ingestor:
                 self._lag(t)
         for meter, mark in self._max_watermarks().items():
             m.watermark_lag.labels(meter).set(max(0.0, now - mark / 1000))
-        m.dedup_filter_ids.set(sum(len(t.recent) for t in self.tracks.values()))
 
     def _lag(self, t: Track) -> None:
         """Lag from the fetch-response high watermark (cached): exact, no broker round trip."""

@@ -152,13 +152,10 @@ class RangeMaker:
                 out[f.partition] = Classifier.quarantine(f.inp, f.snapshot, f.attempt - 1)
             else:
                 groups.setdefault(f.snapshot.config_hash, []).append(f)
-        lookup = ledger_lookup(self.ctx.store)
+        lookup = ledger_lookup(self.ctx.store, self.ctx.dedup_window_ms)
         for config_hash, formed in groups.items():
             classifier = self._classifier_for(config_hash, formed[0].partition)
-            jobs = [
-                Job(f.inp, f.start, f.end, f.snapshot, self.tracks[f.partition].recent)
-                for f in formed
-            ]
+            jobs = [Job(f.inp, f.start, f.end, f.snapshot) for f in formed]
             for f, cl in zip(formed, classifier.classify_all(jobs, lookup), strict=True):
                 out[f.partition] = cl
         return [out[f.partition] for f in batch]

@@ -44,24 +44,61 @@ def batch_id(ranges: Sequence[RangeWrite]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def ledger_lookup(store: Backend) -> LedgerLookup:
+def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
     """Which candidates the ledger already holds, ignoring each candidate's own range (P2):
-    one query for a whole batch of ranges, the candidates sent as a table."""
+    one query for a whole batch of ranges, the candidates sent as a table.
+
+    A copy counts when its event time is within `horizon_ms` of the candidate's, so the
+    question reads the ledger's minutes around the batch's event times (the ledger is keyed
+    meter and minute first), never its whole history. A copy carrying the same event time
+    is found however long ago it was written; one its producer re-stamped by more than the
+    horizon is a new event."""
 
     def lookup(candidates: pa.Table) -> dict[int, int]:
+        if not candidates.num_rows:
+            return {}
+        near = " OR ".join(
+            f"event_time BETWEEN fromUnixTimestamp64Milli({lo}, 'UTC') "
+            f"AND fromUnixTimestamp64Milli({hi}, 'UTC')"
+            for lo, hi in spans(candidates.column("event_time").to_pylist(), horizon_ms)
+        )
         rows = store.query_with(
-            """SELECT c.ci, min(u.partition) FROM (
-                       SELECT meter, event_id, topic, partition, offset FROM usage_events
-                   PREWHERE id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
+            f"""SELECT c.ci, min(u.partition) FROM (
+                       SELECT meter, event_id, event_time, topic, partition, offset
+                       FROM usage_events
+                   PREWHERE meter IN (SELECT meter FROM $candidates) AND ({near})
+                        AND id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
                INNER JOIN $candidates AS c ON u.meter = c.meter AND u.event_id = c.event_id
                WHERE NOT (u.topic = c.topic AND u.partition = c.partition
                           AND u.offset >= c.range_start AND u.offset < c.range_end)
+                 AND abs(toUnixTimestamp64Milli(u.event_time) - c.event_time) <= {horizon_ms}
                GROUP BY c.ci""",
             {"candidates": candidates},
         )
         return {int(r[0]): int(r[1]) for r in rows}
 
     return lookup
+
+
+def spans(times_ms: Sequence[int], horizon_ms: int, most: int = 16) -> list[tuple[int, int]]:
+    """The event times within `horizon_ms` of any of `times_ms`, as at most `most` disjoint
+    spans: a batch's events are usually minutes apart (one span), a late straggler adds its
+    own; beyond `most`, the spans across the smallest gaps are joined (a longer read, never
+    a missed copy), so the statement stays short whatever the batch holds."""
+    out: list[tuple[int, int]] = []
+    for t in sorted(times_ms):
+        lo, hi = t - horizon_ms, t + horizon_ms
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    if len(out) > most:
+        gaps = sorted(range(1, len(out)), key=lambda i: out[i][0] - out[i - 1][1])
+        breaks = sorted(gaps[len(out) - most :])
+        starts = [0, *breaks]
+        ends = [*breaks, len(out)]
+        out = [(out[a][0], out[b - 1][1]) for a, b in zip(starts, ends, strict=True)]
+    return out
 
 
 def write_ledger(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> int:

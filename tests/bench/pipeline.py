@@ -39,7 +39,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from consumer.app import build_decoder, build_pipeline
@@ -303,40 +302,6 @@ def latency(
     }
 
 
-def dedup_memory(window_hours: int, ids: int) -> dict[str, Any]:
-    """The recent-id filter holding `ids` distinct ids spread over 24 event hours, fed as the
-    pipeline feeds it (added after each range, looked up before the next). Its RSS growth is
-    compared with the same run under a tiny window, which keeps about two hours of them."""
-    from consumer.classify.recent import HOUR_MS, RecentIds
-    from consumer.decode.keys import ids_keys
-
-    def keys(names: list[str]) -> Any:
-        return ids_keys(["api_calls"] * len(names), names)
-
-    base = _rss_mb()
-    recent = RecentIds(window_hours * HOUR_MS)
-    start_ms = 1_790_000_000_000
-    per_range = 10_000
-    for lo in range(0, ids, per_range):
-        batch = keys([f"evt-{i}" for i in range(lo, lo + per_range)])
-        recent.seen_keys(batch)  # the lookup each range makes first
-        at = start_ms + lo * 24 * HOUR_MS // ids
-        recent.add_keys(batch, np.full(len(batch), at, np.int64))
-    held = len(recent)
-    # duplicates are still caught: every id of the last hour, and none never added
-    caught = int(recent.seen_keys(keys([f"evt-{i}" for i in range(ids - 100_000, ids)])).sum())
-    false_positives = int(recent.seen_keys(keys([f"new-{i}" for i in range(100_000)])).sum())
-    return {
-        "window_hours": window_hours,
-        "ids_added": ids,
-        "ids_held": held,
-        "rss_growth_mb": round(_peak_rss_mb() - base, 1),
-        "array_mb": round(recent.nbytes / 2**20, 1),
-        "recent_duplicates_caught": f"{caught}/100000",
-        "false_positives_of_100000": false_positives,
-    }
-
-
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -370,7 +335,6 @@ def main() -> int:
     events = _env("BENCH_EVENTS", 1_000_000)
     customers = _env("BENCH_CUSTOMERS", 10_000)
     partitions = _env("BENCH_PARTITIONS", 6)
-    dedup_ids = _env("BENCH_DEDUP_IDS", 10_000_000)
     workdir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
         with TansuBroker() as broker:
@@ -416,13 +380,6 @@ def main() -> int:
     for name, r in stripe.items():
         print(f"bench: {name:13} {r['achieved_rps']:7.1f} of {STRIPE_RATE:.0f} requests/s "
               f"({r['ratio']:.3f})")  # fmt: skip
-    dedup = {
-        "window_26h": in_child(dedup_memory, 26, dedup_ids),
-        "window_1h": in_child(dedup_memory, 1, dedup_ids),
-    }
-    dedup_cost = round(dedup["window_26h"]["rss_growth_mb"] - dedup["window_1h"]["rss_growth_mb"])
-    print(f"bench: dedup state for {dedup_ids:,} ids in the window: {dedup_cost} MB "
-          f"(RSS growth, 26 h window minus 1 h window)")  # fmt: skip
     truth = {f"{c}|{m}": str(v.normalize()) for (c, m), v in sample.truth.items()}
     exact = all(
         {k: str(Decimal(v).normalize()) for k, v in r["totals"].items()} == truth for r in full_runs
@@ -465,7 +422,6 @@ def main() -> int:
             "c_latency": lat,
         },
         "stripe": {**stripe, "requests_for_the_run": requests},
-        "dedup": {**dedup, "cost_mb": dedup_cost, "ids": dedup_ids},
         "ratios": ratios,
         "clickhouse_equals_ground_truth": exact,
     }

@@ -52,32 +52,92 @@ def test_inputs_of_every_type_and_parameters_together(store: ChdbBackend) -> Non
         store.query_with("SELECT * FROM $nowhere", {})
 
 
-def test_ledger_question_ignores_each_candidates_own_range(store: ChdbBackend) -> None:
+T = 1_790_000_000_000  # ms, a minute boundary
+H = 6 * 3_600_000  # the dedup horizon these tests ask with
+
+
+def ledger_rows(store: ChdbBackend, rows: list[tuple[str, str, int, int, int]]) -> None:
+    """(meter, event id, event time ms, partition, offset) into an empty ledger."""
+    store_rows = ", ".join(
+        f"('{m}', 'c', '{e}', fromUnixTimestamp64Milli({t}, 'UTC'), 1, 't', {p}, {o}, "
+        f"fromUnixTimestamp64Milli({t}, 'UTC'), 1)"
+        for m, e, t, p, o in rows
+    )
     store.command("TRUNCATE TABLE usage_events")
     store.command(
-        """INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
-                                     partition, offset, record_time, ver)
-           VALUES ('m', 'c', 'own', now64(3), 1, 't', 0, 5, now64(3), 1),
-                  ('m', 'c', 'other', now64(3), 1, 't', 2, 9, now64(3), 1),
-                  ('m', 'c', 'twice', now64(3), 1, 't', 4, 1, now64(3), 1),
-                  ('m', 'c', 'twice', now64(3), 1, 't', 3, 1, now64(3), 1),
-                  ('n', 'c', 'other', now64(3), 1, 't', 1, 1, now64(3), 1)"""
+        f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                      partition, offset, record_time, ver) VALUES {store_rows}"""
     )
-    ids = ["own", "other", "twice", "never"]
-    candidates = pa.table(
+
+
+def candidates_of(ids: list[str], times: list[int], meter: str = "m") -> pa.Table:
+    n = len(ids)
+    return pa.table(
         [
-            pa.array(range(4), pa.uint32()),
-            pa.array(["m"] * 4),
+            pa.array(range(n), pa.uint32()),
+            pa.array([meter] * n),
             pa.array(ids),
-            pa.array(["t"] * 4),
-            pa.array([0] * 4, pa.uint32()),
-            pa.array([0] * 4, pa.uint64()),
-            pa.array([10] * 4, pa.uint64()),
+            pa.array(times, pa.int64()),
+            pa.array(["t"] * n),
+            pa.array([0] * n, pa.uint32()),
+            pa.array([0] * n, pa.uint64()),
+            pa.array([10] * n, pa.uint64()),
         ],
         schema=CANDIDATE_SCHEMA,
     )
+
+
+def test_ledger_question_ignores_each_candidates_own_range(store: ChdbBackend) -> None:
+    ledger_rows(
+        store,
+        [("m", "own", T, 0, 5), ("m", "other", T, 2, 9), ("m", "twice", T, 4, 1),
+         ("m", "twice", T, 3, 1), ("n", "other", T, 1, 1)]
+    )  # fmt: skip
+    candidates = candidates_of(["own", "other", "twice", "never"], [T] * 4)
     # 'own' sits inside its range [0, 10) of partition 0 (a retried write): not a copy
-    assert ledger_lookup(store)(candidates) == {1: 2, 2: 3}
+    assert ledger_lookup(store, H)(candidates) == {1: 2, 2: 3}
+
+
+def test_a_copy_counts_within_the_horizon_of_its_event_time(store: ChdbBackend) -> None:
+    """Re-stamped copies: exactly H apart is a duplicate, a millisecond more is not, on
+    either side; a copy with the same event time is one however old."""
+    ledger_rows(
+        store,
+        [("m", "early", T - H, 1, 1), ("m", "too-early", T - H - 1, 1, 2),
+         ("m", "later", T + H, 1, 3), ("m", "too-late", T + H + 1, 1, 4),
+         ("m", "ancient", T - 60 * 86_400_000, 1, 5)]
+    )  # fmt: skip
+    ids = ["early", "too-early", "later", "too-late", "ancient"]
+    times = [T, T, T, T, T - 60 * 86_400_000]
+    assert ledger_lookup(store, H)(candidates_of(ids, times)) == {0: 1, 2: 1, 4: 1}
+
+
+def test_the_question_reads_the_horizon_not_the_history(store: ChdbBackend) -> None:
+    """60 days of ledger, 10,000 rows an hour; a batch of this hour's ids may read at most
+    the rows of its horizon (2 x 6 h of 1,440 h, with granule slack): ClickHouse refuses
+    a read of more rows (max_rows_to_read), so a scan of the history fails the test."""
+    hours = 60 * 24
+    store.command("TRUNCATE TABLE usage_events")
+    store.command(
+        f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                      partition, offset, record_time, ver)
+            SELECT 'm', 'c', toString(number),
+                   fromUnixTimestamp64Milli({T} - intDiv(number, 10000) * 3600000, 'UTC'), 1,
+                   't', 1, number, now64(3), 1
+            FROM numbers({hours * 10_000})"""
+    )
+    store.command("OPTIMIZE TABLE usage_events FINAL")
+    ids = [str(i) for i in range(0, 10_000, 7)] + ["new"]  # this hour's, and a new one
+    candidates = candidates_of(ids, [T] * len(ids))
+    store.command(f"SET max_rows_to_read = {20 * 10_000 + 100_000}")
+    try:
+        held = ledger_lookup(store, H)(candidates)
+        assert len(held) == len(ids) - 1
+        with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for rows"):
+            # the same question with a horizon of the whole history: the limit bites
+            ledger_lookup(store, hours * 3_600_000)(candidates)
+    finally:
+        store.command("SET max_rows_to_read = 0")
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,11 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from consumer.classify.classifier import Classified
-from consumer.classify.recent import RecentIds
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent, DecodeError
-from consumer.decode.keys import id_hash
 from consumer.decode.reference import Decoder
 from consumer.decode.validate import Invalid, Limits, validate
 from consumer.records import Record
@@ -34,7 +32,6 @@ class Outcome:
     late: list[tuple[int, DecodedEvent, str, int]] = field(default_factory=list)
     invalid: list[tuple[int, str, str]] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
-    false_positives: int = 0
     cross_partition: int = 0
     watermarks_after: dict[str, int] = field(default_factory=dict)
 
@@ -47,7 +44,6 @@ def summary(out: Classified) -> Outcome:
         [(x.record.offset, x.event, x.meter.name, x.watermark_ms) for x in out.late],
         [(d.record.offset, d.reason, d.detail) for d in out.invalid],
         dict(out.duplicates),
-        out.false_positives,
         out.cross_partition,
         dict(out.watermarks_after),
     )
@@ -59,7 +55,6 @@ def classify(
     limits: Limits,
     records: Sequence[Record],
     snapshot: Snapshot,
-    recent: RecentIds,
     held: Mapping[tuple[str, str], int],
 ) -> Outcome:
     """`held`: (meter, event id) -> partition of a copy the ledger holds outside the range."""
@@ -77,14 +72,6 @@ def classify(
             out.cancels.append((rec.offset, event, meter.name))
         else:
             valid.append((rec, event, meter))
-    flagged = {
-        (m.name, e.event_id)
-        for (_, e, m), seen in zip(
-            valid, recent.seen([id_hash(m.name, e.event_id) for _, e, m in valid]), strict=True
-        )
-        if seen
-    }
-    out.false_positives = len(flagged - held.keys())
     seen_keys: set[tuple[str, str]] = set()
     for rec, event, meter in valid:
         key = (meter.name, event.event_id)
@@ -109,15 +96,15 @@ def classify_batch(
     decoder: Decoder,
     meters: Mapping[str, MeterConfig],
     limits: Limits,
-    ranges: Sequence[tuple[Sequence[Record], Snapshot, RecentIds]],
+    ranges: Sequence[tuple[Sequence[Record], Snapshot]],
     held: Mapping[tuple[str, str], int],
 ) -> list[Outcome]:
     """Ranges classified together, in order: what an earlier one accepted is held for the
     later ones, as if already in the ledger (the ledger's own copy is reported first)."""
     outs: list[Outcome] = []
     claimed: dict[tuple[str, str], int] = {}
-    for records, snapshot, recent in ranges:
-        out = classify(decoder, meters, limits, records, snapshot, recent, {**claimed, **held})
+    for records, snapshot in ranges:
+        out = classify(decoder, meters, limits, records, snapshot, {**claimed, **held})
         outs.append(out)
         for _, event, meter in out.accepted:
             claimed.setdefault((meter, event.event_id), records[0].partition)

@@ -7,12 +7,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from consumer.classify.classifier import Accepted, AcceptedBatch, per_event_meters
 from consumer.decode.columns import LEDGER_SCHEMA, PROPERTIES, VER_BASE
-from consumer.decode.keys import id_hash
 from consumer.records import DECIMAL, TIME_MS
 from consumer.sinks.ledger import RangeWrite, write_ledger, write_outputs
 from consumer.sinks.rollup import Cancel, recompute, touched_windows
@@ -40,11 +38,9 @@ def accepted_batch(accepted: Sequence[Accepted]) -> AcceptedBatch:
         },
         schema=LEDGER_SCHEMA,
     )
-    keys = np.array([id_hash(x.meter.name, x.event.event_id) for x in a], np.int64)
-    times = np.array([x.event.timestamp_ms for x in a], np.int64)
     per_event = per_event_meters([x.meter for x in a])
     counts = dict(Counter(x.meter.name for x in a))
-    return AcceptedBatch(table, keys, times, counts, per_event, lambda: a)
+    return AcceptedBatch(table, counts, per_event, lambda: a)
 
 
 def write_effects(store: Backend, token: str, ranges: Sequence[RangeWrite], now_ms: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -12,18 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.classify.classifier import CANDIDATE_SCHEMA, Classified, Classifier
-from consumer.classify.recent import HOUR_MS, RecentIds
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
-from consumer.decode.keys import id_hash
 from consumer.decode.reference import Decoder
 from consumer.decode.schemas import LocalSchemaSource, reader_schema
 from consumer.decode.validate import Limits
 from consumer.decode.wire import encode_confluent, frame_confluent
 from consumer.producer import CURRENT_SCHEMA_ID, event_record, message_key
 from consumer.records import Record
+from consumer.sinks.ledger import spans
 
 T0 = 1_763_000_000_000
+HOUR_MS = 3_600_000
 API = MeterConfig(name="api_calls", event_name="api_call", allowed_lateness_seconds=3600)
 TOKENS = MeterConfig(name="tokens", event_name="tokens", allowed_lateness_seconds=600)
 METERS = {m.event_name: m for m in (API, TOKENS)}
@@ -97,13 +98,6 @@ class FakeLedger:
         return {r["ci"]: self.partition for r in rows if (r["meter"], r["event_id"]) in self.held}
 
 
-def recent_with(*keys: tuple[str, str]) -> RecentIds:
-    r = RecentIds(window_ms=6 * HOUR_MS)
-    for meter, eid in keys:
-        r.add(id_hash(meter, eid), T0)
-    return r
-
-
 def ids(out: Classified) -> list[str]:
     return [a.event.event_id for a in out.accepted]
 
@@ -122,7 +116,7 @@ def test_undecodable_and_invalid_messages_are_dead_letters_with_reasons() -> Non
     unknown_meter = s.event("e-3", name="nope")
     future = s.event("e-4", ts=T0 + 300_001)
     good = s.event("e-5")
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, SNAPSHOT, FakeLedger())
     reasons = {d.record.offset: d.reason for d in out.invalid}
     assert reasons == {
         empty.offset: "empty",
@@ -152,7 +146,7 @@ def test_cancels_are_neither_usage_nor_deduplicated_nor_late() -> None:
     s.event("c-2", ts=T0 - 2 * HOUR_MS, cancels="e-0")  # older than lateness: still applies
     s.event("c-3", cancels="c-3")
     ledger = FakeLedger(held={("api_calls", "c-1")})  # a cancel never meets the ledger
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), ledger)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
     assert ids(out) == ["e-1"]
     assert [(c.event.event_id, c.event.cancels) for c in out.cancels] == [
         ("c-1", "e-1"), ("c-1", "e-1"), ("c-2", "e-0"),
@@ -167,7 +161,7 @@ def test_invalid_first_copy_does_not_shadow_a_valid_later_copy() -> None:
     s = Stream()
     s.event("e-1", ts=T0 + 10 * 60_000)  # future-dated copy: dead letter
     ok = s.event("e-1")
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, SNAPSHOT, FakeLedger())
     assert [d.reason for d in out.invalid] == ["timestamp_in_future"]
     assert [a.record for a in out.accepted] == [ok]
     assert out.duplicates == {}
@@ -183,7 +177,7 @@ def test_in_range_duplicates_first_occurrence_by_offset_wins() -> None:
     s.event("e-1", value="3")  # same id, different body: still a duplicate
     s.event("e-1", name="tokens", value="4")  # same id, other meter: a different event
     s.event("e-2", value="2")
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, SNAPSHOT, FakeLedger())
     assert [(a.meter.name, a.record.offset) for a in out.accepted] == [
         ("api_calls", 100),
         ("api_calls", 101),
@@ -191,59 +185,54 @@ def test_in_range_duplicates_first_occurrence_by_offset_wins() -> None:
     ]
     assert out.accepted[0].record is first and out.accepted[0].event.value == Decimal(1)
     assert out.duplicates == {"api_calls": 2}
-    assert out.false_positives == 0
 
 
-def test_filter_flagged_ids_confirmed_by_the_ledger_are_duplicates() -> None:
+def test_ids_the_ledger_holds_are_duplicates() -> None:
     s = Stream()
     s.event("old-1")
     s.event("new-1")
     s.event("old-2", name="tokens")
     ledger = FakeLedger(held={("api_calls", "old-1"), ("tokens", "old-2")})
-    recent = recent_with(("api_calls", "old-1"), ("tokens", "old-2"))
-    out = classifier().classify(s.records, SNAPSHOT, recent, ledger)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
     assert ids(out) == ["new-1"]
     assert out.duplicates == {"api_calls": 1, "tokens": 1}
-    assert out.false_positives == 0
     # One batched question about every id of the range, whatever its meter.
     assert ledger.calls == [("api_calls", ["new-1", "old-1"]), ("tokens", ["old-2"])]
     assert ledger.questions == 1
     assert out.cross_partition == 0
 
 
-def test_a_copy_the_filter_never_saw_is_still_a_duplicate() -> None:
+def test_a_copy_another_partition_wrote_is_a_duplicate() -> None:
     """Another partition wrote it (a producer not keying by id), maybe re-stamped so its
     ledger identity differs: the dedup key is (meter, event id) all the same."""
     s = Stream()
     s.event("e-1")
     s.event("e-2")
     ledger = FakeLedger(held={("api_calls", "e-1")}, partition=7)
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), ledger)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
     assert ids(out) == ["e-2"]
     assert out.duplicates == {"api_calls": 1}
-    assert out.cross_partition == 1 and out.false_positives == 0
+    assert out.cross_partition == 1
 
 
-def test_filter_positive_the_ledger_denies_is_accepted_and_counted() -> None:
+def test_ids_the_ledger_does_not_hold_are_accepted_and_asked_once() -> None:
     s = Stream()
     s.event("fp-1")
     s.event("fp-2")
-    s.event("fp-1")  # in-range copy of a false positive: one lookup id, one duplicate
+    s.event("fp-1")  # in-range copy: one lookup id, one duplicate
     s.event("dup")
-    recent = recent_with(("api_calls", "fp-1"), ("api_calls", "fp-2"), ("api_calls", "dup"))
     ledger = FakeLedger(held={("api_calls", "dup")})
-    out = classifier().classify(s.records, SNAPSHOT, recent, ledger)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
     assert ids(out) == ["fp-1", "fp-2"]
-    assert out.false_positives == 2
     assert out.duplicates == {"api_calls": 2}
     assert ledger.calls == [("api_calls", ["dup", "fp-1", "fp-2"])]  # sorted, distinct
 
 
-def test_filter_hash_is_per_meter() -> None:
+def test_the_ledger_question_is_per_meter() -> None:
     s = Stream()
     s.event("x", name="tokens")
     ledger = FakeLedger(held={("api_calls", "x")})
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(("api_calls", "x")), ledger)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
     assert ids(out) == ["x"]
     assert out.duplicates == {}
 
@@ -259,7 +248,7 @@ def test_late_beyond_allowed_lateness_versus_snapshot_watermark() -> None:
     on_edge = s.event("edge", ts=mark - lateness)
     late = s.event("late", ts=mark - lateness - 1)
     tok_late = s.event("tl", name="tokens", ts=mark - TOKENS.allowed_lateness_seconds * 1000 - 1)
-    out = classifier().classify(s.records, snap, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, snap, FakeLedger())
     assert [a.record for a in out.accepted] == [on_edge]
     assert [(x.record, x.meter.name, x.watermark_ms) for x in out.late] == [
         (late, "api_calls", mark),
@@ -274,7 +263,7 @@ def test_watermark_advances_within_the_range() -> None:
     s.event("a", ts=T0 - 3 * HOUR_MS)
     s.event("b", ts=T0)
     late = s.event("c", ts=T0 - 3 * HOUR_MS)  # now behind b by more than an hour
-    out = classifier().classify(s.records, SNAPSHOT, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, SNAPSHOT, FakeLedger())
     assert ids(out) == ["a", "b"]
     assert [(x.record, x.watermark_ms) for x in out.late] == [(late, T0)]
     assert out.watermarks_after == {"api_calls": T0}
@@ -286,7 +275,7 @@ def test_late_event_the_ledger_holds_is_a_duplicate_not_late() -> None:
     s.event("seen", ts=T0 - 2 * HOUR_MS)
     unseen = s.event("unseen", ts=T0 - 2 * HOUR_MS)
     ledger = FakeLedger(held={("api_calls", "seen")})
-    out = classifier().classify(s.records, snap, recent_with(), ledger)
+    out = classifier().classify(s.records, snap, ledger)
     assert len(out.accepted) == 0
     assert [x.record for x in out.late] == [unseen]
     assert out.duplicates == {"api_calls": 1}
@@ -300,7 +289,7 @@ def test_late_copies_in_range_are_one_late_event_and_duplicates() -> None:
     s = Stream()
     first = s.event("x", ts=T0 - 2 * HOUR_MS)
     s.event("x", ts=T0 - 2 * HOUR_MS)
-    out = classifier().classify(s.records, snap, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, snap, FakeLedger())
     assert [x.record for x in out.late] == [first]
     assert out.duplicates == {"api_calls": 1}
 
@@ -312,7 +301,7 @@ def test_watermarks_after_and_snapshot_is_not_mutated() -> None:
     s.event("b", ts=T0 + 5000)
     s.event("c", name="tokens", ts=T0 + 7)
     s.event("d", ts=T0 + 6000, record_ts=T0 - HOUR_MS)  # invalid (future): ignored
-    out = classifier().classify(s.records, snap, recent_with(), FakeLedger())
+    out = classifier().classify(s.records, snap, FakeLedger())
     assert out.watermarks_after == {"api_calls": T0 + 5000, "tokens": T0 + 7, "other": 5}
     assert snap.watermarks == {"api_calls": T0, "other": 5}
     assert Snapshot.from_json(snap.to_json()) == snap
@@ -320,7 +309,7 @@ def test_watermarks_after_and_snapshot_is_not_mutated() -> None:
 
 def test_empty_range() -> None:
     snap = Snapshot(watermarks={"api_calls": T0}, config_hash="c", stamp_ms=0)
-    out = classifier().classify([], snap, recent_with(), FakeLedger())
+    out = classifier().classify([], snap, FakeLedger())
     assert out == Classified(watermarks_after={"api_calls": T0})
 
 
@@ -331,7 +320,7 @@ def test_lookup_failure_propagates_instead_of_dead_lettering() -> None:
     s = Stream()
     s.event("e")
     with pytest.raises(ConnectionError):
-        classifier().classify(s.records, SNAPSHOT, recent_with(("api_calls", "e")), broken)
+        classifier().classify(s.records, SNAPSHOT, broken)
 
 
 # --- properties ------------------------------------------------------------------------
@@ -341,8 +330,8 @@ NAMES = st.sampled_from(["api_call", "tokens"])
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> tuple[list[tuple[str, str, int, str]], set[tuple[str, str]]]:
-    """Distinct events, each copied 1-4 times, shuffled; plus filter ids the ledger denies."""
+def streams(draw: st.DrawFn) -> list[tuple[str, str, int, str]]:
+    """Distinct events, each copied 1-4 times, shuffled."""
     keys = draw(st.lists(st.tuples(NAMES, EVENT_IDS), unique=True, max_size=25))
     copies: list[tuple[str, str, int, str]] = []
     for name, eid in keys:
@@ -350,23 +339,20 @@ def streams(draw: st.DrawFn) -> tuple[list[tuple[str, str, int, str]], set[tuple
         ts = T0 - draw(st.integers(0, lateness_ms))
         value = str(draw(st.decimals(0, 10**6, places=3, allow_nan=False)))
         copies += [(name, eid, ts, value)] * draw(st.integers(1, 4))
-    order = draw(st.permutations(copies))
-    flagged = draw(st.sets(st.tuples(st.sampled_from(["api_calls", "tokens"]), EVENT_IDS)))
-    return list(order), flagged
+    return list(draw(st.permutations(copies)))
 
 
 @settings(max_examples=150, deadline=None)
 @given(streams())
 def test_first_occurrence_accepted_and_every_other_copy_duplicate(
-    case: tuple[list[tuple[str, str, int, str]], set[tuple[str, str]]],
+    copies: list[tuple[str, str, int, str]],
 ) -> None:
-    copies, flagged = case
     s = Stream(start=7)
     for name, eid, ts, value in copies:
         s.event(eid, ts, name=name, value=value)
     c = classifier()
-    ledger = FakeLedger()  # holds nothing: every filter positive is a false positive
-    out = c.classify(s.records, SNAPSHOT, recent_with(*flagged), ledger)
+    ledger = FakeLedger()
+    out = c.classify(s.records, SNAPSHOT, ledger)
 
     first: dict[tuple[str, str], Record] = {}
     for rec, (name, eid, _, _) in zip(s.records, copies, strict=True):
@@ -381,12 +367,11 @@ def test_first_occurrence_accepted_and_every_other_copy_duplicate(
         m: per_meter[m] - kept[m] for m in per_meter if per_meter[m] > kept[m]
     }
     assert sum(out.duplicates.values()) + len(out.accepted) == len(copies)
-    assert out.false_positives == len(flagged & set(first))
 
     # P1: the same records with the same snapshot classify identically.
-    again = c.classify(list(s.records), SNAPSHOT, recent_with(*flagged), FakeLedger())
+    again = c.classify(list(s.records), SNAPSHOT, FakeLedger())
     assert again == out
-    fresh = classifier().classify(s.records, SNAPSHOT, recent_with(*flagged), FakeLedger())
+    fresh = classifier().classify(s.records, SNAPSHOT, FakeLedger())
     assert fresh == out
 
 
@@ -405,10 +390,9 @@ def test_every_record_gets_exactly_one_outcome_deterministically(
     s = Stream()
     for name, eid, dt in events:
         s.event(eid, T0 + dt, name=name)
-    recent = recent_with(*held)
 
     def run() -> Classified:
-        return classifier().classify(s.records, snap, recent, FakeLedger(held=set(held)))
+        return classifier().classify(s.records, snap, FakeLedger(held=set(held)))
 
     out = run()
     n_dup = sum(out.duplicates.values())
@@ -422,3 +406,19 @@ def test_every_record_gets_exactly_one_outcome_deterministically(
     for x in out.late:
         assert x.event.timestamp_ms < x.watermark_ms - x.meter.allowed_lateness_seconds * 1000
     assert out == run()
+
+
+# --- the dedup horizon's spans ---------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(10**9), 10**9), min_size=1, max_size=60), st.integers(0, 10**7))
+def test_spans_cover_every_horizon_disjointly_and_stay_few(times: list[int], h: int) -> None:
+    got = spans(times, h, most=5)
+    assert 1 <= len(got) <= 5
+    assert all(lo <= hi for lo, hi in got)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(got))  # disjoint, ordered
+    for t in times:  # every candidate's horizon lies inside one span
+        assert any(lo <= t - h and t + h <= hi for lo, hi in got)
+    if len(spans(times, h, most=100)) <= 5:  # nothing joined when few enough
+        assert got == spans(times, h, most=100)

@@ -12,10 +12,8 @@ from hypothesis import strategies as st
 
 from consumer.classify import classifier as classify
 from consumer.classify.classifier import CANDIDATE_SCHEMA, Classifier, Job
-from consumer.classify.recent import HOUR_MS, RecentIds
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
-from consumer.decode.keys import id_hash
 from consumer.decode.reference import Decoder
 from consumer.decode.schemas import SCHEMAS_DIR, LocalSchemaSource, load_schema, reader_schema
 from consumer.decode.validate import Limits
@@ -25,6 +23,7 @@ from consumer.records import RangeInput, Record
 from tests.support import reference
 
 T0 = 1_763_000_000_000
+HOUR_MS = 3_600_000
 METERS = {
     m.event_name: m
     for m in (
@@ -79,7 +78,6 @@ def messages(draw: st.DrawFn) -> tuple[bytes | None, int]:
 @given(
     st.lists(st.lists(messages(), max_size=30), min_size=1, max_size=3),
     st.dictionaries(st.sampled_from(["api_calls", "tokens"]), st.integers(-HOUR_MS, HOUR_MS)),
-    st.sets(st.tuples(st.sampled_from(["api_calls", "tokens"]), st.sampled_from(["a", "b", "e"]))),
     st.dictionaries(
         st.tuples(st.sampled_from(["api_calls", "tokens"]), st.sampled_from(["a", "c", "e"])),
         st.sampled_from([3, 4]),
@@ -88,7 +86,6 @@ def messages(draw: st.DrawFn) -> tuple[bytes | None, int]:
 def test_columnar_classification_equals_the_model(
     batch: list[list[tuple[bytes | None, int]]],
     marks: dict[str, int],
-    flagged: set[tuple[str, str]],
     held: dict[tuple[str, str], int],
 ) -> None:
     """A batch of one to three ranges (partitions 0, 1, 2), classified together."""
@@ -96,10 +93,7 @@ def test_columnar_classification_equals_the_model(
     ranges = []
     for p, msgs in enumerate(batch):
         records = [Record("t", p, 10 + i, None, v, ts) for i, (v, ts) in enumerate(msgs)]
-        recent = RecentIds(6 * HOUR_MS)
-        for meter, eid in flagged:
-            recent.add(id_hash(meter, eid), T0)
-        ranges.append((records, snapshot, recent))
+        ranges.append((records, snapshot))
     decoder = Decoder(mode="confluent", source=LocalSchemaSource(), reader=reader_schema())
 
     def ledger(candidates: Any) -> dict[int, int]:
@@ -110,9 +104,7 @@ def test_columnar_classification_equals_the_model(
             if (r["meter"], r["event_id"]) in held
         }
 
-    jobs = [
-        Job(RangeInput.of_records(r), 10, 10 + len(r), snap, recent) for r, snap, recent in ranges
-    ]
+    jobs = [Job(RangeInput.of_records(r), 10, 10 + len(r), snap) for r, snap in ranges]
     got = Classifier(decoder, METERS, LIMITS).classify_all(jobs, ledger)
     want = reference.classify_batch(decoder, METERS, LIMITS, ranges, held)
     assert [reference.summary(g) for g in got] == want
@@ -137,7 +129,7 @@ def test_several_ranges_share_one_question_and_keep_their_own_outcomes() -> None
         return {r["ci"]: 0 for r in rows if r["event_id"] == "c"}  # c was written by p0
 
     snap = Snapshot({}, "c", T0)
-    jobs = [Job(r, 0, len(r), snap, RecentIds(HOUR_MS)) for r in ranges]
+    jobs = [Job(r, 0, len(r), snap) for r in ranges]
     first, second = c.classify_all(jobs, ledger)
     assert asked == [[("a", 0), ("b", 0), ("a", 1), ("c", 1)]]
     assert [a.event.event_id for a in first.accepted] == ["a", "b"]
