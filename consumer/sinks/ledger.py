@@ -247,10 +247,9 @@ def _write_late(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> Non
 
 def cancels_of(ranges: Sequence[RangeWrite]) -> list[Cancel]:
     """What the batch's cancel events take back, in a stable order."""
-    return sorted(
-        {
-            (c.meter.name, c.event.customer_id, c.event.cancels)
-            for r in ranges
-            for c in r.classified.cancels
-        }
-    )
+    latest: dict[tuple[str, str, str], int] = {}
+    for r in ranges:
+        for c in r.classified.cancels:
+            key = (c.meter.name, c.event.customer_id, c.event.cancels)
+            latest[key] = max(latest.get(key, c.event.timestamp_ms), c.event.timestamp_ms)
+    return sorted((*k, t) for k, t in latest.items())

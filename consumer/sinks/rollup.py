@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +32,13 @@ from consumer.records import TIME_MS
 from consumer.store.backend import Backend, StoreError
 
 log = logging.getLogger(__name__)
-Cancel = tuple[str, str, str]  # (meter, customer, cancelled event id)
+Cancel = tuple[str, str, str, int]  # (meter, customer, cancelled event id, cancel's time ms)
+# How far apart in event time a cancel and its original may be: Stripe bills no usage older
+# than 35 days, and the consumer accepts none older than that behind its record time, so an
+# original is looked for within it (the ledger's minutes there, never its history), after
+# a first look in the hours around the cancel, where producers' cancels find theirs.
+CANCEL_NEAR_MS = 6 * 3_600_000
+CANCEL_REACH_MS = 35 * 86_400_000
 Span = tuple[int, int, int]  # (partition, start, end) of a range of the batch
 PENDING, DONE = 1, 2
 MAX_BACKOFF = 5.0
@@ -150,13 +157,41 @@ def _windows(rows: Sequence[Sequence[object]]) -> pa.Table:
 
 
 def _cancelled_windows(store: Backend, cancels: Sequence[Cancel]) -> pa.Table:
-    rows = store.query(
-        """SELECT DISTINCT meter, customer_id, toUnixTimestamp(toStartOfMinute(event_time))
+    """The windows of the originals the cancels take back, looked for by the 8-byte id key:
+    first in the minutes near the cancels' event times (a producer takes usage back soon),
+    then, for those not found there, within CANCEL_REACH_MS; never in the whole history."""
+    found: list[tuple[Any, ...]] = []
+    todo = list(cancels)
+    for reach in (CANCEL_NEAR_MS, CANCEL_REACH_MS):
+        if not todo:
+            break
+        rows = _originals(store, todo, reach)
+        found += rows
+        seen = {(str(m), str(c), str(e)) for m, c, e, _ in rows}
+        todo = [x for x in todo if x[:3] not in seen]
+    return _windows(sorted({(m, c, w) for m, c, _, w in found}))
+
+
+def _originals(store: Backend, cancels: Sequence[Cancel], reach_ms: int) -> list[tuple[Any, ...]]:
+    times = [c[3] for c in cancels]
+    return store.query(
+        """SELECT DISTINCT meter, customer_id, event_id,
+                  toUnixTimestamp(toStartOfMinute(event_time))
            FROM usage_events
+           PREWHERE meter IN {m:Array(String)}
+                AND event_time BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')
+                                   AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')
+                AND id_key IN (SELECT sipHash64(c.1, c.2) FROM (
+                                   SELECT arrayJoin({k:Array(Tuple(String, String))}) AS c))
            WHERE (meter, customer_id, event_id) IN {c:Array(Tuple(String, String, String))}""",
-        {"c": list(cancels)},
+        {
+            "m": sorted({c[0] for c in cancels}),
+            "lo": min(times) - reach_ms,
+            "hi": max(times) + reach_ms,
+            "k": sorted({(c[0], c[2]) for c in cancels}),
+            "c": sorted({c[:3] for c in cancels}),
+        },
     )
-    return _windows(rows)
 
 
 def _at(spans: Sequence[Span]) -> str:
@@ -186,11 +221,12 @@ def cancels_at(store: Backend, topic: str, spans: Sequence[Span]) -> list[Cancel
     if not spans:
         return []
     rows = store.query(
-        f"""SELECT DISTINCT meter, customer_id, cancelled_id FROM cancellations
-            WHERE topic = {{t:String}} AND ({_at(spans)}) ORDER BY 1, 2, 3""",
+        f"""SELECT meter, customer_id, cancelled_id, max(toUnixTimestamp64Milli(event_time))
+            FROM cancellations WHERE topic = {{t:String}} AND ({_at(spans)})
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
         {"t": topic},
     )
-    return [(str(m), str(c), str(i)) for m, c, i in rows]
+    return [(str(m), str(c), str(i), int(t)) for m, c, i, t in rows]
 
 
 # --- the jobs ---------------------------------------------------------------------------

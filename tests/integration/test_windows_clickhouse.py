@@ -519,3 +519,52 @@ def test_cancelling_every_event_of_a_window_zeroes_it(store: Backend) -> None:
     assert minutely(store) == {} and totals(store) == {} and hourly(store) == {}
     rows = store.query("SELECT toString(sum_value), event_count FROM usage_windows FINAL")
     assert rows == [("0", 0)]  # what the aggregated planner reads: the bucket fell to 0
+
+
+def test_a_cancel_finds_its_original_without_reading_the_history(tmp_path: Path) -> None:
+    """120 days of ledger, 1,000 events an hour, each hour one window. A cancel of this
+    hour's event empties it out of its window reading only the hours near the cancel; one
+    of an event 30 days older reads at most the 35-day reach. ClickHouse refuses to read
+    more rows than allowed (max_rows_to_read), so a scan of the history fails the test."""
+    store = ChdbBackend(tmp_path / "chdb", "usage")
+    migrate(store)
+    hours, per_hour, now = 120 * 24, 1_000, BASE_MS
+    store.command(
+        f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                      partition, offset, record_time, ver)
+            SELECT 'api_calls', 'c', toString(number),
+                   fromUnixTimestamp64Milli({now} - intDiv(number, {per_hour}) * {HOUR_MS},
+                                            'UTC'), 1, 't', 1, number, now64(3), 1
+            FROM numbers({hours * per_hour})"""
+    )
+    store.command("OPTIMIZE TABLE usage_events FINAL")
+    month_ago = 30 * 24 * per_hour + 5  # an event of the hour 30 days back
+    for target, at in (("5", now), (str(month_ago), now)):
+        store.command(
+            """INSERT INTO cancellations (meter, customer_id, cancelled_id, event_id, event_time,
+                                          topic, partition, offset, record_time)
+               VALUES ('api_calls', 'c', {t:String}, {e:String},
+                       fromUnixTimestamp64Milli({at:Int64}, 'UTC'), 't', 2, 0, now64(3))""",
+            {"t": target, "e": f"cancel-{target}", "at": at},
+        )
+    empty = accepted_table([])
+
+    def count(hours_back: int) -> int:
+        (n,) = store.query(
+            """SELECT event_count FROM usage_windows FINAL
+               WHERE window_start = toDateTime({s:Int64}, 'UTC')""",
+            {"s": (now - hours_back * HOUR_MS) // 1000},
+        )[0]
+        return int(n)
+
+    near = 12 * per_hour + 10 * per_hour  # 12 h either side, and granule slack
+    store.command(f"SET max_rows_to_read = {near}")
+    recompute_windows(store, empty, [("api_calls", "c", "5", now)])
+    assert count(0) == per_hour - 1
+    store.command(f"SET max_rows_to_read = {(35 + 2) * 24 * per_hour}")
+    recompute_windows(store, empty, [("api_calls", "c", str(month_ago), now)])
+    assert count(30 * 24) == per_hour - 1
+    store.command(f"SET max_rows_to_read = {near}")
+    with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for rows"):
+        recompute_windows(store, empty, [("api_calls", "c", str(month_ago), now)])
+    store.close()
