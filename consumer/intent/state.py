@@ -1,10 +1,11 @@
 """Fenced ingest state: versioned intent/done rows per (group, topic, partition).
 
-Rows are append-only and read with argMax over (range_start, state_rank, epoch, written_at),
-so a late intent from a zombie can never hide a newer completion (P4); within one owner a
+Rows are append-only (`ingest_state`, the history) and the winner by (range_start,
+state_rank, epoch, written_at) is kept per partition in `ingest_latest` (migration 15), so
+a late intent from a zombie can never hide a newer completion (P4); within one owner a
 later row of the same range and rank wins (an attempt withdrawn by a deliberate stop). On
 assignment the partition resumes from this state, never silently from Kafka's committed
-offset.
+offset, and reads one row a partition however long it has run.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ def load_states(
         return {}
     rows = store.query(
         """SELECT partition,
-                  argMax(tuple(range_start, range_end, state_rank, attempt, snapshot),
-                         tuple(range_start, state_rank, epoch, written_at)) AS s
-           FROM ingest_state
+                  argMax(tuple(range_start, range_end, state_rank, attempt, snapshot), version)
+           FROM ingest_latest
            WHERE group_id = {g:String} AND topic = {t:String} AND partition IN {p:Array(UInt32)}
              AND ({any:UInt8} = 1 OR topic_id IN ({id:String}, ''))
            GROUP BY partition""",
@@ -82,7 +82,7 @@ def earlier_incarnation(
     if not partitions or not topic_id:
         return set()
     rows = store.query(
-        """SELECT DISTINCT partition FROM ingest_state
+        """SELECT DISTINCT partition FROM ingest_latest
            WHERE group_id = {g:String} AND topic = {t:String} AND partition IN {p:Array(UInt32)}
              AND topic_id NOT IN ({id:String}, '')""",
         {"g": group, "t": topic, "p": list(partitions), "id": topic_id},
