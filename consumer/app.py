@@ -43,8 +43,7 @@ from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
 from consumer.store import Backend, open_store
 from consumer.store.config_versions import record_config
-from consumer.store.durability import apply_fsync
-from consumer.store.migrations import migrate
+from consumer.store.prepare import prepare_store
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +221,7 @@ def build_pipeline(
     k, p = settings.kafka, settings.pipeline
     owns_store = store is None
     store = store or open_store(settings.clickhouse)
-    migrate(store)
-    apply_fsync(store, settings.clickhouse.fsync_after_insert)
+    prepare_store(store, settings.clickhouse)
     record_config(store, settings.config_hash(), settings.classification_body())
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),

@@ -78,14 +78,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from consumer.store import open_store
-    from consumer.store.durability import apply_fsync
-    from consumer.store.migrations import migrate
+    from consumer.store.prepare import prepare_store
 
     cfg = _settings(args).clickhouse
     store = open_store(cfg)
     try:
-        applied = migrate(store)
-        apply_fsync(store, cfg.fsync_after_insert)
+        applied = prepare_store(store, cfg)
     finally:
         store.close()
     print(f"migrations applied: {applied or 'none (up to date)'}")

@@ -130,6 +130,25 @@ class SchemaConfig(_Frozen):
         return self
 
 
+# Stripe's 35 days a cancel may reach back (sinks/rollup.CANCEL_REACH_MS), and a day's margin.
+LEDGER_MIN_DAYS = 36
+
+
+class RetentionConfig(_Frozen):
+    """Days each growing table keeps its rows (0: for ever); applied as table TTLs at start
+    (consumer/store/retention.py). docs/operations.md says what each one must outlive."""
+
+    ledger_days: int = Field(
+        0, ge=0, description="usage_events and cancellations (0 or at least 36 + max_past_days)"
+    )
+    windows_days: int = Field(0, ge=0, description="usage_windows, what analysts read")
+    dead_letters_days: int = Field(90, ge=1, description="dead_letters, by Kafka record time")
+    late_events_days: int = Field(90, ge=1, description="late_events, by Kafka record time")
+    ingest_history_days: int = Field(
+        30, ge=1, description="ingest_state history (resuming reads ingest_latest)"
+    )
+
+
 class ClickHouseConfig(_Frozen):
     backend: Literal["chdb", "server"] = "chdb"
     chdb_path: Path = Path(".data/chdb")
@@ -144,6 +163,7 @@ class ClickHouseConfig(_Frozen):
         description="fsync each insert's part and directory before the insert returns "
         "(durable through a host crash, slower inserts); set on every MergeTree table at start",
     )
+    retention: RetentionConfig = RetentionConfig()
 
 
 _ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")
@@ -293,6 +313,14 @@ class Settings(BaseSettings):
             dupes = sorted({v for v in seen if seen.count(v) > 1})
             if dupes:
                 raise ValueError(f"meters: {field} must be unique, repeated: {', '.join(dupes)}")
+        kept = self.clickhouse.retention.ledger_days
+        need = LEDGER_MIN_DAYS + self.pipeline.max_past_days
+        if kept and kept < need:
+            raise ValueError(
+                f"clickhouse.retention.ledger_days must be 0 (keep) or at least {need}: a cancel "
+                f"may take back usage {LEDGER_MIN_DAYS - 1} days older than itself, and events "
+                f"are accepted up to pipeline.max_past_days ({self.pipeline.max_past_days}) old"
+            )
         longest = max(m.allowed_lateness_seconds for m in self.meters)
         if self.pipeline.dedup_window_seconds < longest:
             raise ValueError(

@@ -84,10 +84,20 @@ def _model_table(model: type[BaseModel], env_prefix: str | None) -> list[str]:
         "default",
         "notes",
     ]
-    lines = [_row(*head), _row(*["---"] * len(head))]
+    return [_row(*head), _row(*["---"] * len(head)), *_model_rows(model, env_prefix, "")]
+
+
+def _model_rows(model: type[BaseModel], env_prefix: str | None, path: str) -> list[str]:
+    """A row a setting; a nested section's settings as `section.setting` rows."""
+    lines = []
     for name, field in model.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            env = None if env_prefix is None else f"{env_prefix}{name.upper()}__"
+            lines += _model_rows(nested, env, f"{path}{name}.")
+            continue
         notes = "; ".join(x for x in (field.description or "", _limits(field)) if x)
-        cells = [f"`{name}`", _type(field.annotation), _default(field), notes]
+        cells = [f"`{path}{name}`", _type(field.annotation), _default(field), notes]
         if env_prefix is not None:
             cells.insert(1, f"`{env_prefix}{name.upper()}`")
         lines.append(_row(*cells))
