@@ -87,18 +87,21 @@ def test_the_latest_row_is_the_one_p4_orders_first(
 
 
 def test_the_migration_carries_the_state_written_before_it(path: Path, store: ChdbBackend) -> None:
-    store = ChdbBackend(path, "before_15")
-    _upto(store, 14)
-    rng = random.Random(15)
-    rows = [
-        (rng.randrange(3), rng.randrange(5) * 100, rng.choice([INTENT, DONE]), rng.randrange(3),
-         1_700_000_000_000 + rng.randrange(4))
-        for _ in range(200)
-    ]  # fmt: skip
-    _write(store, rows, 5)
-    assert migrate(store) == [15]
-    got = {p: s.snapshot for p, s in load_states(store, "g", "t", [0, 1, 2]).items()}
-    assert got == _expected(rows)
+    older = ChdbBackend(path, "before_15")
+    try:
+        _upto(older, 14)
+        rng = random.Random(15)
+        rows = [
+            (rng.randrange(3), rng.randrange(5) * 100, rng.choice([INTENT, DONE]),
+             rng.randrange(3), 1_700_000_000_000 + rng.randrange(4))
+            for _ in range(200)
+        ]  # fmt: skip
+        _write(older, rows, 5)
+        assert 15 in migrate(older)
+        got = {p: s.snapshot for p, s in load_states(older, "g", "t", [0, 1, 2]).items()}
+        assert got == _expected(rows)
+    finally:
+        older.close()  # its connections too: the embedded server must not outlive the module
 
 
 def test_assignment_reads_one_row_a_partition_not_the_history(store: ChdbBackend) -> None:
