@@ -78,14 +78,16 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from consumer.store import open_store
+    from consumer.store.cluster import cluster_of
     from consumer.store.durability import apply_fsync
     from consumer.store.migrations import migrate
 
     cfg = _settings(args).clickhouse
+    cluster = cluster_of(cfg)
     store = open_store(cfg)
     try:
-        applied = migrate(store)
-        apply_fsync(store, cfg.fsync_after_insert)
+        applied = migrate(store, cluster)
+        apply_fsync(store, cfg.fsync_after_insert, cluster)
     finally:
         store.close()
     print(f"migrations applied: {applied or 'none (up to date)'}")
