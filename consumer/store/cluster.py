@@ -43,30 +43,31 @@ _FAMILY = frozenset(
 )
 
 _LEAD = r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
-_NAME_PART = r"(?:`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"|[A-Za-z_][A-Za-z0-9_$]*)"
-# Atomic: a name never gives characters back, so `t ON CLUSTER c` can't be read as `t` cut short.
-_NAME = rf"(?>{_NAME_PART}(?:\s*\.\s*{_NAME_PART})?)"
-_NOT_YET = r"(?!\s+ON\s+CLUSTER\b)"
+_NAME_PART = r"(?:`(?:[^`\\]|\\.|``)*`|\"(?:[^\"\\]|\\.)*\"|[A-Za-z_][A-Za-z0-9_$]*)"
+_NAME = rf"{_NAME_PART}(?:\s*\.\s*{_NAME_PART})?"
+
+
+def _after_name(statement: str) -> re.Pattern[str]:
+    """A statement naming one object, up to its name. Atomic, so that a statement already
+    ON CLUSTER is never read another way (`IF` taken for the name, a name cut short)."""
+    return re.compile(f"{_LEAD}(?>{statement})(?!\\s+ON\\s+CLUSTER\\b)", re.I | re.DOTALL)
+
+
 # Statements naming one object, ON CLUSTER right after its name (and UUID, if given).
 _AFTER_NAME = [
-    re.compile(
-        _LEAD + r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:TEMPORARY\s+)?"
+    _after_name(
+        r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:TEMPORARY\s+)?"
         r"(?:TABLE|VIEW|MATERIALIZED\s+VIEW|LIVE\s+VIEW|DICTIONARY|DATABASE)\s+"
-        rf"(?:IF\s+NOT\s+EXISTS\s+)?(?>{_NAME}(?:\s+UUID\s+'[^']*')?){_NOT_YET}",
-        re.IGNORECASE | re.DOTALL,
+        rf"(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}(?:\s+UUID\s+'[^']*')?"
     ),
-    re.compile(_LEAD + r"REPLACE\s+(?:TABLE|DICTIONARY)\s+" + _NAME + _NOT_YET, re.I | re.DOTALL),
-    re.compile(_LEAD + rf"ALTER\s+(?:TABLE|VIEW|DATABASE)\s+{_NAME}{_NOT_YET}", re.I | re.DOTALL),
-    re.compile(
-        _LEAD + r"DROP\s+(?:TEMPORARY\s+)?(?:TABLE|VIEW|DICTIONARY|DATABASE)\s+"
-        rf"(?:IF\s+EXISTS\s+)?(?:IF\s+EMPTY\s+)?{_NAME}{_NOT_YET}",
-        re.I | re.DOTALL,
+    _after_name(rf"REPLACE\s+(?:TABLE|DICTIONARY)\s+{_NAME}"),
+    _after_name(rf"ALTER\s+(?:TABLE|VIEW|DATABASE)\s+{_NAME}"),
+    _after_name(
+        r"DROP\s+(?:TEMPORARY\s+)?(?:TABLE|VIEW|DICTIONARY|DATABASE)\s+"
+        rf"(?:IF\s+EXISTS\s+)?(?:IF\s+EMPTY\s+)?{_NAME}"
     ),
-    re.compile(
-        _LEAD + rf"TRUNCATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+)?(?:IF\s+EXISTS\s+)?{_NAME}{_NOT_YET}",
-        re.I | re.DOTALL,
-    ),
-    re.compile(_LEAD + rf"OPTIMIZE\s+TABLE\s+{_NAME}{_NOT_YET}", re.I | re.DOTALL),
+    _after_name(rf"TRUNCATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+)?(?:IF\s+EXISTS\s+)?{_NAME}"),
+    _after_name(rf"OPTIMIZE\s+TABLE\s+{_NAME}"),
 ]
 # Statements naming several objects: ON CLUSTER at the end.
 _AT_END = re.compile(_LEAD + r"(?:RENAME|EXCHANGE)\s+(?:TABLES?|DICTIONARIES|DICTIONARY)\b", re.I)
