@@ -51,7 +51,9 @@ def test_with_a_cluster_every_statement_runs_on_it_with_replicated_engines(
         kept = [(single_server(sql), p) for sql, p in commands if single_server(sql) is not None]
         if key == BOOTSTRAP:
             assert kept[0] == ("CREATE DATABASE IF NOT EXISTS `usage`", None)
-            kept = kept[1:]
+            assert extra == ["SYSTEM SYNC REPLICA schema_migrations"]
+            assert sent[-1] == extra[0]  # after creating it, before reading it
+            kept, extra = kept[1:], []
         assert kept == golden[key]
         copies = [sql for sql in sent if re.match(r"INSERT INTO \w+_(rekeyed|versioned)", sql)]
         assert len(extra) == len(copies)  # one replica sync before each copy...
@@ -59,7 +61,11 @@ def test_with_a_cluster_every_statement_runs_on_it_with_replicated_engines(
             assert sent.index(sync) < sent.index(copy)  # ...ahead of it, of its source
             assert sync == f"SYSTEM SYNC REPLICA {copy.split(' FROM ')[1].split()[0]}"
     syncs = [sql for cmds in now.values() for sql, _ in cmds if sql.startswith("SYSTEM SYNC")]
-    assert syncs == ["SYSTEM SYNC REPLICA usage_events", "SYSTEM SYNC REPLICA usage_windows"]
+    assert syncs == [
+        "SYSTEM SYNC REPLICA schema_migrations",
+        "SYSTEM SYNC REPLICA usage_events",
+        "SYSTEM SYNC REPLICA usage_windows",
+    ]
 
 
 def test_cluster_mode_refuses_a_database_made_for_one_server(tmp_path: Path) -> None:

@@ -73,6 +73,9 @@ def by_migration(commands: list[Command]) -> dict[str, list[Command]]:
     groups: dict[str, list[Command]] = {}
     current: list[Command] = []
     for sql, params in commands:
+        if sql == f"SYSTEM SYNC REPLICA {BOOTSTRAP}" and not current:
+            groups[BOOTSTRAP].append((sql, params))  # cluster mode: part of the bootstrap
+            continue
         current.append((sql, params))
         if sql.startswith("INSERT INTO schema_migrations") and params is not None:
             groups[str(params["v"])] = current

@@ -52,6 +52,8 @@ def migrate(store: Backend, cluster: Cluster | None = None) -> list[int]:
         (database,) = store.query("SELECT currentDatabase()")[0]
         store.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(str(database))}")
     store.command(SCHEMA_MIGRATIONS)
+    if cluster is not None:  # what another node recorded, before deciding what is pending
+        store.command(cluster.sync_replica("schema_migrations"))
     done = {int(r[0]) for r in store.query("SELECT version FROM schema_migrations FINAL")}
     applied = []
     for version, name, statements in MIGRATIONS:
