@@ -130,8 +130,12 @@ class SchemaConfig(_Frozen):
         return self
 
 
-# Cluster mode: each replicated table's Keeper path and replica name (consumer/store/cluster.py
-# says why the path must hold {uuid}). The macros are expanded by each ClickHouse node.
+# Cluster mode: each replicated table's Keeper path and replica name, macros each node
+# expands. The path must be a table's own whatever its name ({uuid}, which ON CLUSTER makes
+# one value on every node; ClickHouse's own default): migrations create a copy under a second
+# name and EXCHANGE the two, and ClickHouse fixes {database} and {table} into a path when a
+# table is created, so a name-based path would move with the swapped table and a later copy
+# under that name would find its path taken.
 DEFAULT_REPLICA_PATH = "/clickhouse/tables/{uuid}/{shard}"
 DEFAULT_REPLICA_NAME = "{replica}"
 _CLUSTER_NAME = re.compile(r"^(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})$")

@@ -21,12 +21,6 @@ import pyarrow as pa
 from consumer.config import DEFAULT_REPLICA_NAME, DEFAULT_REPLICA_PATH, ClickHouseConfig
 from consumer.store.backend import Backend, Row, quote_identifier
 
-# The default Keeper path is each table's own, whatever its name: `copy_and_swap` creates a
-# copy under a second name and EXCHANGEs the two, and ClickHouse fixes {database} and {table}
-# into a path when a table is created, so name-based paths would follow the swapped tables
-# and a later copy under the same name would find its path taken. ON CLUSTER gives {uuid}
-# one value on every node (it is ClickHouse's own default_replica_path).
-
 # The MergeTree engines that have a Replicated twin taking the same arguments after
 # (path, replica name). Any other *MergeTree engine is refused rather than left unreplicated.
 _FAMILY = frozenset(
