@@ -42,7 +42,7 @@ from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
 from consumer.store import Backend, open_store
-from consumer.store.cluster import cluster_of
+from consumer.store.cluster import cluster_of, sync_replicas
 from consumer.store.config_versions import record_config
 from consumer.store.durability import apply_fsync
 from consumer.store.migrations import migrate
@@ -226,6 +226,8 @@ def build_pipeline(
     cluster = cluster_of(settings.clickhouse)
     migrate(store, cluster)
     apply_fsync(store, settings.clickhouse.fsync_after_insert, cluster)
+    if cluster is not None:
+        sync_replicas(store, cluster)
     record_config(store, settings.config_hash(), settings.classification_body())
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),

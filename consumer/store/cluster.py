@@ -167,6 +167,20 @@ def on_cluster(store: Backend, cluster: Cluster | None) -> Backend:
     return store if cluster is None else ClusterStore(store, cluster)
 
 
+def sync_replicas(store: Backend, cluster: Cluster) -> list[str]:
+    """Fetch onto this node every part the other replicas hold of each table, before the
+    consumer reads here: it must read its own writes, those it made through another node
+    before a restart too. Waits while a replica holding parts this one lacks is down."""
+    rows = store.query(
+        """SELECT name FROM system.tables
+           WHERE database = currentDatabase() AND engine LIKE '%MergeTree' ORDER BY name"""
+    )
+    names = [str(name) for (name,) in rows]
+    for name in names:
+        store.command(cluster.sync_replica(quote_identifier(name)))
+    return names
+
+
 def cluster_in(store: Backend) -> Cluster | None:
     """The cluster `store`'s DDL runs on (None: a single server)."""
     return store.cluster if isinstance(store, ClusterStore) else None

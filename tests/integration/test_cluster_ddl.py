@@ -12,9 +12,9 @@ import pytest
 
 from consumer.store.backend import StoreError
 from consumer.store.chdb import ChdbBackend
-from consumer.store.cluster import Cluster
+from consumer.store.cluster import Cluster, sync_replicas
 from consumer.store.migrations import MIGRATIONS, migrate
-from tests.support.ddl import BOOTSTRAP, GOLDEN, load_golden, record, single_server
+from tests.support.ddl import BOOTSTRAP, GOLDEN, Recorder, load_golden, record, single_server
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +66,19 @@ def test_with_a_cluster_every_statement_runs_on_it_with_replicated_engines(
         "SYSTEM SYNC REPLICA usage_events",
         "SYSTEM SYNC REPLICA usage_windows",
     ]
+
+
+def test_a_start_in_cluster_mode_syncs_every_table_before_reading(tmp_path: Path) -> None:
+    store = Recorder(ChdbBackend(tmp_path / "chdb", "usage"), single_server)
+    try:
+        migrate(store, CLUSTER)
+        store.commands.clear()
+        synced = sync_replicas(store, CLUSTER)
+    finally:
+        store.close()
+    assert {"schema_migrations", "usage_events", "usage_windows", "stripe_pushes"} <= set(synced)
+    assert "usage_hourly" not in synced  # a view holds no parts
+    assert store.commands == [(f"SYSTEM SYNC REPLICA `{name}`", None) for name in synced]
 
 
 def test_cluster_mode_refuses_a_database_made_for_one_server(tmp_path: Path) -> None:

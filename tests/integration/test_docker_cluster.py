@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from consumer.store.backend import Backend, StoreError
-from consumer.store.cluster import Cluster, on_cluster
+from consumer.store.cluster import Cluster, on_cluster, sync_replicas
 from consumer.store.durability import apply_fsync
 from consumer.store.migrations import MIGRATIONS, SCHEMA_MIGRATIONS, migrate
 from consumer.store.migrations.m12_ledger_keyed_time_first import LEDGER_ORDER
@@ -195,6 +195,7 @@ def test_migrations_run_on_every_node_and_rows_written_on_one_are_read_on_the_ot
         two.command("SYSTEM SYNC REPLICA usage_windows")
         assert two.query("SELECT toString(sum_value), event_count FROM usage_hourly") == [("5", 2)]
 
+        assert set(sync_replicas(two, CLUSTER)) == set(engines)
         assert set(apply_fsync(one, True, CLUSTER)) == set(engines)
         assert apply_fsync(two, True, CLUSTER) == []  # set on node 2 as well
     finally:
