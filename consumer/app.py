@@ -42,6 +42,7 @@ from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
 from consumer.store import Backend, open_store
+from consumer.store.cluster import cluster_of, sync_replicas
 from consumer.store.config_versions import record_config
 from consumer.store.prepare import prepare_store
 
@@ -221,7 +222,10 @@ def build_pipeline(
     k, p = settings.kafka, settings.pipeline
     owns_store = store is None
     store = store or open_store(settings.clickhouse)
+    cluster = cluster_of(settings.clickhouse)
     prepare_store(store, settings.clickhouse)
+    if cluster is not None:
+        sync_replicas(store, cluster)
     record_config(store, settings.config_hash(), settings.classification_body())
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),

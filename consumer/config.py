@@ -149,6 +149,18 @@ class RetentionConfig(_Frozen):
     )
 
 
+# Cluster mode: each replicated table's Keeper path and replica name, macros each node
+# expands. The path must be a table's own whatever its name ({uuid}, which ON CLUSTER makes
+# one value on every node; ClickHouse's own default): migrations create a copy under a second
+# name and EXCHANGE the two, and ClickHouse fixes {database} and {table} into a path when a
+# table is created, so a name-based path would move with the swapped table and a later copy
+# under that name would find its path taken.
+DEFAULT_REPLICA_PATH = "/clickhouse/tables/{uuid}/{shard}"
+DEFAULT_REPLICA_NAME = "{replica}"
+_CLUSTER_NAME = re.compile(r"^(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})$")
+_MACRO = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
 class ClickHouseConfig(_Frozen):
     backend: Literal["chdb", "server"] = "chdb"
     chdb_path: Path = Path(".data/chdb")
@@ -163,6 +175,41 @@ class ClickHouseConfig(_Frozen):
         description="fsync each insert's part and directory before the insert returns "
         "(durable through a host crash, slower inserts); set on every MergeTree table at start",
     )
+    cluster: str | None = Field(
+        None,
+        description="a ClickHouse cluster (remote_servers name or a macro like {cluster}): "
+        "migrations run ON CLUSTER and every table is Replicated*; None = one server",
+    )
+    replica_path: str = Field(
+        DEFAULT_REPLICA_PATH, description="cluster mode: each table's Keeper path; holds {uuid}"
+    )
+    replica_name: str = Field(
+        DEFAULT_REPLICA_NAME, description="cluster mode: the replica's name, a macro per node"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClickHouseConfig:
+        if self.cluster is None:
+            return self
+        if not _CLUSTER_NAME.match(self.cluster):
+            raise ValueError(
+                "cluster must be a cluster name from the servers' remote_servers (letters, "
+                "digits, _ . -) or one macro such as {cluster}"
+            )
+        if self.backend != "server":
+            raise ValueError("cluster mode needs backend: server (chDB runs no distributed DDL)")
+        if not self.replica_path.startswith("/") or "{uuid}" not in self.replica_path:
+            raise ValueError(
+                "replica_path must be an absolute Keeper path holding {uuid}: migrations swap "
+                "tables by name (EXCHANGE TABLES), so a path must belong to a table, not a name"
+            )
+        if not _MACRO.search(self.replica_name):
+            raise ValueError(
+                "replica_name must hold a macro (such as {replica}) that each node sets to "
+                "its own name: one literal name would be every node's"
+            )
+        return self
+
     retention: RetentionConfig = RetentionConfig()
 
 

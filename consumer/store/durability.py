@@ -9,13 +9,16 @@ them at the next start), and taken back when the option is switched off.
 from __future__ import annotations
 
 from consumer.store.backend import Backend, quote_identifier
+from consumer.store.cluster import Cluster, on_cluster
 
 SETTINGS = ("fsync_after_insert", "fsync_part_directory")
 _ON = ", ".join(f"{s} = 1" for s in SETTINGS)
 
 
-def apply_fsync(store: Backend, on: bool) -> list[str]:
-    """Make every MergeTree table's fsync settings match `on`; returns the tables changed."""
+def apply_fsync(store: Backend, on: bool, cluster: Cluster | None = None) -> list[str]:
+    """Make every MergeTree table's fsync settings match `on` (on every node of `cluster`);
+    returns the tables changed."""
+    store = on_cluster(store, cluster)
     rows = store.query(
         """SELECT name, create_table_query FROM system.tables
            WHERE database = currentDatabase() AND engine LIKE '%MergeTree' ORDER BY name"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from consumer.config import ClickHouseConfig
 from consumer.store.backend import Backend
+from consumer.store.cluster import cluster_of
 from consumer.store.durability import apply_fsync
 from consumer.store.migrations import migrate
 from consumer.store.retention import apply_retention
@@ -13,7 +14,8 @@ from consumer.store.retention import apply_retention
 def prepare_store(store: Backend, cfg: ClickHouseConfig) -> list[int]:
     """Apply pending migrations and the configured table properties; returns the
     migrations applied now."""
-    applied = migrate(store)
-    apply_fsync(store, cfg.fsync_after_insert)
-    apply_retention(store, cfg.retention)
+    cluster = cluster_of(cfg)
+    applied = migrate(store, cluster)
+    apply_fsync(store, cfg.fsync_after_insert, cluster)
+    apply_retention(store, cfg.retention, cluster)
     return applied

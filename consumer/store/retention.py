@@ -14,6 +14,7 @@ import re
 
 from consumer.config import RetentionConfig
 from consumer.store.backend import Backend, quote_identifier
+from consumer.store.cluster import Cluster, on_cluster
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ def wanted(config: RetentionConfig) -> dict[str, str | None]:
     return out
 
 
-def apply_retention(store: Backend, config: RetentionConfig) -> list[str]:
-    """Make every table's TTL match `config`; returns the tables changed."""
+def apply_retention(
+    store: Backend, config: RetentionConfig, cluster: Cluster | None = None
+) -> list[str]:
+    """Make every table's TTL match `config` (on every node of `cluster`); returns the
+    tables changed."""
+    store = on_cluster(store, cluster)
     rows = store.query(
         """SELECT name, engine_full FROM system.tables
            WHERE database = currentDatabase() AND name IN {t:Array(String)}""",

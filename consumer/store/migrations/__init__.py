@@ -11,8 +11,9 @@ import importlib
 import pkgutil
 import re
 
-from consumer.store.backend import Backend
-from consumer.store.migrations._sql import Step
+from consumer.store.backend import Backend, StoreError, quote_identifier
+from consumer.store.cluster import Cluster, on_cluster
+from consumer.store.migrations._sql import Step, table_property
 
 
 def _load() -> list[tuple[int, str, list[Step]]]:
@@ -34,13 +35,25 @@ def _load() -> list[tuple[int, str, list[Step]]]:
 MIGRATIONS: list[tuple[int, str, list[Step]]] = _load()
 
 
-def migrate(store: Backend) -> list[int]:
-    """Apply pending migrations; returns the versions applied now."""
-    store.command(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-        "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree "
-        "ORDER BY version"
-    )
+SCHEMA_MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+    "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree "
+    "ORDER BY version"
+)
+
+
+def migrate(store: Backend, cluster: Cluster | None = None) -> list[int]:
+    """Apply pending migrations; returns the versions applied now. With a cluster, every
+    statement (those of callable steps too) runs on each of its nodes and every table is
+    replicated (store/cluster.py); schema_migrations as well, so any node knows the schema."""
+    _check_mode(store, cluster)
+    if cluster is not None:
+        store = on_cluster(store, cluster)
+        (database,) = store.query("SELECT currentDatabase()")[0]
+        store.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(str(database))}")
+    store.command(SCHEMA_MIGRATIONS)
+    if cluster is not None:  # what another node recorded, before deciding what is pending
+        store.command(cluster.sync_replica("schema_migrations"))
     done = {int(r[0]) for r in store.query("SELECT version FROM schema_migrations FINAL")}
     applied = []
     for version, name, statements in MIGRATIONS:
@@ -57,3 +70,20 @@ def migrate(store: Backend) -> list[int]:
         )
         applied.append(version)
     return applied
+
+
+def _check_mode(store: Backend, cluster: Cluster | None) -> None:
+    """Refuse to mix modes in one database: cluster DDL on single-server tables would leave
+    them unreplicated, and single-server DDL on a cluster's tables would reach one node."""
+    engine = table_property(store, "schema_migrations", "engine")
+    if engine is None or engine.startswith("Replicated") == (cluster is not None):
+        return
+    if cluster is not None:
+        raise StoreError(
+            f"clickhouse.cluster is set but this database was made for one server "
+            f"(schema_migrations is {engine}): cluster mode starts from a new database "
+            "(docs/clickhouse.md)"
+        )
+    raise StoreError(
+        f"this database is replicated (schema_migrations is {engine}): set clickhouse.cluster"
+    )

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from consumer.store.backend import Backend
+from consumer.store.cluster import cluster_in
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,12 @@ def copy_and_swap(
 ) -> None:
     """Copy `columns` of `source` into `copy` (made by `create`) and swap it with `table`
     atomically, unless `finished` says the swap was made. Safe to run again after a crash at
-    any point: a finished swap is recognised, an unfinished copy is dropped and made again."""
+    any point: a finished swap is recognised, an unfinished copy is dropped and made again.
+    On a cluster the copy is made on one node, after it has fetched every part the other
+    replicas hold of `source` (the other nodes then fetch the copy's parts from it)."""
     if not finished(store):
+        if (cluster := cluster_in(store)) is not None:
+            store.command(cluster.sync_replica(source.split()[0]))
         (count,) = store.query(f"SELECT count() FROM {source}")[0]
         if int(count):
             log.warning("copying %s (%s rows) into %s", table, count, what)

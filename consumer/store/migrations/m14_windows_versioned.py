@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consumer.store.backend import Backend
+from consumer.store.cluster import unreplicated
 from consumer.store.migrations._sql import DEDUP, Step, copy_and_swap, table_property
 
 # Two recomputes of one window (two instances, or two processes on one server) could land in
@@ -36,6 +37,12 @@ _COLUMNS = (
 )
 
 
+def _versioned(store: Backend) -> bool:
+    """Whether usage_windows is the versioned table (replicated or not)."""
+    engine = table_property(store, "usage_windows", "engine_full") or ""
+    return unreplicated(engine).startswith(_ENGINE)
+
+
 def _version_windows(store: Backend) -> None:
     """Copy the windows as they read (FINAL) into the versioned table and swap the two
     atomically."""
@@ -46,7 +53,7 @@ def _version_windows(store: Backend) -> None:
         _VERSIONED,
         _COLUMNS,
         "usage_windows FINAL",
-        lambda s: (table_property(s, "usage_windows", "engine_full") or "").startswith(_ENGINE),
+        _versioned,
         "the versioned table",
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from consumer.store.backend import Backend
+from consumer.store.cluster import unreplicated
 from consumer.store.migrations._sql import Step, copy_and_swap, table_property
 
 PARTITIONS = {
@@ -30,7 +31,9 @@ def _partition(table: str, key: str) -> Callable[[Backend], None]:
         def finished(s: Backend) -> bool:
             return table_property(s, table, "partition_key") == key
 
-        engine = table_property(store, table, "engine_full") or ""
+        # In cluster mode the engine is shown with the table's own Keeper path: the copy
+        # needs its own, which the cluster rendering of the CREATE gives it.
+        engine = unreplicated(table_property(store, table, "engine_full") or "")
         create = ""
         if not finished(store):
             if " ORDER BY " not in engine:
