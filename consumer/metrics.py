@@ -112,6 +112,19 @@ class Metrics:
         self.stripe_requests = Counter(
             p + "stripe_requests", "Stripe meter event stream requests.", ["status"], registry=r
         )
+        # Stream requests Stripe answered with a duplicate-identifier 400 (some events of the
+        # request it already held); each costs a request that carried no new usage.
+        self.stripe_duplicate_requests = Counter(
+            p + "stripe_duplicate_requests",
+            "Stripe requests answered with a duplicate-identifier 400.",
+            registry=r,
+        )
+        # Meter events learned from duplicate answers to be already delivered.
+        self.stripe_duplicate_events = Counter(
+            p + "stripe_duplicate_events",
+            "Meter events a duplicate answer showed Stripe already held.",
+            registry=r,
+        )
         # Meter events acknowledged by Stripe, by mode.
         self.stripe_events = Counter(
             p + "stripe_events_emitted",

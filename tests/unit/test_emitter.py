@@ -86,14 +86,16 @@ class FakeStripe:
     requests: list[tuple[str, list[str]]] = field(default_factory=list)
     delivered: list[str] = field(default_factory=list)
     clients: list[str] = field(default_factory=list)
+    options: list[dict[str, Any]] = field(default_factory=list)
 
     def client(self, token: str, bases: dict[str, str]) -> SimpleNamespace:
         assert bases == BASES
         self.clients.append(token)
 
-        def create(params: dict[str, Any]) -> None:
+        def create(params: dict[str, Any], options: dict[str, Any] | None = None) -> None:
             events = params["events"]
             self.requests.append((token, [e["identifier"] for e in events]))
+            self.options.append(dict(options or {}))
             if self.behaviour is not None:
                 self.behaviour(token, events)
             self.delivered += [e["identifier"] for e in events]
@@ -120,6 +122,10 @@ class Rig:
         value = self.metrics.registry.get_sample_value(
             "usage_consumer_stripe_requests_total", {"status": status}
         )
+        return value or 0.0
+
+    def count(self, name: str) -> float:
+        value = self.metrics.registry.get_sample_value(f"usage_consumer_{name}_total")
         return value or 0.0
 
     def sessions(self, cause: str) -> float:
@@ -219,7 +225,7 @@ def test_request_events_are_the_pushes_as_stripe_meter_events(rig: Rig) -> None:
     ]
 
 
-def test_duplicate_400_splits_down_and_counts_single_duplicates_as_delivered(rig: Rig) -> None:
+def test_duplicate_400_naming_nothing_halves_a_request_without_uncertain_pushes(rig: Rig) -> None:
     pushes = [push(i) for i in range(8)]
     already = {"id-0", "id-5"}
 
@@ -246,10 +252,93 @@ def test_duplicate_400_splits_down_and_counts_single_duplicates_as_delivered(rig
     ]
     # Every event not already held was delivered exactly once.
     assert sorted(rig.stripe.delivered) == sorted(f"id-{i}" for i in range(8) if i not in (0, 5))
-    assert rig.requests("duplicate") == 2
+    assert rig.count("stripe_duplicate_requests") == 7
+    assert rig.count("stripe_duplicate_events") == 2
     assert rig.requests("400") == 7
     assert rig.requests("200") == 4
     assert rig.clock.sleeps == []
+
+
+def naming(already: set[str], names: str) -> Behaviour:
+    """Stripe rejecting a whole request that repeats an identifier of `already`, its message
+    naming all, the first or none of the repeated ones."""
+
+    def behaviour(token: str, events: list[dict[str, Any]]) -> None:
+        repeated = [e["identifier"] for e in events if e["identifier"] in already]
+        if not repeated:
+            return
+        shown = {"all": repeated, "first": repeated[:1], "none": []}[names]
+        text = f"An event already exists with identifier {', '.join(shown)}." if shown else "dup"
+        raise invalid_request(text, "duplicate_meter_event")
+
+    return behaviour
+
+
+def test_named_duplicates_are_delivered_and_the_rest_goes_in_one_request(rig: Rig) -> None:
+    pushes = [push(i) for i in range(8)]
+    rig.stripe.behaviour = naming({"id-2", "id-5"}, "all")
+    assert rig.sender().send(pushes) == pushes
+    assert len(rig.stripe.requests) == 2
+    assert rig.stripe.requests[1][1] == [f"id-{i}" for i in range(8) if i not in (2, 5)]
+    assert rig.count("stripe_duplicate_requests") == 1
+    assert rig.count("stripe_duplicate_events") == 2
+
+
+def test_first_named_duplicate_costs_one_request_each(rig: Rig) -> None:
+    pushes = [push(i) for i in range(8)]
+    rig.stripe.behaviour = naming({"id-2", "id-5"}, "first")
+    assert rig.sender().send(pushes) == pushes
+    assert [len(r[1]) for r in rig.stripe.requests] == [8, 7, 6]
+    assert sorted(rig.stripe.delivered) == sorted(f"id-{i}" for i in range(8) if i not in (2, 5))
+
+
+def test_unnamed_duplicates_isolate_only_pushes_whose_earlier_send_had_no_answer(
+    rig: Rig,
+) -> None:
+    sender = rig.sender()  # started now: pushes first attempted earlier are uncertain
+    earlier = int(START * 1000) - 60_000
+    pushes = [push(i)._replace(first_attempt_ms=earlier if i in (1, 6) else 0) for i in range(8)]
+    rig.stripe.behaviour = naming({"id-6"}, "none")
+    assert sender.send(pushes) == pushes
+    assert [r[1] for r in rig.stripe.requests] == [
+        [f"id-{i}" for i in range(8)],
+        [f"id-{i}" for i in range(8) if i not in (1, 6)],
+        ["id-1"],
+        ["id-6"],
+    ]
+    assert sorted(rig.stripe.delivered) == sorted(f"id-{i}" for i in range(8) if i != 6)
+    assert rig.count("stripe_duplicate_events") == 1
+
+
+def test_a_reset_request_is_uncertain_for_the_rest_of_the_process(rig: Rig) -> None:
+    sender = rig.sender(max_retries=2)
+    first = [push(i) for i in range(3)]
+    rig.stripe.behaviour = failing(*[connection_error()] * 3)
+    with pytest.raises(SendFailed):
+        sender.send(first[:1])  # three resets: Stripe may hold it
+    rig.stripe.requests.clear()
+    rig.stripe.behaviour = naming({"id-0"}, "none")
+    assert sender.send(first) == first
+    assert [r[1] for r in rig.stripe.requests] == [
+        ["id-0", "id-1", "id-2"],
+        ["id-1", "id-2"],
+        ["id-0"],
+    ]
+
+
+def test_idempotency_key_is_kept_across_retries_and_differs_by_content(rig: Rig) -> None:
+    rig.stripe.behaviour = failing(connection_error(), rate_limited())
+    sender = rig.sender()
+    sender.send([push(1), push(2)])
+    keys = [o["idempotency_key"] for o in rig.stripe.options]
+    assert len(keys) == 3 and len(set(keys)) == 1
+    sender.send([push(1), push(2)])
+    sender.send([push(1)])
+    sender.send([push(1), push(2)._replace(first_attempt_ms=5)])  # a deliberate re-send
+    later = [o["idempotency_key"] for o in rig.stripe.options[3:]]
+    assert later[0] == keys[0]
+    assert len({keys[0], *later[1:]}) == 3
+    assert all(len(k) <= 255 for k in keys + later)
 
 
 def test_duplicate_identifier_code_read_from_the_json_body(rig: Rig) -> None:

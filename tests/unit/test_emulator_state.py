@@ -140,6 +140,48 @@ def test_duplicate_reject_request_stores_nothing_from_the_request() -> None:
     assert [e.identifier for e in state.stored_events()] == ["a"]
 
 
+@pytest.mark.parametrize(("names", "shown"), [("all", ["a", "c"]), ("first", ["a"]), ("none", [])])
+def test_duplicate_answer_names_all_the_first_or_none(names: str, shown: list[str]) -> None:
+    state, _, token = make(duplicate_answer="reject_request", duplicate_names=names)
+    meter(state)
+    send(state, token, ev("a"), ev("c"))
+    with raises("duplicate_meter_event") as caught:
+        send(state, token, ev("b"), ev("a"), ev("c"))
+    assert caught.error is not None
+    message = str(caught.error.body["error"]["message"])
+    words = message.replace(",", " ").replace(".", " ").split()
+    assert [i for i in ("a", "b", "c") if i in words] == shown
+    assert state.snapshot()["duplicate_requests"] == 1
+
+
+def test_a_repeated_idempotency_key_replays_the_success_without_storing() -> None:
+    state, _, token = make(duplicate_answer="reject_request")
+    meter(state)
+    body = {"events": [ev("a", "2")]}
+    assert state.stream(token, body, "k1") == {}
+    assert state.stream(token, body, "k1") == {}  # a retry after a lost answer
+    assert totals(state) == {("api_calls", "cus_a"): "2"}
+    snap = state.snapshot()
+    assert (snap["idempotent_replays"], snap["duplicate_requests"]) == (1, 0)
+    with raises(400) as caught:
+        state.stream(token, {"events": [ev("b", "2")]}, "k1")
+    assert caught.error is not None and caught.error.body["error"]["type"] == "idempotency_error"
+
+
+def test_a_failed_request_runs_again_under_its_key_and_keys_can_be_off() -> None:
+    state, _, token = make(duplicate_answer="reject_request")
+    meter(state)
+    send(state, token, ev("a"))
+    with raises("duplicate_meter_event"):
+        state.stream(token, {"events": [ev("a"), ev("b")]}, "k2")
+    with raises("duplicate_meter_event"):  # failed work is not cached
+        state.stream(token, {"events": [ev("a"), ev("b")]}, "k2")
+    state.configure({"idempotency": "false"})
+    assert state.stream(token, {"events": [ev("c")]}, "k3") == {}
+    with raises("duplicate_meter_event"):
+        state.stream(token, {"events": [ev("c")]}, "k3")
+
+
 def test_duplicate_within_one_request_is_a_duplicate() -> None:
     state, _, token = make(duplicate_answer="reject_request")
     meter(state)

@@ -2,15 +2,22 @@
 
 A push is one event, or several when its amount needs more than 15 significant digits
 (units.parts); its extra events carry the push's identifier with a part suffix. A 2xx
-delivers the whole request. A duplicate-identifier 400 means some events were already
-delivered: the request is split down to single events, and a single duplicate counts as
-delivered. A push is delivered when all its events are. 429, 5xx and connection errors back
-off with jitter; session expiry refreshes.
+delivers the whole request. A duplicate-identifier 400 means Stripe already holds some
+events: those the answer names (duplicates.py) are delivered, and the rest goes again in one
+request. Only when it names none are the request's events isolated: events of pushes whose
+earlier send had no answer (sent before this process started, or reset or failed in it) go
+one a request, the others together; without such pushes the request is halved. A push is
+delivered when all its events are. Every request carries an Idempotency-Key derived from
+its content, so a retry after a lost answer is answered from Stripe's idempotency cache, not
+with a duplicate 400. 429, 5xx and connection errors back off with jitter; session expiry
+refreshes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import random
 import threading
@@ -23,13 +30,14 @@ import stripe
 from consumer.clock import Clock
 from consumer.emitter.plan.outbox import Push
 from consumer.emitter.plan.units import billed, part_count, parts
+from consumer.emitter.send import duplicates
 from consumer.emitter.send.ratelimit import TokenBucket
 from consumer.emitter.send.session import SessionKeeper, stripe_client
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 EXPIRED_CODE = "billing_meter_event_session_expired"
-DUPLICATE_CODES = frozenset({"duplicate_meter_event", "duplicate_identifier"})
+DUPLICATE_CODES = duplicates.DUPLICATE_CODES
 
 
 class _Events(list[dict[str, Any]]):
@@ -84,15 +92,6 @@ def event_count(p: Push) -> int:
     return max(1, part_count(billed(p), "decimal"))
 
 
-def _code(err: stripe.StripeError) -> str | None:
-    if err.code:
-        return str(err.code)
-    body = err.json_body if isinstance(err.json_body, dict) else {}
-    inner = body.get("error") if isinstance(body.get("error"), dict) else {}
-    code = inner.get("code") if isinstance(inner, dict) else None
-    return str(code) if code else None
-
-
 def _retry_after(err: stripe.StripeError) -> float | None:
     headers = err.headers or {}
     value: str | None = headers.get("Retry-After") or headers.get("retry-after")
@@ -100,6 +99,47 @@ def _retry_after(err: stripe.StripeError) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def idempotency_key(account: str, events: Sequence[Mapping[str, Any]], attempts: str) -> str:
+    """One key per request content: the same events for the same account with the same first
+    attempts (`attempts`) get the same key, so every retry of a request, also from a later
+    cycle, is recognised. A deliberate re-send (a check found the push absent) carries a
+    fresh first attempt, so it is never answered from the cache of the send that was lost."""
+    # to_events builds every event's keys in one order, so no sort is needed (it would
+    # double the cost, a few percent of a request's CPU).
+    body = json.dumps([account, attempts, list(events)], separators=(",", ":"))
+    return "ucr_" + hashlib.sha256(body.encode()).hexdigest()[:48]
+
+
+class _Request:
+    """What every request sent for one send() shares: the account, its session keeper, and
+    the push each event belongs to (by event identifier, part suffixes included)."""
+
+    def __init__(
+        self, account: str, keeper: SessionKeeper, owners: dict[str, Push], uncertain: set[str]
+    ) -> None:
+        self.account = account
+        self.keeper = keeper
+        self.owners = owners
+        self.uncertain = uncertain  # push identifiers whose earlier send had no answer
+
+    def pushes(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
+        return list(dict.fromkeys(self.owners[e["identifier"]].identifier for e in events))
+
+    def key(self, events: Sequence[Mapping[str, Any]]) -> str:
+        attempts = ",".join(str(self.owners[e["identifier"]].first_attempt_ms) for e in events)
+        return idempotency_key(self.account, events, attempts)
+
+    def isolated(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The groups to send when a duplicate answer named nothing: each event of an
+        uncertain push alone and the others together; with none uncertain, two halves."""
+        doubt = [e for e in events if self.owners[e["identifier"]].identifier in self.uncertain]
+        if not doubt:
+            mid = len(events) // 2
+            return [events[:mid], events[mid:]]
+        sure = [e for e in events if self.owners[e["identifier"]].identifier not in self.uncertain]
+        return ([sure] if sure else []) + [[e] for e in doubt]
 
 
 class Sender:
@@ -125,6 +165,11 @@ class Sender:
         self._clients: dict[str, stripe.StripeClient] = {}
         self._keepers: dict[str, SessionKeeper] = {"": sessions}
         self._lock = threading.Lock()
+        # Pushes first attempted before this process started may already be at Stripe (a
+        # crash between the send and its mark); so may those whose request here had no
+        # answer. Only their events are isolated when a duplicate answer names nothing.
+        self._started_ms = int(clock.now() * 1000)
+        self._unanswered: set[str] = set()
 
     @property
     def api(self) -> stripe.StripeClient:
@@ -142,8 +187,22 @@ class Sender:
         if len(accounts) > 1:
             raise ValueError(f"one request goes to one account, got {sorted(accounts)}")
         account = accounts.pop() if accounts else ""
-        events = [e for p in pushes for e in to_events(p, self._keys)]
-        self._deliver(events, self._keeper(account), account)
+        owners: dict[str, Push] = {}
+        events: list[dict[str, Any]] = []
+        for p in pushes:
+            for e in to_events(p, self._keys):
+                owners[e["identifier"]] = p
+                events.append(e)
+        with self._lock:
+            uncertain = {
+                p.identifier
+                for p in pushes
+                if 0 < p.first_attempt_ms < self._started_ms or p.identifier in self._unanswered
+            }
+        self._deliver(_Request(account, self._keeper(account), owners, uncertain), events)
+        if uncertain:
+            with self._lock:
+                self._unanswered.difference_update(uncertain)
         return list(pushes)
 
     def cancel(self, push: Push) -> None:
@@ -189,49 +248,61 @@ class Sender:
                 keeper = self._keepers[account] = self._sessions.for_account(account)
             return keeper
 
-    def _deliver(self, events: list[dict[str, Any]], keeper: SessionKeeper, account: str) -> None:
-        """Post `events`; on a duplicate answer, halve until each duplicate stands alone (a
-        lone duplicate is already delivered)."""
-        if not events:
-            return
-        try:
-            self._post(events, keeper, account)
-        except stripe.InvalidRequestError as exc:
-            if _code(exc) not in DUPLICATE_CODES:
-                raise
-            if len(events) == 1:
-                self._metrics.stripe_requests.labels("duplicate").inc()
+    def _deliver(self, req: _Request, events: list[dict[str, Any]]) -> None:
+        """Post `events` until Stripe holds all of them. A duplicate answer's named events
+        are delivered and the rest goes again in one request; one that names nothing splits
+        the request (`_Request.isolated`); a lone event answered as a duplicate is
+        delivered."""
+        while events:
+            try:
+                self._post(req, events)
                 return
-            mid = len(events) // 2
-            self._deliver(events[:mid], keeper, account)
-            self._deliver(events[mid:], keeper, account)
+            except stripe.InvalidRequestError as exc:
+                if not duplicates.is_duplicate(exc):
+                    raise
+                answer = exc
+            self._metrics.stripe_duplicate_requests.inc()
+            held = duplicates.named(answer, {e["identifier"] for e in events})
+            if not held and len(events) == 1:
+                held = {events[0]["identifier"]}
+            if held:
+                self._metrics.stripe_duplicate_events.inc(len(held))
+                events = [e for e in events if e["identifier"] not in held]
+                continue
+            for group in req.isolated(events):
+                self._deliver(req, group)
+            return
 
-    def _post(self, events: list[dict[str, Any]], keeper: SessionKeeper, account: str) -> None:
+    def _post(self, req: _Request, events: list[dict[str, Any]]) -> None:
         attempt = 0
-        options: Any = {"stripe_account": account} if account else None
+        options: Any = {"idempotency_key": req.key(events)}
+        if req.account:
+            options["stripe_account"] = req.account
         while True:
-            token = keeper.token()
+            token = req.keeper.token()
             self._metrics.stripe_rate_wait.inc(self._limiter.acquire())
             try:
                 params: Any = {"events": _Events(events)}
-                stream = self._client(token).v2.billing.meter_event_stream
-                if options:
-                    stream.create(params, options)
-                else:
-                    stream.create(params)
+                self._client(token).v2.billing.meter_event_stream.create(params, options)
                 self._metrics.stripe_requests.labels("200").inc()
                 return
             except stripe.TemporarySessionExpiredError:
                 self._metrics.stripe_requests.labels("session_expired").inc()
-                keeper.expired(token)
+                req.keeper.expired(token)
                 continue
             except stripe.AuthenticationError as exc:
-                if _code(exc) != EXPIRED_CODE:
+                if duplicates.code(exc) != EXPIRED_CODE:
                     raise
                 self._metrics.stripe_requests.labels("session_expired").inc()
-                keeper.expired(token)
+                req.keeper.expired(token)
                 continue
-            except (stripe.RateLimitError, stripe.APIError, stripe.APIConnectionError) as exc:
+            except (stripe.APIError, stripe.APIConnectionError) as exc:
+                # No answer, or a failure after Stripe may have stored the events.
+                with self._lock:
+                    self._unanswered.update(req.pushes(events))
+                attempt += 1
+                self._retry_or_fail(exc, attempt)
+            except stripe.RateLimitError as exc:
                 attempt += 1
                 self._retry_or_fail(exc, attempt)
             except stripe.InvalidRequestError as exc:

@@ -21,13 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-5xx", type=float, default=0.0, help="share of 500 answers")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
     parser.add_argument(
-        "--reset-rate", type=float, default=0.0, help="share of stream calls reset unanswered"
+        "--reset-rate",
+        type=float,
+        default=0.0,
+        help="share of stream calls reset unanswered after their events were stored",
     )
     parser.add_argument(
         "--duplicate-answer",
         choices=("drop", "reject_event", "reject_request"),
         default="drop",
         help="how a duplicate identifier is answered",
+    )
+    parser.add_argument(
+        "--duplicate-names",
+        choices=("all", "first", "none"),
+        default="all",
+        help="how many duplicate identifiers a duplicate 400 names",
+    )
+    parser.add_argument(
+        "--idempotency",
+        choices=("on", "off"),
+        default="on",
+        help="answer a repeated Idempotency-Key of a successful request from a cache",
     )
     parser.add_argument(
         "--unknown-customers",
@@ -49,6 +64,8 @@ def to_options(args: argparse.Namespace) -> EmulatorOptions:
         latency_seconds=args.latency,
         reset_rate=args.reset_rate,
         duplicate_answer=args.duplicate_answer,
+        duplicate_names=args.duplicate_names,
+        idempotency=args.idempotency == "on",
         unknown_customers=args.unknown_customers,
         whole_values_only=args.whole_values_only,
         seed=args.seed,

@@ -90,12 +90,32 @@ def server_error() -> EmulatorError:
     return v2_error(500, "An unexpected error occurred.", type_="api_error", code="api_error")
 
 
-def duplicates(identifiers: list[str]) -> EmulatorError:
-    """400 for repeated identifiers, with ``Stripe-Should-Retry: false`` as seen in the field."""
-    names = ", ".join(identifiers)
+def duplicates(identifiers: list[str], names: str = "all") -> EmulatorError:
+    """400 for repeated identifiers, with ``Stripe-Should-Retry: false`` as seen in the field.
+
+    ``names`` is how many the message names: ``first`` words it as the one answer seen
+    from Stripe ("An event already exists with identifier <id>."), ``all`` lists every one,
+    ``none`` names none."""
+    if names == "first":
+        message = f"An event already exists with identifier {identifiers[0]}."
+    elif names == "all":
+        message = f"Events already exist with identifiers {', '.join(identifiers)}."
+    else:
+        message = "An event in this request has an identifier that already exists."
     return v2_error(
         400,
-        f"An event with identifier(s) {names} was already received.",
+        message,
         code="duplicate_meter_event",
         headers={"Stripe-Should-Retry": "false"},
     )
+
+
+def idempotency_mismatch(key: str) -> EmulatorError:
+    """400 for an Idempotency-Key reused with other parameters (the SDK raises
+    IdempotencyError for this ``type``)."""
+    message = (
+        f"Keys for idempotent requests can only be used with the same parameters they were "
+        f"first used with. Try using a key other than '{key}' if you meant to execute a "
+        "different request."
+    )
+    return v2_error(400, message, type_="idempotency_error", code="idempotency_key_in_use")

@@ -9,6 +9,8 @@ from typing import Literal, cast
 
 DuplicateAnswer = Literal["drop", "reject_event", "reject_request"]
 DUPLICATE_ANSWERS: tuple[str, ...] = ("drop", "reject_event", "reject_request")
+DuplicateNames = Literal["all", "first", "none"]
+DUPLICATE_NAMES: tuple[str, ...] = ("all", "first", "none")
 _RATES = ("rate_429", "rate_5xx", "drop_rate", "reset_rate")
 
 
@@ -18,7 +20,13 @@ class EmulatorOptions:
 
     ``duplicate_answer`` exists because Stripe has been seen both dropping a repeated
     identifier silently and answering 400 with ``Stripe-Should-Retry: false``; clients must
-    survive either. ``drop_rate`` loses that fraction of accepted stream events after a 200,
+    survive either. ``duplicate_names`` is how many repeated identifiers that 400 names:
+    the one answer seen in the field names one ("An event already exists with identifier
+    <id>."), and nothing documents that it names them all, so clients must cope with every
+    form. ``idempotency`` answers a repeated ``Idempotency-Key`` whose first request
+    succeeded from a cache for 24 hours, without storing anything again (Stripe's API v2
+    overview: a request already processed is not repeated); on, as Stripe documents for
+    every POST. ``drop_rate`` loses that fraction of accepted stream events after a 200,
     so reconciliation against event summaries has something to find. ``unknown_customers``
     (comma-separated ids) are customers the account does not hold: their events are answered
     200 and then rejected in the error-report feed, as Stripe does. ``reset_rate`` resets
@@ -35,6 +43,8 @@ class EmulatorOptions:
     rate_5xx: float = 0.0
     latency_seconds: float = 0.0
     duplicate_answer: DuplicateAnswer = "drop"
+    duplicate_names: DuplicateNames = "all"
+    idempotency: bool = True
     dedup_window_seconds: float = 86400.0
     seed: int = 0
     verbose: bool = False
@@ -76,6 +86,8 @@ def _check(options: EmulatorOptions) -> None:
             raise ValueError(f"{name} must be between 0 and 1")
     if options.duplicate_answer not in DUPLICATE_ANSWERS:
         raise ValueError(f"duplicate_answer must be one of {', '.join(DUPLICATE_ANSWERS)}")
+    if options.duplicate_names not in DUPLICATE_NAMES:
+        raise ValueError(f"duplicate_names must be one of {', '.join(DUPLICATE_NAMES)}")
     for name in ("token_lifetime_seconds", "latency_seconds", "dedup_window_seconds"):
         if cast(float, getattr(options, name)) < 0:
             raise ValueError(f"{name} must not be negative")

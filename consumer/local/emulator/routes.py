@@ -106,7 +106,8 @@ def _session(state: State, request: Request, groups: list[str]) -> dict[str, Any
 
 
 def _stream(state: State, request: Request, groups: list[str]) -> dict[str, Any]:
-    return state.stream(request.bearer(), request.json())
+    key = next((v for k, v in request.headers.items() if k.lower() == "idempotency-key"), "")
+    return state.stream(request.bearer(), request.json(), key.strip())
 
 
 def _v2_adjustment(state: State, request: Request, groups: list[str]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ unit tests exercise the Stripe rules without HTTP.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import threading
 import time
@@ -64,6 +66,8 @@ class State:
         self._meters = MeterBook()
         self._events: dict[str, list[StoredEvent]] = defaultdict(list)
         self._seen: dict[str, float] = {}
+        # Idempotency-Key -> (hash of the body, when its request succeeded), oldest first.
+        self._keys: dict[str, tuple[str, float]] = {}
         self._by_identifier: dict[str, StoredEvent] = {}
         self._reports: list[ErrorReport] = []
         self._counts: Counter[str] = Counter()
@@ -147,10 +151,14 @@ class State:
 
     # -- the stream -----------------------------------------------------------------------
 
-    def stream(self, token: str, body: object) -> dict[str, Any]:
-        """POST /v2/billing/meter_event_stream: latency, faults, token, shape, duplicates, store.
+    def stream(self, token: str, body: object, idempotency_key: str = "") -> dict[str, Any]:
+        """POST /v2/billing/meter_event_stream: latency, faults, token, idempotency, shape,
+        duplicates, store.
 
-        Faults come before the token check, as a rate limiter in front of the API would.
+        Faults come before the token check, as a rate limiter in front of the API would. A
+        key whose request succeeded is answered as it was, storing nothing; a key whose
+        request failed runs again (v2 retries failed work), and a key reused with another
+        body is refused.
         """
         latency = self.options.latency_seconds
         if latency > 0:
@@ -162,16 +170,35 @@ class State:
             self._sessions.check(token, self.now())
             now = self.now()
             self._forget(now)
+            digest = ""
+            if idempotency_key and self._options.idempotency:
+                digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+                if self._replayed(idempotency_key, digest):
+                    return {}
             incoming = parse_stream_body(body, now)
             fresh, repeated = self._split_duplicates(incoming, now)
             self._counts["duplicates"] += len(repeated)
-            answer = self._options.duplicate_answer
+            answer, names = self._options.duplicate_answer, self._options.duplicate_names
             if repeated and answer == "reject_request":
-                raise errors.duplicates(repeated)
+                self._counts["duplicate_requests"] += 1
+                raise errors.duplicates(repeated, names)
             self._accept(fresh, now)
             if repeated and answer == "reject_event":
-                raise errors.duplicates(repeated)
+                self._counts["duplicate_requests"] += 1
+                raise errors.duplicates(repeated, names)
+            if digest:
+                self._keys[idempotency_key] = (digest, now)
             return {}
+
+    def _replayed(self, key: str, digest: str) -> bool:
+        """Whether `key` already succeeded with this body (answer it from the cache)."""
+        saved = self._keys.get(key)
+        if saved is None:
+            return False
+        if saved[0] != digest:
+            raise errors.idempotency_mismatch(key)
+        self._counts["idempotent_replays"] += 1
+        return True
 
     def reset_answer(self) -> bool:
         """Whether to reset this stream connection instead of answering (after storing)."""
@@ -195,6 +222,11 @@ class State:
         remembered; an identifier stored again after it was forgotten moves to the end.
         """
         window = self._options.dedup_window_seconds
+        while self._keys:  # idempotency keys are pruned after 24 hours too
+            key, (_, stored) = next(iter(self._keys.items()))
+            if now - stored < window:
+                break
+            del self._keys[key]
         while self._seen:
             identifier, seen = next(iter(self._seen.items()))
             if now - seen < window:
@@ -379,6 +411,8 @@ class State:
                 "events_dropped": counts["events_dropped"],
                 "dropped": list(self._dropped),
                 "duplicates": counts["duplicates"],
+                "duplicate_requests": counts["duplicate_requests"],
+                "idempotent_replays": counts["idempotent_replays"],
                 "identifiers_remembered": len(self._seen),
                 "clock_offset_seconds": self._offset,
                 "accounts": {a: c.snapshot() for a, c in sorted(self._children.items())},
