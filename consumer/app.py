@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from confluent_kafka import Consumer, Producer
 from consumer.classify.classifier import Classifier
 from consumer.clock import Clock
 from consumer.config import ConfigError, SchemaConfig, Settings
+from consumer.control import claim
 from consumer.decode import fast
 from consumer.decode.reference import Decoder
 from consumer.decode.schemas import (
@@ -27,11 +29,18 @@ from consumer.decode.schemas import (
     reader_schema,
 )
 from consumer.decode.validate import DAY_MS, Limits
+from consumer.emitter.lease import EmitterLease
 from consumer.emitter.loop import Emitter
 from consumer.emitter.send.ratelimit import TokenBucket
 from consumer.emitter.send.sender import Sender
 from consumer.emitter.send.session import SessionKeeper, stripe_client
-from consumer.ingest.kafka import TopicIds, consumer_config, producer_config
+from consumer.ingest.kafka import (
+    TopicIds,
+    consumer_config,
+    ensure_control_topic,
+    lease_config,
+    producer_config,
+)
 from consumer.ingest.ledger_lock import ledger_lock
 from consumer.ingest.loop import IngestContext, Ingestor
 from consumer.intent.commit import CommitSequence
@@ -165,6 +174,7 @@ def build_emitter(
     clock: Clock,
     metrics: Metrics,
     upstream: Callable[[], int] | None = None,
+    lease: EmitterLease | None = None,
 ) -> Emitter:
     s = settings.stripe
     if s.api_key is None:
@@ -200,6 +210,7 @@ def build_emitter(
         config=s,
         check=check_meters if s.verify_meters else None,
         upstream=upstream,
+        lease=lease,
     )
 
 
@@ -209,6 +220,19 @@ def side_output_alert(metrics: Metrics) -> Fallback:
         metrics.side_output_refused.labels(output, reason).inc()
 
     return alert
+
+
+def ingest_epoch(settings: Settings, producer: Producer, clock: Clock) -> int:
+    """The fencing epoch of this process's ingest state rows (P4): a claim on the control
+    topic, so a later process has a higher one whatever the hosts' clocks say; the wall
+    clock only where no control topic is configured (one process per store)."""
+    k = settings.kafka
+    if k.control_topic is None:
+        return int(clock.now() * 1000)
+    ensure_control_topic(k)
+    epoch = claim(producer, k.control_topic, {"ingest": k.group_id, "by": socket.gethostname()})
+    log.info("ingest epoch %d (claimed on %s)", epoch, k.control_topic)
+    return epoch
 
 
 def build_pipeline(
@@ -243,7 +267,7 @@ def build_pipeline(
         metrics=metrics,
         group=k.group_id,
         topic=k.topic,
-        epoch=int(clock.now() * 1000),
+        epoch=ingest_epoch(settings, producer, clock),
         rollup=Rollup(store, k.group_id, k.topic, clock, metrics, threads=p.rollup_threads),
     )
     ingestor = Ingestor(
@@ -276,7 +300,12 @@ def build_pipeline(
     emitter = None
     if settings.stripe.enabled:
         rollup = commits.rollup
-        emitter = build_emitter(settings, store, clock, metrics, lambda: rollup.behind)
+        lease = None
+        if k.control_topic is not None:
+            lease = EmitterLease(
+                Consumer(lease_config(k)), producer, store, k.group_id, k.control_topic, metrics
+            )
+        emitter = build_emitter(settings, store, clock, metrics, lambda: rollup.behind, lease)
     return Pipeline(
         settings, store, consumer, producer, ingestor, emitter, metrics, health, owns_store
     )

@@ -103,6 +103,11 @@ class KafkaConfig(_Frozen):
     dlq_topic: str = "usage.events.dlq"
     late_topic: str = "usage.events.late"
     group_id: str = "usage-consumer"
+    control_topic: str | None = Field(
+        "usage.events.control",
+        description="one partition; its holder (group `<group_id>.emitter`) is the store's "
+        "emitter; created if missing; None: no lease (one process per store only)",
+    )
     auto_offset_reset: Literal["earliest", "latest", "error"] = "earliest"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None

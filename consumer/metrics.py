@@ -103,6 +103,15 @@ class Metrics:
         )
         # 1 when the emitter's last cycle found nothing to plan or send, and no window
         # recompute it plans from was behind when it began (drained).
+        # 1 while this process holds the emitter lease (consumer/emitter/lease.py).
+        self.emitter_lease_held = Gauge(
+            p + "emitter_lease_held", "1 while this process runs the store's emitter.", registry=r
+        )
+        self.emitter_lease_epoch = Gauge(
+            p + "emitter_lease_epoch",
+            "The epoch of the emitter lease this process took last.",
+            registry=r,
+        )
         self.stripe_idle = Gauge(
             p + "stripe_outbox_idle",
             "1 when the last emitter cycle had no work and no window recompute was behind.",

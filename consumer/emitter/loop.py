@@ -31,6 +31,7 @@ import stripe
 
 from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
+from consumer.emitter.lease import Deposed, EmitterLease, LeaseUnavailable
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.accounts import AccountResolver
 from consumer.emitter.plan.buckets import anchors
@@ -69,8 +70,11 @@ class Emitter:
         config: StripeConfig | None = None,
         check: Callable[[], None] | None = None,
         upstream: Callable[[], int] | None = None,
+        lease: EmitterLease | None = None,
     ) -> None:
         self._store = store
+        # None: this emitter is the store's only one by construction (tests, benches).
+        self._lease = lease
         # Work not yet in the store that will be (committed batches whose windows are still
         # being recomputed): while there is some, a cycle without work is not idle.
         self._upstream = upstream
@@ -107,6 +111,7 @@ class Emitter:
             config.requests_per_second,
         )  # fmt: skip
         self._bucketing_checked: set[str] = set()  # meters whose buckets passed the check
+        self._deposed: Deposed | None = None  # set by a top-up that found the lease gone
         self.cycles = 0
         self.stopping = threading.Event()
         self.last_idle_cycle = 0
@@ -134,9 +139,15 @@ class Emitter:
         self._metrics.stripe_idle.set(1 if idle else 0)
         return work
 
+    def _fence(self) -> None:
+        """Before a plan is written and before requests go: still the store's emitter?"""
+        if self._lease is not None:
+            self._lease.fence()
+
     def _cycle(self) -> int:
         if self._check is not None:
             self._verify_meters()
+        self._fence()
         now_ms = self._now_ms()
         self._assigner.forget()  # carries change in steps 2-3; sending reads them once
         self._marks.flush(now_ms)  # 1
@@ -177,6 +188,8 @@ class Emitter:
             check = meter.name not in self._bucketing_checked
             planned += outbox.plan_aggregated(self._store, meter, since, cuts, check)
             self._bucketing_checked.add(meter.name)
+        if planned:
+            self._fence()
         outbox.write(self._store, planned, outbox.PENDING, now_ms)
         return len(planned)
 
@@ -194,6 +207,8 @@ class Emitter:
         )
         # The amount each sends is fixed in the same insert (units.py): a re-send repeats it.
         fresh = self._assigner.assign([p for p in batch if not p.attempted], ATTEMPTED, now_ms)
+        if batch:
+            self._fence()
         outbox.write_moved(self._store, fresh, now_ms)  # first_attempt_at, before sending
         recorded = {p.identifier: p for p in fresh}
         return [recorded.get(p.identifier, p) for p in batch]
@@ -206,6 +221,12 @@ class Emitter:
         for _ in range(3):  # a batch may settle entirely without requests (nothing whole)
             now_ms = self._now_ms()
             batch = self._ahead.take(limit, self._policy.limit_ms(now_ms))
+            try:
+                if batch:
+                    self._fence()
+            except Deposed as exc:  # requests under way finish; no new one starts
+                self._deposed = exc
+                return []
             fresh = self._assigner.assign(batch, ATTEMPTED, now_ms)
             outbox.write_moved(self._store, fresh, now_ms)
             attempted = [p for p in fresh if p.attempted]
@@ -216,7 +237,11 @@ class Emitter:
     def _send(self, batch: list[Push]) -> int:
         self._dispatch.stopping = self.stopping
         self._ahead.clear()  # read afresh each cycle: the steps before sending move pushes
-        return self._dispatch.run(batch, self._more)
+        self._deposed = None
+        topped = self._dispatch.run(batch, self._more)
+        if self._deposed is not None:
+            raise self._deposed
+        return topped
 
     def drained_since(self, cycle: int) -> bool:
         """True once a cycle that started after `cycle` found nothing to plan or send."""
@@ -228,9 +253,16 @@ class Emitter:
         backoff = self._poll
         while not stop.is_set():
             try:
+                if self._lease is not None and self._lease.hold() is None:
+                    stop.wait(self._poll)  # another process is the store's emitter
+                    continue
                 worked = self.run_once()
                 backoff = self._poll
-            except (SendFailed, StoreError) as exc:
+            except Deposed as exc:
+                log.warning("emitter stopped sending: %s", exc)
+                stop.wait(self._poll)
+                continue
+            except (SendFailed, StoreError, LeaseUnavailable) as exc:
                 log.warning("emitter cycle failed, retrying: %s", exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -240,3 +272,5 @@ class Emitter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._lease is not None:
+            self._lease.close()

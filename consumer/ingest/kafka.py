@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import TopicCollection
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumer.config import KafkaConfig
 
@@ -40,6 +40,44 @@ def consumer_config(cfg: KafkaConfig) -> dict[str, Any]:
     conf.update(client_config(cfg))
     conf.update(cfg.consumer_librdkafka)
     return conf
+
+
+def lease_config(cfg: KafkaConfig) -> dict[str, Any]:
+    """The emitter lease's member (consumer/emitter/lease.py): its own group, the main
+    consumer's session timeout (how fast a dead holder is replaced), but not its poll
+    interval: an emitter cycle under a Stripe outage may retry for minutes."""
+    conf: dict[str, Any] = {
+        "group.id": f"{cfg.group_id}.emitter",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "latest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "max.poll.interval.ms": 300_000,
+    }
+    conf.update(client_config(cfg))
+    for key in ("session.timeout.ms", "heartbeat.interval.ms"):
+        if key in cfg.consumer_librdkafka:
+            conf[key] = cfg.consumer_librdkafka[key]
+    return conf
+
+
+def ensure_control_topic(cfg: KafkaConfig, timeout: float = 10.0) -> None:
+    """Create the one-partition control topic unless it exists; a broker that refuses
+    (no permission) is told plainly: an operator creates it."""
+    if cfg.control_topic is None:
+        return
+    admin = AdminClient(client_config(cfg))
+    if cfg.control_topic in admin.list_topics(timeout=timeout).topics:
+        return
+    future = admin.create_topics([NewTopic(cfg.control_topic, 1)])[cfg.control_topic]
+    try:
+        future.result(timeout=timeout)
+        log.info("created control topic %s (1 partition)", cfg.control_topic)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise KafkaException(
+                f"cannot create kafka.control_topic {cfg.control_topic!r} ({exc}): create it "
+                "with one partition, or set kafka.control_topic to null for a single process"
+            ) from None
 
 
 def producer_config(cfg: KafkaConfig) -> dict[str, Any]:
