@@ -16,7 +16,7 @@ import pytest
 from consumer.store.backend import Backend, StoreError
 from consumer.store.cluster import Cluster, on_cluster, sync_replicas
 from consumer.store.durability import apply_fsync
-from consumer.store.migrations import MIGRATIONS, SCHEMA_MIGRATIONS, migrate
+from consumer.store.migrations import MIGRATIONS, migrate
 from consumer.store.migrations.m12_ledger_keyed_time_first import LEDGER_ORDER
 from consumer.store.server import ServerBackend
 from tests.integration.conftest import (
@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     CLICKHOUSE_USER,
     docker_missing,
 )
+from tests.integration.test_migrations import _upto
 
 pytestmark = [
     pytest.mark.integration,
@@ -135,17 +136,7 @@ def wait_for_keeper(store: Backend, timeout: float = 90.0) -> None:
 
 def upto(store: Backend, last: int) -> None:
     """The migrations up to `last` on the cluster, as an older release applied them."""
-    ddl = on_cluster(store, CLUSTER)
-    ddl.command(SCHEMA_MIGRATIONS)
-    for version, name, steps in MIGRATIONS:
-        if version > last:
-            break
-        for step in steps:
-            ddl.command(step) if isinstance(step, str) else step(ddl)
-        ddl.command(
-            "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
-            {"v": version, "n": name},
-        )
+    _upto(on_cluster(store, CLUSTER), last)
 
 
 def tables(store: Backend) -> dict[str, str]:

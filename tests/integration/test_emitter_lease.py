@@ -41,6 +41,18 @@ def _wait(what: str, until: Callable[[], bool], leases: list[EmitterLease], limi
         time.sleep(0.05)
 
 
+def _config(broker: TansuBroker, unique: str) -> KafkaConfig:
+    """A group and control topic of the test's own, a short session (a quick hand-over)."""
+    cfg = KafkaConfig(
+        bootstrap_servers=broker.bootstrap,
+        group_id=unique,
+        control_topic=f"{unique}.control",
+        consumer_librdkafka={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"},
+    )
+    ensure_control_topic(cfg)
+    return cfg
+
+
 def _lease(cfg: KafkaConfig, store: ChdbBackend, **overrides: str) -> EmitterLease:
     assert cfg.control_topic is not None
     conf = {**lease_config(cfg), **overrides}
@@ -51,13 +63,7 @@ def _lease(cfg: KafkaConfig, store: ChdbBackend, **overrides: str) -> EmitterLea
 def test_one_holder_and_a_clean_hand_over(
     broker: TansuBroker, store: ChdbBackend, unique: str
 ) -> None:
-    cfg = KafkaConfig(
-        bootstrap_servers=broker.bootstrap,
-        group_id=unique,
-        control_topic=f"{unique}.control",
-        consumer_librdkafka={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"},
-    )
-    ensure_control_topic(cfg)
+    cfg = _config(broker, unique)
     ensure_control_topic(cfg)  # there already: nothing to do
     a, b = _lease(cfg, store), _lease(cfg, store)
     both = [a, b]
@@ -84,13 +90,7 @@ def test_one_holder_and_a_clean_hand_over(
 def test_a_paused_holder_is_deposed_and_fenced_out(
     broker: TansuBroker, store: ChdbBackend, unique: str
 ) -> None:
-    cfg = KafkaConfig(
-        bootstrap_servers=broker.bootstrap,
-        group_id=unique,
-        control_topic=f"{unique}.control",
-        consumer_librdkafka={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"},
-    )
-    ensure_control_topic(cfg)
+    cfg = _config(broker, unique)
     # A holder that stops polling past max.poll.interval.ms is what a paused process is.
     a = _lease(cfg, store, **{"max.poll.interval.ms": "7000"})
     _wait("a holds", lambda: a.epoch is not None, [a], 60)

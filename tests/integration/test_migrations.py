@@ -9,7 +9,7 @@ import pytest
 
 from consumer.store.backend import Backend
 from consumer.store.chdb import ChdbBackend
-from consumer.store.migrations import MIGRATIONS, migrate
+from consumer.store.migrations import MIGRATIONS, SCHEMA_MIGRATIONS, migrate
 from consumer.store.migrations._sql import table_property
 from consumer.store.migrations.m12_ledger_keyed_time_first import LEDGER_ORDER
 from tests.integration.store_wrap import Passthrough
@@ -27,11 +27,7 @@ ROWS = """INSERT INTO usage_events (meter, customer_id, event_id, event_time, va
 
 def _upto(store: Backend, last: int) -> None:
     """The migrations up to `last`, as an older release applied them."""
-    store.command(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-        "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree "
-        "ORDER BY version"
-    )
+    store.command(SCHEMA_MIGRATIONS)
     for version, name, steps in MIGRATIONS:
         if version > last:
             break
@@ -206,7 +202,8 @@ def test_partitioning_keeps_every_row_when_cut_short_at_any_statement(tmp_path: 
             cut_short = False
         except _Cut:
             cut_short = True
-        assert 16 in migrate(store) or not cut_short
+        migrate(store)  # run again whole (the cut may have fallen in a later migration)
+        assert migrate(store) == []
         for table, key in PARTITIONS.items():
             assert _every_row(store, table) == before[table], (n, table)
             assert table_property(store, table, "partition_key") == key
