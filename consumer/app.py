@@ -112,11 +112,11 @@ class Pipeline:
             emitter_stop.set()
             if thread is not None:
                 thread.join()
-            if self.emitter is not None:
-                self.emitter.close()
             self.close()
 
     def close(self) -> None:
+        if self.emitter is not None:  # also when it never ran: its lease member leaves
+            self.emitter.close()
         self.ingestor.ctx.commits.close()
         self.consumer.close()
         self.producer.flush(10)
@@ -168,6 +168,16 @@ def _decoder(cfg: SchemaConfig) -> Decoder:
     return Decoder(mode="confluent", source=source, reader=reader_schema(), fast=cfg.fast_decoder)
 
 
+def stripe_key(settings: Settings) -> str:
+    """The Stripe key, or a configuration error before anything connects anywhere."""
+    if settings.stripe.api_key is None:
+        raise ConfigError(
+            "stripe.api_key: required when stripe.enabled is true "
+            "(set USAGE_CONSUMER_STRIPE__API_KEY, or stripe.enabled: false)"
+        )
+    return settings.stripe.api_key.get_secret_value()
+
+
 def build_emitter(
     settings: Settings,
     store: Backend,
@@ -177,13 +187,9 @@ def build_emitter(
     lease: EmitterLease | None = None,
 ) -> Emitter:
     s = settings.stripe
-    if s.api_key is None:
-        raise ConfigError(
-            "stripe.api_key: required when stripe.enabled is true "
-            "(set USAGE_CONSUMER_STRIPE__API_KEY, or stripe.enabled: false)"
-        )
+    api_key = stripe_key(settings)
     bases = {"api": s.api_base, "meter_events": s.meter_events_base}
-    api = stripe_client(s.api_key.get_secret_value(), bases)
+    api = stripe_client(api_key, bases)
     sessions = SessionKeeper(api, clock, s.session_refresh_margin_seconds, metrics)
     limiter = TokenBucket(s.requests_per_second, clock)
     keys = {
@@ -244,6 +250,8 @@ def build_pipeline(
 ) -> Pipeline:
     """decode -> validate -> dedup -> classify -> sink -> commit, plus the emitter."""
     k, p = settings.kafka, settings.pipeline
+    if settings.stripe.enabled:
+        stripe_key(settings)
     owns_store = store is None
     store = store or open_store(settings.clickhouse)
     cluster = cluster_of(settings.clickhouse)

@@ -61,9 +61,7 @@ class EmitterLease:
         self._superseded = False
         self.epoch: int | None = None
         self.holder = f"{socket.gethostname()}/{id(self):x}"
-        consumer.subscribe(
-            [topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked
-        )
+        self._joined = self._closed = False
 
     def _assigned(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         if any(tp.topic == self._topic for tp in partitions):
@@ -78,6 +76,14 @@ class EmitterLease:
     def hold(self) -> int | None:
         """Keep the membership alive and, once assigned, claim an epoch; returns the epoch,
         or None while another process holds the lease."""
+        if not self._joined:  # joined by the thread that polls: a member never polled
+            self._joined = True  # would hold the lease until max.poll.interval.ms
+            self._consumer.subscribe(
+                [self._topic],
+                on_assign=self._assigned,
+                on_revoke=self._revoked,
+                on_lost=self._revoked,
+            )
         msg = self._consumer.poll(0)  # runs the callbacks; claims read back are not work
         err = msg.error() if msg is not None else None
         if err is not None and err.code() != KafkaError._PARTITION_EOF:
@@ -120,4 +126,6 @@ class EmitterLease:
 
     def close(self) -> None:
         """Leave the group: the next holder is assigned without waiting for a timeout."""
-        self._consumer.close()
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()

@@ -215,7 +215,7 @@ class OutageStore(Passthrough):
             return
         with self._lock:
             self.failed += 1
-            if "FROM ingest_state" in text:
+            if "FROM ingest_state" in text or "FROM ingest_latest" in text:
                 self.failed_state_reads += 1
         raise StoreError("injected outage: ClickHouse unreachable")
 
