@@ -144,6 +144,19 @@ def _write_per_event_pushes(
     if not by_config:
         return
     for i, (meters, tables) in enumerate(sorted(by_config.items())):
+        params = {"now": now_ms, "m": [m for m, _ in meters], "s": [s for _, s in meters]}
+        # Named as open work first (outbox.py): a push is never in stripe_pushes unnamed.
+        store.command_with(
+            f"""INSERT INTO stripe_open (identifier, status_rank, held, version,
+                                        stripe_timestamp)
+               SELECT {PER_EVENT_IDENTIFIER_SQL}, {PENDING}, 0, {2 * PENDING}, event_time
+               FROM (SELECT event_id, event_time,
+                            transform(meter, {{m:Array(String)}}, {{s:Array(String)}}, '') AS name
+                     FROM $accepted)
+               WHERE name != ''""",
+            {"accepted": pa.concat_tables(tables)},
+            params,
+        )
         store.command_with(
             f"""INSERT INTO stripe_pushes (identifier, mode, meter, stripe_event_name,
                    customer_id, bucket_start, revision, value, status_rank, first_attempt_at,
@@ -157,11 +170,7 @@ def _write_per_event_pushes(
                WHERE name != ''
                SETTINGS insert_deduplication_token = '{token}-{i}'""",
             {"accepted": pa.concat_tables(tables)},
-            {
-                "now": now_ms,
-                "m": [m for m, _ in meters],
-                "s": [s for _, s in meters],
-            },
+            params,
         )
 
 
