@@ -41,7 +41,7 @@ from consumer.ops.health import Health
 from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
-from consumer.store import Backend, open_store
+from consumer.store import Backend, open_store, tenants
 from consumer.store.config_versions import record_config
 from consumer.store.durability import apply_fsync
 from consumer.store.migrations import migrate
@@ -225,6 +225,7 @@ def build_pipeline(
     migrate(store)
     apply_fsync(store, settings.clickhouse.fsync_after_insert)
     record_config(store, settings.config_hash(), settings.classification_body())
+    tenants.ensure(store, settings.stripe.account_property)  # before any ledger write
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),
         meters=settings.meter_for_event(),
@@ -243,6 +244,7 @@ def build_pipeline(
         topic=k.topic,
         epoch=int(clock.now() * 1000),
         rollup=Rollup(store, k.group_id, k.topic, clock, metrics, threads=p.rollup_threads),
+        tenant_property=settings.stripe.account_property,
     )
     ingestor = Ingestor(
         IngestContext(

@@ -19,6 +19,7 @@ from consumer.classify.snapshot import Snapshot
 from consumer.decode.columns import LEDGER_SCHEMA
 from consumer.records import DECIMAL, TIME_MS, Record
 from consumer.sinks.rollup import Cancel
+from consumer.store import tenants
 from consumer.store.backend import Backend
 
 PENDING = 1
@@ -101,9 +102,13 @@ def spans(times_ms: Sequence[int], horizon_ms: int, most: int = 16) -> list[tupl
     return out
 
 
-def write_ledger(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> int:
-    """What the window recompute reads: the ledger and the cancellations."""
+def write_ledger(
+    store: Backend, token: str, ranges: Sequence[RangeWrite], tenant_property: str | None = None
+) -> int:
+    """What the window recompute reads: the ledger and the cancellations; before them the
+    tenants the events name (Stripe Connect reads those by key, store/tenants.py)."""
     accepted = accepted_table(ranges)
+    tenants.write(store, tenant_property, accepted)
     if accepted.num_rows:
         store.insert_columns(
             "usage_events",
