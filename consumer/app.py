@@ -50,7 +50,7 @@ from consumer.ops.health import Health
 from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
-from consumer.store import Backend, open_store
+from consumer.store import Backend, open_store, tenants
 from consumer.store.cluster import cluster_of, sync_replicas
 from consumer.store.config_versions import record_config
 from consumer.store.prepare import prepare_store
@@ -259,6 +259,7 @@ def build_pipeline(
     if cluster is not None:
         sync_replicas(store, cluster)
     record_config(store, settings.config_hash(), settings.classification_body())
+    tenants.ensure(store, settings.stripe.account_property)  # before any ledger write
     classifier = Classifier(
         decoder=build_decoder(settings.schema_),
         meters=settings.meter_for_event(),
@@ -277,6 +278,7 @@ def build_pipeline(
         topic=k.topic,
         epoch=ingest_epoch(settings, producer, clock),
         rollup=Rollup(store, k.group_id, k.topic, clock, metrics, threads=p.rollup_threads),
+        tenant_property=settings.stripe.account_property,
     )
     ingestor = Ingestor(
         IngestContext(

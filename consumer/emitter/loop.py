@@ -17,6 +17,8 @@ A cycle, in order (each concern in its own module; this one only orders them):
      be sent for the first time
   8. send, keeping requests in flight and topping the queue up with never-sent pushes
      (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest
+  9. record in the open-work table what was settled, and delete it there now and then
+     (outbox.tidy): every read above selects only the pushes it names
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
 """
 
@@ -164,6 +166,7 @@ class Emitter:
             self._metrics.stripe_idle.set(0)
         try:
             work += self._send(to_send)  # 8
+            outbox.tidy(self._store)  # 9: the open work stays the open work
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())

@@ -64,6 +64,7 @@ class CommitSequence:
     topic: str
     epoch: int
     rollup: Rollup
+    tenant_property: str | None = None  # stripe.account_property: tenants kept per customer
 
     def __post_init__(self) -> None:
         self._pool = futures.ThreadPoolExecutor(2, thread_name_prefix="commit")
@@ -121,7 +122,10 @@ class CommitSequence:
             self._timed, "outputs", lambda: write_outputs(self.store, token, ranges, now_ms)
         )
         try:
-            self._timed("usage_events", lambda: write_ledger(self.store, token, ranges))
+            self._timed(
+                "usage_events",
+                lambda: write_ledger(self.store, token, ranges, self.tenant_property),
+            )
             ledger_written()
         finally:
             # Never leave a write of this attempt running into the next one.

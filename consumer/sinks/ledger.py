@@ -19,6 +19,7 @@ from consumer.classify.snapshot import Snapshot
 from consumer.decode.columns import LEDGER_SCHEMA
 from consumer.records import DECIMAL, TIME_MS, Record
 from consumer.sinks.rollup import Cancel
+from consumer.store import tenants
 from consumer.store.backend import Backend
 
 PENDING = 1
@@ -101,9 +102,13 @@ def spans(times_ms: Sequence[int], horizon_ms: int, most: int = 16) -> list[tupl
     return out
 
 
-def write_ledger(store: Backend, token: str, ranges: Sequence[RangeWrite]) -> int:
-    """What the window recompute reads: the ledger and the cancellations."""
+def write_ledger(
+    store: Backend, token: str, ranges: Sequence[RangeWrite], tenant_property: str | None = None
+) -> int:
+    """What the window recompute reads: the ledger and the cancellations; before them the
+    tenants the events name (Stripe Connect reads those by key, store/tenants.py)."""
     accepted = accepted_table(ranges)
+    tenants.write(store, tenant_property, accepted)
     if accepted.num_rows:
         store.insert_columns(
             "usage_events",
@@ -144,6 +149,19 @@ def _write_per_event_pushes(
     if not by_config:
         return
     for i, (meters, tables) in enumerate(sorted(by_config.items())):
+        params = {"now": now_ms, "m": [m for m, _ in meters], "s": [s for _, s in meters]}
+        # Named as open work first (outbox.py): a push is never in stripe_pushes unnamed.
+        store.command_with(
+            f"""INSERT INTO stripe_open (identifier, status_rank, held, version,
+                                        stripe_timestamp)
+               SELECT {PER_EVENT_IDENTIFIER_SQL}, {PENDING}, 0, {2 * PENDING}, event_time
+               FROM (SELECT event_id, event_time,
+                            transform(meter, {{m:Array(String)}}, {{s:Array(String)}}, '') AS name
+                     FROM $accepted)
+               WHERE name != ''""",
+            {"accepted": pa.concat_tables(tables)},
+            params,
+        )
         store.command_with(
             f"""INSERT INTO stripe_pushes (identifier, mode, meter, stripe_event_name,
                    customer_id, bucket_start, revision, value, status_rank, first_attempt_at,
@@ -157,11 +175,7 @@ def _write_per_event_pushes(
                WHERE name != ''
                SETTINGS insert_deduplication_token = '{token}-{i}'""",
             {"accepted": pa.concat_tables(tables)},
-            {
-                "now": now_ms,
-                "m": [m for m, _ in meters],
-                "s": [s for _, s in meters],
-            },
+            params,
         )
 
 

@@ -4,7 +4,8 @@ A platform bills each tenant's customers in the tenant's connected account (the
 `Stripe-Account` header). Events name their tenant in a property (`stripe.account_property`);
 `stripe.accounts` maps tenants to `acct_` ids, or, left empty, the property holds the id
 itself. A Stripe customer lives in exactly one account, so the account is looked up per
-(meter, customer) in the ledger when a push is first attempted, and kept from then on: a
+(meter, customer) in the tenants its events named (`customer_tenants`, kept by the sink
+beside the ledger and read by key) when a push is first attempted, and kept from then on: a
 re-send goes where the first send went. A customer whose events name no tenant, an unknown
 one, or two different ones is never guessed: its pushes are held as rejected with the reason.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from consumer.config import StripeConfig
 from consumer.emitter.plan.outbox import Push
+from consumer.store import tenants
 from consumer.store.backend import Backend
 
 Key = tuple[str, str]  # (meter, customer)
@@ -51,17 +53,14 @@ class AccountResolver:
         self._store = store
         self._property = config.account_property
         self._accounts = dict(config.accounts)
+        self._ensured = False
 
     def resolve(self, pushes: Sequence[Push]) -> dict[Key, str | Unbillable]:
         keys = sorted({(p.meter, p.customer_id) for p in pushes})
         if self._property is None or not keys:
             return {k: "" for k in keys}
-        rows = self._store.query(
-            """SELECT meter, customer_id, groupUniqArray(properties[{prop:String}])
-               FROM usage_events
-               WHERE (meter, customer_id) IN {keys:Array(Tuple(String, String))}
-               GROUP BY meter, customer_id""",
-            {"prop": self._property, "keys": keys},
-        )
-        seen = {(str(m), str(c)): [str(t) for t in ts] for m, c, ts in rows}
+        if not self._ensured:  # once a process: ledger rows from before it kept tenants
+            tenants.ensure(self._store, self._property)
+            self._ensured = True
+        seen = tenants.named(self._store, self._property, keys)
         return {k: account_for(seen.get(k, []), self._accounts) for k in keys}

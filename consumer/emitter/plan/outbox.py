@@ -17,27 +17,56 @@ that the push was already attempted. Ranks, in the only order a push may move th
     8 CANCELLED   its usage was cancelled: never sent, or cancelled at Stripe by an
                   adjustment (corrections.py); not billed
 
+Open work. Every push not yet settled (SENT_V1, SENT, CANCELLED) has a row in
+`stripe_open` (migration 18), so the reads a cycle makes (what to send, to check, to hold)
+select from `stripe_pushes` only the identifiers named there, by key, never the outbox's
+history. Three rules keep it from ever hiding an open push:
+
+    - a row at an open rank goes to stripe_open before stripe_pushes (a crash leaves at
+      most a name without a push: readers find no row and skip it);
+    - a row at a settled rank goes to stripe_open after stripe_pushes (a crash leaves a
+      name whose push is settled: readers skip it, tidy() records it settled);
+    - tidy() deletes a name only up to the rank it saw settled, which stripe_pushes
+      already holds; a pending row rewritten later for a settled push (a re-formed
+      range) comes back as a name whose push is settled, and is skipped and tidied again.
+
 Reads by summary minute (for the delivery checks) are in minutes.py; counts and views for
 alerts and people are in standing.py.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import NamedTuple
 
 import pyarrow as pa
 
+from consumer import crash_points
 from consumer.config import MeterConfig
 from consumer.emitter.plan.buckets import bucket_sql
 from consumer.emitter.plan.identifiers import aggregated_identifier
 from consumer.records import DECIMAL, TIME_MS
-from consumer.store.backend import Backend, Row
+from consumer.store.backend import Backend, Row, StoreError
+
+log = logging.getLogger(__name__)
 
 PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED, CANCELLED = 1, 2, 3, 4, 5, 6, 7, 8
 DELIVERED = (SENT_V1, SENT)
 AWAITING = (PENDING, ATTEMPTED, REDATED)
+SETTLED = (SENT_V1, SENT, CANCELLED)
+HELD = (EXPIRED, REJECTED)
+# Pushes that may still be open: named in stripe_open, not settled, and not a hold that
+# stripe_pushes was seen to hold. A read of open work adds this to its read of
+# stripe_pushes, which then selects the granules of these identifiers only (its key).
+OPEN_SQL = """identifier IN (SELECT identifier FROM stripe_open FINAL
+                              WHERE status_rank NOT IN (2, 6, 8) AND held = 0)"""
+# The same, also with the checked expired pushes (the re-date policy sends them).
+OPEN_OR_EXPIRED_SQL = """identifier IN (SELECT identifier FROM stripe_open FINAL
+                                        WHERE status_rank NOT IN (2, 6, 8)
+                                          AND (held = 0 OR status_rank = 4))"""
+TIDY_AT = 1_000  # settled names deleted from stripe_open once there are this many
 # Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
 ATTEMPTED_SQL = (
     "(status_rank IN (3, 5) OR (status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) > 0))"
@@ -245,7 +274,8 @@ def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> 
     identifier; and timestamped inside Stripe's window (at or after `limit_ms`)."""
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
-           WHERE stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+           WHERE {OPEN_SQL}
+             AND stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
              AND ((status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) = 0)
                   OR ({ATTEMPTED_SQL}
                       AND first_attempt_at > fromUnixTimestamp64Milli({{blind:Int64}}, 'UTC')))
@@ -259,7 +289,8 @@ def never_sent(store: Backend, limit_ms: int, limit: int) -> list[Push]:
     """Pushes never attempted, timestamped inside Stripe's window, oldest first."""
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
-           WHERE stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+           WHERE {OPEN_SQL}
+             AND stripe_timestamp >= fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
              AND status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) = 0
            ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
         {"lim": limit_ms, "n": limit},
@@ -293,9 +324,11 @@ def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int)
     """Never-attempted pushes timestamped before `limit_ms` (Stripe would refuse them), and
     with `include_expired` the ones already held as expired."""
     ranks = [PENDING, EXPIRED] if include_expired else [PENDING]
+    names = OPEN_OR_EXPIRED_SQL if include_expired else OPEN_SQL
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
-           WHERE stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
+           WHERE {names}
+             AND stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC')
              AND status_rank IN {{ranks:Array(UInt8)}}
              AND toUnixTimestamp64Milli(first_attempt_at) = 0
            ORDER BY bucket_start, identifier LIMIT {{n:UInt32}}""",
@@ -350,8 +383,70 @@ def write_moved(store: Backend, pushes: Sequence[Push], now_ms: int) -> None:
 
 
 def _insert(store: Backend, pushes: Sequence[Push], ranks: list[int], now_ms: int) -> None:
+    """Write the rows, naming them in stripe_open in the order the rules above need."""
     if not pushes:
         return
+    rows = list(zip(pushes, ranks, strict=True))
+    _name(store, [(p, r, 0) for p, r in rows if r not in SETTLED])
+    _insert_pushes(store, pushes, ranks, now_ms)
+    settled = [(p, r, 0) for p, r in rows if r in SETTLED]
+    if not settled:
+        return
+    crash_points.reached("after_settled_marks")
+    try:
+        _name(store, settled)
+    except StoreError as exc:  # the marks are written; tidy() finds these settled later
+        log.warning("settled pushes not yet recorded in stripe_open: %s", exc)
+
+
+def _name(store: Backend, rows: Sequence[tuple[Push, int, int]]) -> None:
+    """(push, rank, held) rows of stripe_open; a checked hold outranks an unchecked one."""
+    if not rows:
+        return
+    store.insert_columns(
+        "stripe_open",
+        {
+            "identifier": pa.array([p.identifier for p, _, _ in rows]),
+            "status_rank": pa.array([r for _, r, _ in rows], pa.uint8()),
+            "held": pa.array([h for _, _, h in rows], pa.uint8()),
+            "version": pa.array([2 * r + h for _, r, h in rows], pa.uint8()),
+            "stripe_timestamp": pa.array([p.timestamp_ms for p, _, _ in rows], TIME_MS),
+        },
+    )
+
+
+def tidy(store: Backend, settled_at: int = TIDY_AT) -> None:
+    """Keep stripe_open to the open work: record as settled (or as checked holds) the names
+    whose push stripe_pushes holds so, and delete the settled names once there are
+    `settled_at` of them and at least as many as open ones. Needed only for cost: readers
+    skip such names anyway."""
+    found = store.query(
+        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
+           WHERE {OPEN_SQL} AND status_rank IN {{done:Array(UInt8)}}""",
+        {"done": [*SETTLED, *HELD]},
+    )
+    pushes = [from_row(r) for r in found]
+    _name(store, [(p, p.status, int(p.status in HELD)) for p in pushes])
+    ((settled_n, open_n),) = store.query(
+        """SELECT countIf(status_rank IN (2, 6, 8)), countIf(status_rank NOT IN (2, 6, 8))
+           FROM stripe_open FINAL"""
+    )
+    if int(settled_n) < max(settled_at, int(open_n), 1):
+        return
+    settled = store.query(
+        "SELECT identifier, version FROM stripe_open FINAL WHERE status_rank IN (2, 6, 8)"
+    )
+    # Only rows up to the rank seen settled: a later rank (a rejection after a send) stays.
+    store.command(
+        """ALTER TABLE stripe_open
+           DELETE WHERE version <= transform(identifier, {ids:Array(String)},
+                                             {vers:Array(UInt8)}, toUInt8(0))
+           SETTINGS mutations_sync = 1""",
+        {"ids": [str(i) for i, _ in settled], "vers": [int(v) for _, v in settled]},
+    )
+
+
+def _insert_pushes(store: Backend, pushes: Sequence[Push], ranks: list[int], now_ms: int) -> None:
     n = len(pushes)
     store.insert_columns(
         "stripe_pushes",

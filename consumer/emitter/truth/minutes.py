@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from consumer.emitter.plan.outbox import ATTEMPTED_SQL, COLUMNS, Push, from_row
+from consumer.emitter.plan.outbox import ATTEMPTED_SQL, COLUMNS, OPEN_SQL, Push, from_row
 from consumer.store.backend import Backend
 
 
@@ -28,7 +28,7 @@ def due_buckets(store: Backend, due_ms: int, limit_ms: int, limit: int) -> list[
         f"""SELECT stripe_event_name, customer_id,
                   toUnixTimestamp(toStartOfMinute(stripe_timestamp)) * 1000 AS minute
            FROM stripe_pushes FINAL
-           WHERE {ATTEMPTED_SQL}
+           WHERE {OPEN_SQL} AND {ATTEMPTED_SQL}
              AND (first_attempt_at <= fromUnixTimestamp64Milli({{due:Int64}}, 'UTC')
                   OR stripe_timestamp < fromUnixTimestamp64Milli({{lim:Int64}}, 'UTC'))
            GROUP BY stripe_event_name, customer_id, minute

@@ -24,13 +24,15 @@ class Backlog:
 
 
 def backlog(store: Backend, alert_before_ms: int) -> Backlog:
+    """Counted from the open work (stripe_open, migration 18), not the outbox's history. A
+    name whose push was settled a moment ago counts until the cycle's tidy() records it."""
     rows = store.query(
         """SELECT countIf(status_rank IN (1, 3, 5)),
                   toUnixTimestamp64Milli(minIf(stripe_timestamp, status_rank IN (1, 3, 5))),
                   countIf(status_rank IN (1, 3, 5)
                           AND stripe_timestamp < fromUnixTimestamp64Milli({a:Int64}, 'UTC')),
                   countIf(status_rank = 4), countIf(status_rank = 7)
-           FROM stripe_pushes FINAL""",
+           FROM stripe_open FINAL""",
         {"a": alert_before_ms},
     )
     n, oldest, near, expired, rejected = (int(x) for x in rows[0])
