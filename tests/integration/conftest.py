@@ -15,13 +15,14 @@ import stripe
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.app import Pipeline
-from consumer.config import MeterConfig, Settings, load_settings
+from consumer.config import ClickHouseConfig, MeterConfig, Settings, load_settings
 from consumer.local.broker import free_port
 from consumer.local.demo import produce
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.local.sample import Sample, generate
 from consumer.ops.totals import Totals
-from consumer.store import Backend
+from consumer.store import Backend, open_store
+from consumer.store.migrations import migrate
 from tests.support.clickhouse_http import Endpoint, running
 
 STRIPE_KEY = "sk_test_integration"
@@ -252,6 +253,17 @@ def server_config(host: str, port: int, database: str = "usage") -> dict[str, An
         "password": CLICKHOUSE_PASSWORD,
         "database": database,
     }
+
+
+@pytest.fixture
+def migrated_store(tmp_path: Path) -> Iterator[Backend]:
+    """A chDB store of the test's own, every migration applied; closed after the test."""
+    s = open_store(ClickHouseConfig(chdb_path=tmp_path / "chdb"))
+    migrate(s)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")

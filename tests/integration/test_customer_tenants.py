@@ -6,22 +6,19 @@ ClickHouse's `max_rows_to_read` where grouping the ledger is refused."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.config import ClickHouseConfig, StripeConfig
+from consumer.config import StripeConfig
 from consumer.emitter.plan.accounts import AccountResolver, account_for
 from consumer.emitter.plan.outbox import Push
 from consumer.records import DECIMAL, TIME_MS
-from consumer.store import open_store, tenants
+from consumer.store import tenants
 from consumer.store.backend import Backend
-from consumer.store.migrations import migrate
 
 pytestmark = pytest.mark.integration
 NOW = 1_790_000_000_000
@@ -30,13 +27,8 @@ Event = tuple[str, str, str]  # meter, customer, tenant ('' = the property is mi
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Backend]:
-    s = open_store(ClickHouseConfig(chdb_path=tmp_path / "chdb"))
-    migrate(s)
-    try:
-        yield s
-    finally:
-        s.close()
+def store(migrated_store: Backend) -> Backend:
+    return migrated_store
 
 
 def ledger_rows(events: list[Event], start: int) -> pa.Table:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -52,14 +51,9 @@ RANKS = [PENDING, SENT_V1, ATTEMPTED, EXPIRED, REDATED, SENT, REJECTED, CANCELLE
 
 
 @pytest.fixture
-def shared(tmp_path: Path) -> Iterator[Backend]:
+def shared(migrated_store: Backend) -> Backend:
     """One store for every example of a test (chDB holds one store path per process)."""
-    s = open_store(ClickHouseConfig(chdb_path=tmp_path / "chdb"))
-    migrate(s)
-    try:
-        yield s
-    finally:
-        s.close()
+    return migrated_store
 
 
 def push(i: int, rank: int, attempt_ms: int = 0, ts_ms: int | None = None) -> Push:

@@ -4,19 +4,14 @@ a fresh read for every batch would."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
-from consumer.config import ClickHouseConfig
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.outbox import ATTEMPTED, PENDING, REJECTED, Push
 from consumer.emitter.plan.units import Assigner, Rule
-from consumer.store import open_store
 from consumer.store.backend import Backend
-from consumer.store.migrations import migrate
 
 pytestmark = pytest.mark.integration
 NOW = 1_790_000_000_000
@@ -24,13 +19,8 @@ WHOLE_SUM = {"m": Rule("whole", True)}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Backend]:
-    s = open_store(ClickHouseConfig(chdb_path=tmp_path / "chdb"))
-    migrate(s)
-    try:
-        yield s
-    finally:
-        s.close()
+def store(migrated_store: Backend) -> Backend:
+    return migrated_store
 
 
 def pending(n: int, start: int = 0, value: str = "0.4", customers: int = 3) -> list[Push]:
