@@ -48,8 +48,11 @@ class ServerBackend:
         self._password = password
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        # raw_query, not command: command() puts bind parameters in the URL whatever their
+        # size (HTTP 414 past a proxy's or server's line limit); raw_query moves large ones
+        # into the form body.
         try:
-            self._client.command(sql, parameters=dict(params or {}))
+            self._client.raw_query(sql, parameters=dict(params or {}))
         except Exception as exc:
             raise StoreError(_scrub(str(exc), self._password)) from exc
 
@@ -88,7 +91,7 @@ class ServerBackend:
     ) -> None:
         text, data = self._external(sql, inputs)
         try:
-            self._client.command(text, parameters=dict(params or {}), external_data=data)
+            self._client.raw_query(text, parameters=dict(params or {}), external_data=data)
         except Exception as exc:
             raise StoreError(_scrub(str(exc), self._password)) from exc
 

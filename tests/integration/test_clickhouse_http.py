@@ -170,6 +170,32 @@ def test_query_with_reads_external_tables_of_every_input_type(store: ServerBacke
     ]  # the external tables lived for their request only
 
 
+def test_parameters_larger_than_a_request_line_reach_every_call(store: ServerBackend) -> None:
+    """A bind parameter past the 64 KiB request line the endpoint (and many proxies) allow:
+    each call moves it into the body rather than the URL (HTTP 414 otherwise)."""
+    ids = [f"evt_{i:07d}_{'x' * 56}" for i in range(2_000)]  # about 140 KB
+    keep = pa.table({"k": pa.array(ids[::2])})
+    store.command("CREATE TABLE big (k String) ENGINE = MergeTree ORDER BY k")
+    store.command("INSERT INTO big SELECT arrayJoin({ids:Array(String)})", {"ids": ids})
+    store.command_with(
+        "INSERT INTO big SELECT k FROM $keep WHERE k IN {ids:Array(String)}",
+        {"keep": keep},
+        {"ids": ids},
+    )
+    assert store.query("SELECT count() FROM big WHERE k IN {ids:Array(String)}", {"ids": ids}) == [
+        (3_000,)
+    ]
+    rows = store.query_with(
+        "SELECT count() FROM $keep WHERE k NOT IN {ids:Array(String)}", {"keep": keep}, {"ids": ids}
+    )
+    assert rows == [(0,)]
+    store.command(
+        "ALTER TABLE big DELETE WHERE k IN {ids:Array(String)} SETTINGS mutations_sync = 1",
+        {"ids": ids[:1_000]},
+    )
+    assert store.query("SELECT count() FROM big") == [(1_500,)]
+
+
 def test_final_reads_the_last_row_of_each_key(store: ServerBackend) -> None:
     store.command("CREATE TABLE r (k String, v UInt64) ENGINE = ReplacingMergeTree ORDER BY k")
     store.insert_columns("r", {"k": pa.array(["a", "b"]), "v": pa.array([1, 1], pa.uint64())})
