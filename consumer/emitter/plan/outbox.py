@@ -57,15 +57,16 @@ DELIVERED = (SENT_V1, SENT)
 AWAITING = (PENDING, ATTEMPTED, REDATED)
 SETTLED = (SENT_V1, SENT, CANCELLED)
 HELD = (EXPIRED, REJECTED)
+_SETTLED_SQL = f"({', '.join(map(str, SETTLED))})"  # SETTLED as an SQL list
 # Pushes that may still be open: named in stripe_open, not settled, and not a hold that
 # stripe_pushes was seen to hold. A read of open work adds this to its read of
 # stripe_pushes, which then selects the granules of these identifiers only (its key).
-OPEN_SQL = """identifier IN (SELECT identifier FROM stripe_open FINAL
-                              WHERE status_rank NOT IN (2, 6, 8) AND held = 0)"""
+OPEN_SQL = f"""identifier IN (SELECT identifier FROM stripe_open FINAL
+                              WHERE status_rank NOT IN {_SETTLED_SQL} AND held = 0)"""
 # The same, also with the checked expired pushes (the re-date policy sends them).
-OPEN_OR_EXPIRED_SQL = """identifier IN (SELECT identifier FROM stripe_open FINAL
-                                        WHERE status_rank NOT IN (2, 6, 8)
-                                          AND (held = 0 OR status_rank = 4))"""
+OPEN_OR_EXPIRED_SQL = f"""identifier IN (SELECT identifier FROM stripe_open FINAL
+                                        WHERE status_rank NOT IN {_SETTLED_SQL}
+                                          AND (held = 0 OR status_rank = {EXPIRED}))"""
 TIDY_AT = 1_000  # settled names deleted from stripe_open once there are this many
 # Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
 ATTEMPTED_SQL = (
@@ -428,7 +429,8 @@ def tidy(store: Backend, settled_at: int = TIDY_AT) -> None:
     pushes = [from_row(r) for r in found]
     _name(store, [(p, p.status, int(p.status in HELD)) for p in pushes])
     ((settled_n, open_n),) = store.query(
-        """SELECT countIf(status_rank IN (2, 6, 8)), countIf(status_rank NOT IN (2, 6, 8))
+        f"""SELECT countIf(status_rank IN {_SETTLED_SQL}),
+                  countIf(status_rank NOT IN {_SETTLED_SQL})
            FROM stripe_open FINAL"""
     )
     if int(settled_n) < max(settled_at, int(open_n), 1):
@@ -439,9 +441,9 @@ def tidy(store: Backend, settled_at: int = TIDY_AT) -> None:
     # a later rank (a rejection after a send) is not chosen. The set is built per replica
     # (hence the setting); a row left behind only costs a read, never a decision.
     store.command(
-        """ALTER TABLE stripe_open
+        f"""ALTER TABLE stripe_open
            DELETE WHERE identifier IN (
-               SELECT identifier FROM stripe_open FINAL WHERE status_rank IN (2, 6, 8))
+               SELECT identifier FROM stripe_open FINAL WHERE status_rank IN {_SETTLED_SQL})
            SETTINGS mutations_sync = 1, allow_nondeterministic_mutations = 1"""
     )
 
