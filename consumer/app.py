@@ -277,7 +277,15 @@ def build_pipeline(
         group=k.group_id,
         topic=k.topic,
         epoch=ingest_epoch(settings, producer, clock),
-        rollup=Rollup(store, k.group_id, k.topic, clock, metrics, threads=p.rollup_threads),
+        rollup=Rollup(
+            store,
+            k.group_id,
+            k.topic,
+            clock,
+            metrics,
+            threads=p.rollup_threads,
+            horizon_ms=p.dedup_window_seconds * 1000,
+        ),
         tenant_property=settings.stripe.account_property,
     )
     ingestor = Ingestor(

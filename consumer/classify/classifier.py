@@ -112,6 +112,9 @@ class Classified:
     invalid: list[DeadLetter] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
     cross_partition: int = 0  # duplicates whose ledger copy came from another partition
+    # (meter, minute start s) of the events whose copy the ledger holds: where a row an
+    # earlier attempt of this range wrote may need settling (sinks/copies.py)
+    held_minutes: set[tuple[str, int]] = field(default_factory=set)
     watermarks_after: dict[str, int] = field(default_factory=dict)
 
 
@@ -262,6 +265,11 @@ class Classifier:
         dup_found = np.concatenate([found[held], found[d.copy_of]])
         out.cross_partition = int(np.count_nonzero((dup_found >= 0) & (dup_found != inp.partition)))
         out.duplicates = _per_meter(table.meters, ev.meter[dup_rows])
+        rows = d.first[held]
+        out.held_minutes = {
+            (table.meters[m].name, t // 60_000 * 60)
+            for m, t in zip(ev.meter[rows].tolist(), ev.ts[rows].tolist(), strict=True)
+        }
         # late: behind the watermark of its meter by more than the allowed lateness
         fresh = d.first[~held]
         late_rows, marks, after = _lateness(ev, fresh, job.snapshot.watermarks)

@@ -7,6 +7,9 @@ Instances that share a store hold this lock (a `Turn`) from the moment they ask 
 until their ledger write is durable, so whichever classifies second sees the other's copy
 and calls its own a duplicate, whatever partitions the copies came in (consumer/ingest/loop.py).
 
+Processes have no common lock: copies two of them accept at once are settled after they
+are written (consumer/sinks/copies.py).
+
 Keyed by where the store lives (the chDB path, or the server and database), not by the
 handle, so two handles on one store share it too.
 """

@@ -134,7 +134,8 @@ class CommitSequence:
         outputs.result()
         crash_points.reached("after_insert")
         spans = [(r.partition, r.start, r.end) for r in ranges]
-        job = WindowJob.of_batch(token, spans, accepted_table(ranges), cancels_of(ranges))
+        held = {m for r in ranges for m in r.classified.held_minutes}
+        job = WindowJob.of_batch(token, spans, accepted_table(ranges), cancels_of(ranges), held)
         self._timed("window_jobs", lambda: self.rollup.record(job))
         self._timed("ingest_state", lambda: self._done(ranges, now_ms))
         crash_points.reached("after_done")

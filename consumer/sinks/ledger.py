@@ -18,6 +18,7 @@ from consumer.classify.classifier import Classified, LedgerLookup
 from consumer.classify.snapshot import Snapshot
 from consumer.decode.columns import LEDGER_SCHEMA
 from consumer.records import DECIMAL, TIME_MS, Record
+from consumer.sinks.horizon import spans
 from consumer.sinks.rollup import Cancel
 from consumer.store import tenants
 from consumer.store.backend import Backend
@@ -79,27 +80,6 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
         return {int(r[0]): int(r[1]) for r in rows}
 
     return lookup
-
-
-def spans(times_ms: Sequence[int], horizon_ms: int, most: int = 16) -> list[tuple[int, int]]:
-    """The event times within `horizon_ms` of any of `times_ms`, as at most `most` disjoint
-    spans: a batch's events are usually minutes apart (one span), a late straggler adds its
-    own; beyond `most`, the spans across the smallest gaps are joined (a longer read, never
-    a missed copy), so the statement stays short whatever the batch holds."""
-    out: list[tuple[int, int]] = []
-    for t in sorted(times_ms):
-        lo, hi = t - horizon_ms, t + horizon_ms
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    if len(out) > most:
-        gaps = sorted(range(1, len(out)), key=lambda i: out[i][0] - out[i - 1][1])
-        breaks = sorted(gaps[len(out) - most :])
-        starts = [0, *breaks]
-        ends = [*breaks, len(out)]
-        out = [(out[a][0], out[b - 1][1]) for a, b in zip(starts, ends, strict=True)]
-    return out
 
 
 def write_ledger(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from consumer import crash_points
 from consumer.clock import Clock
 from consumer.metrics import Metrics
 from consumer.records import TIME_MS
+from consumer.sinks.copies import NOT_SUPERSEDED, Span, at_positions, settle_copies
 from consumer.store.backend import Backend, StoreError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ Cancel = tuple[str, str, str, int]  # (meter, customer, cancelled event id, canc
 # a first look in the hours around the cancel, where producers' cancels find theirs.
 CANCEL_NEAR_MS = 6 * 3_600_000
 CANCEL_REACH_MS = 35 * 86_400_000
-Span = tuple[int, int, int]  # (partition, start, end) of a range of the batch
 PENDING, DONE = 1, 2
 MAX_BACKOFF = 5.0
 _WINDOW_START = pa.timestamp("s", tz="UTC")
@@ -53,6 +53,7 @@ def recompute(
     windows: pa.Table,
     cancels: Sequence[Cancel] = (),
     threads: int = 0,
+    taken: pa.Table | None = None,
 ) -> None:
     """Upsert the windows, each recomputed from the whole ledger without cancelled events.
     The windows of the events `cancels` takes back are found in the ledger now, not when the
@@ -65,8 +66,11 @@ def recompute(
     of their rows it keeps those whose window's 64-bit hash is a dirty one's (a set of
     hashes costs about half a set of string tuples). A collision only adds a window, and
     that one is recomputed whole as well: its minute is one of those read. `threads` bounds
-    the aggregate's ClickHouse threads (0: ClickHouse's default)."""
+    the aggregate's ClickHouse threads (0: ClickHouse's default). `taken`: windows that lost
+    a superseded copy (sinks/copies.py), recomputed like those of cancels."""
     emptied = _cancelled_windows(store, cancels) if cancels else None
+    if taken is not None and taken.num_rows:
+        emptied = taken if emptied is None else _distinct(pa.concat_tables([emptied, taken]))
     if emptied is not None:
         windows = _distinct(pa.concat_tables([windows, emptied]))
     if not windows.num_rows:
@@ -82,6 +86,7 @@ def recompute(
              AND {_WINDOW_HASH.format(t="ws")} IN (
                      SELECT {_WINDOW_HASH.format(t="window_start")} FROM $dirty)
              AND {_NOT_CANCELLED}
+             AND {NOT_SUPERSEDED}
            GROUP BY meter, customer_id, ws
            SETTINGS max_threads = {int(threads)}""",
         {"dirty": windows, "pairs": _pairs(windows)},
@@ -95,7 +100,8 @@ def recompute(
                FROM $emptied
                WHERE (meter, customer_id, window_start) NOT IN (
                    SELECT meter, customer_id, toDateTime(toStartOfMinute(event_time), 'UTC')
-                   FROM usage_events FINAL WHERE {_IN_MINUTES} AND {_NOT_CANCELLED})""",
+                   FROM usage_events FINAL
+                   WHERE {_IN_MINUTES} AND {_NOT_CANCELLED} AND {NOT_SUPERSEDED})""",
             {"emptied": emptied, "pairs": _pairs(emptied)},
             {"mm": minutes_of(emptied)},
         )
@@ -194,13 +200,6 @@ def _originals(store: Backend, cancels: Sequence[Cancel], reach_ms: int) -> list
     )
 
 
-def _at(spans: Sequence[Span]) -> str:
-    """SQL: the row's source position lies in one of the spans (integers only)."""
-    return " OR ".join(
-        f"(partition = {int(p)} AND offset >= {int(a)} AND offset < {int(b)})" for p, a, b in spans
-    )
-
-
 def windows_at(
     store: Backend, topic: str, spans: Sequence[Span], minutes: Sequence[tuple[str, int]]
 ) -> pa.Table:
@@ -210,7 +209,7 @@ def windows_at(
     rows = store.query(
         f"""SELECT DISTINCT meter, customer_id, toUnixTimestamp(toStartOfMinute(event_time))
             FROM usage_events
-            WHERE {_IN_MINUTES} AND topic = {{t:String}} AND ({_at(spans)})""",
+            WHERE {_IN_MINUTES} AND topic = {{t:String}} AND ({at_positions(spans)})""",
         {"mm": list(minutes), "t": topic},
     )
     return _windows(rows)
@@ -222,7 +221,7 @@ def cancels_at(store: Backend, topic: str, spans: Sequence[Span]) -> list[Cancel
         return []
     rows = store.query(
         f"""SELECT meter, customer_id, cancelled_id, max(toUnixTimestamp64Milli(event_time))
-            FROM cancellations WHERE topic = {{t:String}} AND ({_at(spans)})
+            FROM cancellations WHERE topic = {{t:String}} AND ({at_positions(spans)})
             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
         {"t": topic},
     )
@@ -245,10 +244,19 @@ class WindowJob:
 
     @classmethod
     def of_batch(
-        cls, token: str, spans: Sequence[Span], accepted: pa.Table, cancels: Sequence[Cancel]
+        cls,
+        token: str,
+        spans: Sequence[Span],
+        accepted: pa.Table,
+        cancels: Sequence[Cancel],
+        held: Iterable[tuple[str, int]] = (),
     ) -> WindowJob:
+        """`held`: the (meter, minute) of the batch's events that are duplicates of a
+        ledger copy; settling looks there too, for a row an earlier attempt of the batch
+        wrote when it accepted one of them (sinks/copies.py)."""
         windows = touched_windows(accepted)
-        return cls(token, tuple(spans), tuple(minutes_of(windows)), windows, tuple(cancels))
+        minutes = sorted({*minutes_of(windows), *held})
+        return cls(token, tuple(spans), tuple(minutes), windows, tuple(cancels))
 
 
 class Rollup:
@@ -263,9 +271,11 @@ class Rollup:
         metrics: Metrics,
         depth: int = 1,
         threads: int = 0,
+        *,
+        horizon_ms: int,
     ) -> None:
         self.store, self.group, self.topic = store, group, topic
-        self._threads = threads
+        self._threads, self._horizon_ms = threads, horizon_ms
         self._clock, self._metrics = clock, metrics
         self._queue: queue.Queue[WindowJob | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._loop, name="rollup", daemon=True)
@@ -390,7 +400,8 @@ class Rollup:
         cancels = job.cancels
         if cancels is None:
             cancels = tuple(cancels_at(self.store, self.topic, job.spans))
-        recompute(self.store, windows, cancels, self._threads)
+        taken = settle_copies(self.store, self.topic, job.spans, job.minutes, self._horizon_ms)
+        recompute(self.store, windows, cancels, self._threads, taken)
 
     def _write(self, jobs: Sequence[WindowJob], state: int) -> None:
         now_ms = int(self._clock.now() * 1000)

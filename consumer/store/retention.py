@@ -27,6 +27,8 @@ _TABLES = {
     "dead_letters": ("record_time", "dead_letters_days", 0),
     "late_events": ("record_time", "late_events_days", 0),
     "ingest_state": ("written_at", "ingest_history_days", 0),
+    # a superseded copy is named as long as its ledger row is kept
+    "ledger_superseded": ("minute", "ledger_days", 0),
 }
 
 

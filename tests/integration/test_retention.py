@@ -38,11 +38,11 @@ def test_ttls_follow_the_configuration_and_are_not_reapplied(tmp_path: Path) -> 
     assert not ttls["usage_events"] and not ttls["usage_windows"]  # kept for ever by default
     kept = RetentionConfig(ledger_days=400, windows_days=800)
     assert sorted(apply_retention(store, kept)) == [
-        "cancellations", "usage_events", "usage_windows"
+        "cancellations", "ledger_superseded", "usage_events", "usage_windows"
     ]  # fmt: skip
-    assert _ttls(store)["usage_events"]
+    assert _ttls(store)["usage_events"] and _ttls(store)["ledger_superseded"]
     assert sorted(apply_retention(store, default)) == [
-        "cancellations", "usage_events", "usage_windows"
+        "cancellations", "ledger_superseded", "usage_events", "usage_windows"
     ]  # fmt: skip
     assert not _ttls(store)["usage_events"]
     store.close()

@@ -30,6 +30,7 @@ from tests.integration.test_windows_clickhouse import (
 from tests.support.writes import write_effects
 
 pytestmark = pytest.mark.integration
+HORIZON_MS = 6 * 3_600_000
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def store(tmp_path: Path) -> Iterator[ChdbBackend]:
 
 
 def rollup(store: Backend) -> Rollup:
-    return Rollup(store, "g", "t.rollup", SystemClock(), Metrics())
+    return Rollup(store, "g", "t.rollup", SystemClock(), Metrics(), horizon_ms=HORIZON_MS)
 
 
 def batch(store: Backend, copies: list[Copy], cancels: Sequence[Cancel] = ()) -> WindowJob:
@@ -118,12 +119,26 @@ class Failing:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_transient_failures_are_retried_and_bugs_stop_the_consumer(store: Backend) -> None:
     job = batch(store, [Copy(e, 0, 0) for e in EVENTS])
-    flaky = Rollup(Failing(store, transient=2), "g", "t.rollup", SystemClock(), Metrics())
+    flaky = Rollup(
+        Failing(store, transient=2),
+        "g",
+        "t.rollup",
+        SystemClock(),
+        Metrics(),
+        horizon_ms=HORIZON_MS,
+    )
     flaky.record(job)
     flaky.submit(job)
     flaky.close()
     assert minutely(store) == reference(EVENTS, "minute")
-    broken = Rollup(Failing(store, 0, bug=True), "g", "t.rollup", SystemClock(), Metrics())
+    broken = Rollup(
+        Failing(store, 0, bug=True),
+        "g",
+        "t.rollup",
+        SystemClock(),
+        Metrics(),
+        horizon_ms=HORIZON_MS,
+    )
     broken.submit(job)
     with pytest.raises(RollupFailed, match="a bug"):
         broken.wait()

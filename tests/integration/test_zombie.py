@@ -278,6 +278,8 @@ def test_zombie_write_after_takeover_changes_nothing(
         stall.release.set()
         wait_for(woke.is_set, "A finishes its stale step", 60)
         assert not a_errors, a_errors
+        # its window job runs on A's rollup thread, behind the step: until it has run
+        wait_for(lambda: a.rollup.behind == 0, "A's rollup runs its stale job", 60)
         stale = {
             (p, s, e)
             for (p, s, e, r, _, ep) in state_rows(store, k.group_id, k.topic)

@@ -21,7 +21,7 @@ from consumer.decode.validate import Limits
 from consumer.decode.wire import encode_confluent, frame_confluent
 from consumer.producer import CURRENT_SCHEMA_ID, event_record, message_key
 from consumer.records import Record
-from consumer.sinks.ledger import spans
+from consumer.sinks.horizon import spans
 
 T0 = 1_763_000_000_000
 HOUR_MS = 3_600_000
@@ -213,6 +213,23 @@ def test_a_copy_another_partition_wrote_is_a_duplicate() -> None:
     assert ids(out) == ["e-2"]
     assert out.duplicates == {"api_calls": 1}
     assert out.cross_partition == 1
+
+
+def test_the_minutes_of_held_events_are_named_for_settling() -> None:
+    """A held event's own row may be in the ledger from an earlier attempt of this range
+    (sinks/copies.py): its meter and minute are named, and only those."""
+    s = Stream()
+    s.event("e-1", ts=T0 - 125_000)
+    s.event("e-2", ts=T0 - 3_000)
+    s.event("e-3", name="tokens", ts=T0 - 61_000)
+    s.event("e-1", ts=T0 - 1_000)  # an in-range copy: never written, names nothing
+    ledger = FakeLedger(held={("api_calls", "e-1"), ("tokens", "e-3")}, partition=3)
+    out = classifier().classify(s.records, SNAPSHOT, ledger)
+    assert ids(out) == ["e-2"]
+    assert out.held_minutes == {
+        ("api_calls", (T0 - 125_000) // 60_000 * 60),
+        ("tokens", (T0 - 61_000) // 60_000 * 60),
+    }
 
 
 def test_ids_the_ledger_does_not_hold_are_accepted_and_asked_once() -> None:
