@@ -56,7 +56,9 @@ def settle_copies(
     `minutes`) and the copies of them within `horizon_ms`; returns the windows of both
     sides of every such pair, to be recomputed: the loser's loses it, and the winner's
     may never have counted it (its batch crashed before its job ran, and was re-formed
-    as a duplicate of the loser: WindowJob.of_batch's `held`)."""
+    as a duplicate of the loser: WindowJob.of_batch's `held`). Two stamps of one ledger
+    identity (same minute and customer) are one row, so neither loses, but their window is
+    recomputed too: the row the ledger keeps may be the one written last."""
     if not positions or not minutes:
         return _windows([])
     near = " OR ".join(
@@ -76,8 +78,7 @@ def settle_copies(
                   PREWHERE meter IN {{m:Array(String)}} AND ({near})
                        AND id_key IN (SELECT id_key FROM ({mine}))) AS o
             INNER JOIN ({mine}) AS m ON o.meter = m.meter AND o.event_id = m.event_id
-            WHERE (toStartOfMinute(o.event_time), o.customer_id)
-                      != (toStartOfMinute(m.event_time), m.customer_id)
+            WHERE (o.event_time, o.customer_id) != (m.event_time, m.customer_id)
               AND abs(toUnixTimestamp64Milli(o.event_time)
                       - toUnixTimestamp64Milli(m.event_time)) <= {int(horizon_ms)}""",
         {"mm": list(minutes), "t": topic, "m": sorted({m for m, _ in minutes})},
@@ -86,8 +87,11 @@ def settle_copies(
     touched: set[tuple[str, str, int]] = set()
     for meter, event_id, w1, c1, w2, c2 in pairs:
         theirs, ours = (int(str(w1)), str(c1)), (int(str(w2)), str(c2))
-        loser = max(theirs, ours)
-        losers.add((str(meter), loser[0], loser[1], str(event_id)))
+        if theirs != ours:
+            loser = max(theirs, ours)
+            losers.add((str(meter), loser[0], loser[1], str(event_id)))
+        # else one ledger identity stamped twice in its minute: the ledger keeps one row
+        # (the first recorded), which may not be the one its window last read
         # both sides: a winner an earlier, crashed attempt wrote was never in a window
         touched |= {(str(meter), c, w) for w, c in (theirs, ours)}
     if losers:

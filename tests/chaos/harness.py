@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +33,7 @@ from consumer.local.sample import METERS, Message, Sample, generate
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.chaos.registry import Registry
+from tests.support.clickhouse_http import Endpoint, running
 
 # Every table write of a range, the emitter's request/mark boundary, and a session refresh.
 POINTS = (
@@ -77,6 +78,9 @@ class Scenario:
     clock_skews: tuple[float, ...] = ()  # each start's wall-clock skew, in turn (clock jumps)
     instances: int = 1  # consumer instances in the process, sharing its store (and group)
     restamped: float = 0.0  # share of events with a re-stamped copy in the next partition
+    # consumer processes running at once, each with its own ledger lock, on one store they
+    # share through the ClickHouse HTTP endpoint over chDB (tests/support/clickhouse_http.py)
+    processes: int = 1
     trickle: bool = False  # produce each wave while the consumer runs, not before it starts
 
 
@@ -145,11 +149,17 @@ class Harness:
             add_poison(sample, sc.poison, sc.partitions)
             if sc.store_setup:
                 store_sql(home, sc.store_setup)
-            run = _Run(sc, home, broker, emu, sample, self.rng)
-            with run.dependency_faults():
-                kills = run.kill_cycles()
-                drained = run.drain(300 + 60 * sc.poison)  # each poison costs restarts
-                kills += run.crashes
+            with ExitStack() as served:
+                endpoint = None
+                if sc.processes > 1:  # migrated first, as a deployment's migration job does
+                    store_sql(home, ())
+                    endpoint = served.enter_context(running(home / "chdb"))
+                run = _Run(sc, home, broker, emu, sample, self.rng, endpoint)
+                with run.dependency_faults():
+                    kills = run.kill_cycles() if sc.processes == 1 else run.kill_processes()
+                    drained = run.drain(300 + 60 * sc.poison)  # each poison costs restarts
+                    kills += run.crashes
+            # the endpoint is stopped: the store is read directly from here on
             # Cancels taken back too late (a skewed clock can make them so) are billed on
             # purpose, recorded and surfaced: Stripe should hold truth plus those.
             stripe = _stripe_hourly(emu.url)
@@ -203,8 +213,11 @@ class _Run:
         emu: EmulatorServer,
         sample: Sample,
         rng: random.Random,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.sc, self.home, self.broker, self.emu, self.rng = sc, home, broker, emu, rng
+        self.endpoint = endpoint
+        self.exited: list[int] = []  # exit codes of processes that stopped by themselves
         self.ends: dict[int, int] = {}
         self.crashes = 0  # processes that killed themselves while draining (poison)
         self.starts = 0
@@ -247,6 +260,15 @@ class _Run:
             ),
             **sc.env,
         }
+        if self.endpoint is not None:
+            env |= {
+                "USAGE_CONSUMER_CLICKHOUSE__BACKEND": "server",
+                "USAGE_CONSUMER_CLICKHOUSE__HOST": self.endpoint.host,
+                "USAGE_CONSUMER_CLICKHOUSE__PORT": str(self.endpoint.port),
+                "USAGE_CONSUMER_CLICKHOUSE__USERNAME": self.endpoint.user,
+                "USAGE_CONSUMER_CLICKHOUSE__PASSWORD": self.endpoint.password,
+                "USAGE_CONSUMER_CLICKHOUSE__DATABASE": "usage",
+            }
         return env, port
 
     def start(self, fault: str = "") -> tuple[subprocess.Popen[bytes], int]:
@@ -288,6 +310,40 @@ class _Run:
             kills += proc.returncode == -signal.SIGKILL
             if self.sc.between_kills:
                 store_sql(self.home, self.sc.between_kills)
+        return kills
+
+    def kill_processes(self) -> int:
+        """`processes` consumer processes at once: each cycle brings them back up to that
+        many, lets them run, then SIGKILLs one of them, chosen by the seed; the others run
+        on into the next cycle (so kills meet them anywhere in their work, and each
+        survivor's group rebalances around the dead one). The last ones are killed too."""
+        running: list[subprocess.Popen[bytes]] = []
+        kills = 0
+
+        def stop(proc: subprocess.Popen[bytes]) -> int:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if proc.returncode != -signal.SIGKILL:
+                self.exited.append(proc.returncode)
+            return int(proc.returncode == -signal.SIGKILL)
+
+        try:
+            for _ in range(self.sc.random_kills):
+                if not self.sc.trickle:
+                    self.produce_wave()
+                for gone in [p for p in running if p.poll() is not None]:
+                    stop(gone)  # it stopped by itself: recorded, and replaced
+                    running.remove(gone)
+                while len(running) < self.sc.processes:
+                    running.append(self.start()[0])
+                if self.sc.trickle:
+                    self.produce_wave(chunks=40)
+                time.sleep(self.rng.uniform(0.5, 6.0))
+                kills += stop(running.pop(self.rng.randrange(len(running))))
+        finally:
+            for proc in running:
+                kills += stop(proc)
         return kills
 
     def produce_wave(self, chunks: int = 1) -> None:
@@ -333,6 +389,8 @@ class _Run:
     def missed(self) -> str:
         if self.registry is not None and not self.registry.refused:
             return "the schema registry outage was never met"
+        if self.exited:
+            return f"processes stopped by themselves (exit codes {self.exited})"
         return ""
 
     def _wait_drained(self, proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:

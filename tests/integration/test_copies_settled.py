@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +25,7 @@ import pytest
 from consumer.clock import SystemClock
 from consumer.metrics import Metrics
 from consumer.sinks.ledger import accepted_table, batch_id, cancels_of
-from consumer.sinks.rollup import Rollup, WindowJob
+from consumer.sinks.rollup import Rollup, RollupFailed, WindowJob
 from consumer.store.backend import Backend
 from tests.integration.test_windows_clickhouse import (
     BASE_MS,
@@ -228,3 +229,43 @@ def test_repeating_a_settled_job_changes_nothing(migrated_store: Backend) -> Non
     assert minutely(migrated_store) == once
     counted, _ = _counted([*a, *b])
     assert once == reference(counted, "minute")
+
+
+class _DiesAtRecompute:
+    """The store, as seen by a process that dies once its copies are named: every window
+    insert fails (a crash between the names and the recompute)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def command_with(
+        self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
+    ) -> None:
+        if "INSERT INTO usage_windows" in sql:
+            raise KeyError("died")
+        self.inner.command_with(sql, inputs, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_crash_between_naming_and_recompute_is_finished_by_the_pending_job(
+    migrated_store: Backend,
+) -> None:
+    a, b = _pairs(13, 60)
+    _run(migrated_store, _write(migrated_store, [Copy(e, 0, 0) for e in a]))
+    job = _write(migrated_store, [Copy(e, 1, 0) for e in b])
+    dying = Rollup(
+        _DiesAtRecompute(migrated_store), "g", TOPIC, SystemClock(), Metrics(), horizon_ms=H
+    )
+    dying.record(job)
+    dying.submit(job)
+    with pytest.raises(RollupFailed):
+        dying.wait()
+    counted, superseded = _counted([*a, *b])
+    assert _superseded(migrated_store) == superseded  # named before anything else
+    assert minutely(migrated_store) != reference(counted, "minute")  # not yet recomputed
+    after = _rollup(migrated_store)
+    assert after.recover({1: None}) == 1  # the job is still pending: found and run
+    after.close()
+    assert minutely(migrated_store) == reference(counted, "minute")
