@@ -34,7 +34,7 @@ import stripe
 from consumer.clock import Clock
 from consumer.config import MeterConfig, StripeConfig
 from consumer.emitter.lease import Deposed, EmitterLease, LeaseUnavailable
-from consumer.emitter.plan import outbox
+from consumer.emitter.plan import outbox, queue
 from consumer.emitter.plan.accounts import AccountResolver
 from consumer.emitter.plan.buckets import anchors
 from consumer.emitter.plan.outbox import ATTEMPTED, Push
@@ -153,9 +153,12 @@ class Emitter:
         now_ms = self._now_ms()
         self._assigner.forget()  # carries change in steps 2-3; sending reads them once
         self._marks.flush(now_ms)  # 1
+        taken = queue.take(self._store)  # the buckets to correct and plan (queue.py)
         work = self._reports.take(now_ms)  # 2
-        work += self._corrector.run(now_ms)  # 3
-        work += self._plan(now_ms)  # 4
+        work += self._corrector.run(now_ms, taken)  # 3
+        work += self._plan(now_ms, taken)  # 4
+        queue.planned(self._store, taken)
+        work += len(taken.names) >= queue.TAKE  # more names wait behind these
         limit = self._per_request * self._concurrency * 4
         work += self._verifier.check_due(now_ms) + self._limits.past_limit(now_ms, limit)  # 5, 6
         batch = self._first_attempts(now_ms, limit)  # 7
@@ -167,6 +170,7 @@ class Emitter:
         try:
             work += self._send(to_send)  # 8
             outbox.tidy(self._store)  # 9: the open work stays the open work
+            queue.tidy(self._store)
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
@@ -182,14 +186,16 @@ class Emitter:
             raise SendFailed(f"cannot read Stripe's meters yet: {exc}") from exc
         self._check = None
 
-    def _plan(self, now_ms: int) -> int:
-        """Write aggregated deltas as new intents; only written intents are ever sent."""
+    def _plan(self, now_ms: int, taken: queue.Taken) -> int:
+        """Write aggregated deltas of the buckets `taken` names as new intents; only written
+        intents are ever sent."""
         planned = []
         since = now_ms - self._lookback_ms
         cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
         for meter in self._aggregated:
             check = meter.name not in self._bucketing_checked
-            planned += outbox.plan_aggregated(self._store, meter, since, cuts, check)
+            keys = taken.buckets(meter, cuts, since)
+            planned += outbox.plan_aggregated(self._store, meter, since, cuts, check, keys)
             self._bucketing_checked.add(meter.name)
         if planned:
             self._fence()

@@ -105,6 +105,13 @@ def recompute(
             {"emptied": emptied, "pairs": _pairs(emptied)},
             {"mm": minutes_of(emptied)},
         )
+    # Named for the emitter once their rows are written: it plans the buckets named since it
+    # last planned (migration 21), so a crash before this line leaves the job pending.
+    store.command_with(
+        f"""INSERT INTO planning_queue (meter, customer_id, window_start, version, planned)
+           SELECT meter, customer_id, window_start, {_COMPUTED_AT}, 0 FROM $windows""",
+        {"windows": windows},
+    )
 
 
 # A window row's version (usage_windows is ReplacingMergeTree(computed_at)): the server's

@@ -6,8 +6,8 @@ Two chDB stores: a fresh one, and one whose outbox holds `--history` pushes (def
 wires it, against the bundled emulator) runs idle cycles on each; the figure is the ratio
 of the median cycle times.
 Run it with `python -m tests.bench.emitter_idle [--history N] [--aggregated]`; with
-`--aggregated` the configuration also has an aggregated meter, whose planning still reads
-its pushes whole (docs/limits.md).
+`--aggregated` the configuration also has an aggregated meter (its planning reads the
+buckets named in planning_queue: none here).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from consumer.classify.classifier import Accepted, Classified
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
 from consumer.decode.event import DecodedEvent
+from consumer.emitter.plan import queue
 from consumer.emitter.plan.identifiers import per_event_identifier
 from consumer.emitter.plan.outbox import CANCELLED
 from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS
@@ -37,6 +38,7 @@ from tests.integration.test_stripe_delivery import (
     Rig,
     dies_in_one_cycle,
     drain,
+    lost_marks,
     minute,
     open_rig,
 )
@@ -339,7 +341,7 @@ def test_a_late_bucket_never_sends_a_revision_that_was_not_sent_yet(rig: Rig) ->
     ingest(rig, [("api_calls", "cus_a", "a2", t + 2, "3")])
     planner = rig.emitter()
     try:
-        assert planner._plan(rig.now_ms()) == 1  # revision 2 (3) is written, not sent
+        assert planner._plan(rig.now_ms(), queue.take(rig.store)) == 1  # revision 2 (3): not sent
     finally:
         planner.close()
     ingest(rig, cancels=[("api_calls", "cus_a", "a1")])  # the bucket falls to 3
@@ -388,3 +390,37 @@ def test_a_record_replaced_by_a_process_whose_clock_is_behind_still_wins(rig: Ri
     run(rig)
     assert correction_rows(rig) == rows  # settled at this amount: written once
     assert stripe_total(rig, "api_calls", "cus_a") == 10
+
+
+def test_an_adjustment_finished_after_its_bucket_was_planned_pushes_it_afresh(rig: Rig) -> None:
+    """A cycle may take and record a bucket's names while an adjustment of it is still
+    under way (its outcome unknown, or another process's): finishing the adjustment later
+    names the bucket again, so the planner pushes what is left of it."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(
+        rig, [("api_calls", "cus_a", "a1", t + 1, "4"), ("api_calls", "cus_a", "a2", t + 2, "6")]
+    )
+    run(rig)
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+    die_at_the_cancelled_marks(rig)
+    queue.planned(rig.store, queue.take(rig.store))  # the names taken and recorded
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6
+    assert corrections(rig) == {(str(t), "cus_a"): ("adjusted", Decimal(4))}
+
+
+def test_a_shrunk_bucket_waiting_for_an_outcome_is_looked_at_again(rig: Rig) -> None:
+    """The bucket's revision was sent but its answer lost when its usage is cancelled: the
+    cycle waits for the outcome and names the bucket again, so a later cycle adjusts it."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(
+        rig, [("api_calls", "cus_a", "a1", t + 1, "4"), ("api_calls", "cus_a", "a2", t + 2, "6")]
+    )
+    cancels_fail = rig.store
+    rig.store = MarkFailingStore(cancels_fail.inner)
+    lost_marks(rig)  # Stripe holds revision 1 (10); the outbox does not know yet
+    rig.store = cancels_fail
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+    run(rig)
+    assert corrections(rig) == {(str(t), "cus_a"): ("adjusted", Decimal(4))}
+    assert stripe_total(rig, "api_calls", "cus_a") == 6

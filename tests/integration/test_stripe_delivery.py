@@ -230,6 +230,11 @@ def insert_window(store: Backend, customer: str, minute_ms: int, value: Decimal)
             "computed_at": pa.array([minute_ms], TIME_MS),
         },
     )
+    store.command(  # and named for the planner, as the rollup names what it recomputed
+        """INSERT INTO planning_queue (meter, customer_id, window_start, version, planned)
+           VALUES ('api_calls', {c:String}, toDateTime({s:Int64}, 'UTC'), now64(9, 'UTC'), 0)""",
+        {"c": customer, "s": minute_ms // 1000},
+    )
 
 
 def window(rig: Rig, truth: Truth, customer: str, minute_ms: int, value: str) -> None:

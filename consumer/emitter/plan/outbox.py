@@ -179,17 +179,19 @@ def plan_aggregated(
     since_ms: int,
     anchors_ms: Sequence[int] = (),
     check: bool = True,
+    buckets: Sequence[tuple[str, int]] | None = None,
 ) -> list[Push]:
     """New intents for every bucket whose total grew past what was already intended.
 
     Rejected and expired pushes count as intended: their usage is held for a person, never
     planned again behind their back. Cancelled pushes do not count. A bucket whose total
     fell (its usage was cancelled) is never planned a negative delta: corrections.py takes
-    its pushes back first. Buckets are cut at `anchors_ms` (buckets.py)."""
+    its pushes back first. Buckets are cut at `anchors_ms` (buckets.py); `buckets`: only
+    these (customer, bucket start) ones, as bucket_deltas."""
     name = meter.stripe_event_name or ""
     out = []
     for customer, bucket_ms, end_ms, delta, max_rev in bucket_deltas(
-        store, meter, since_ms, anchors_ms, "w.total > p.pushed", check
+        store, meter, since_ms, anchors_ms, "w.total > p.pushed", check, buckets
     ):
         rev = max_rev + 1
         ident = aggregated_identifier(meter.name, customer, bucket_ms, rev)
@@ -208,15 +210,23 @@ def bucket_deltas(
     anchors_ms: Sequence[int],
     where: str,
     check: bool = True,
+    buckets: Sequence[tuple[str, int]] | None = None,
 ) -> list[tuple[str, int, int, Decimal, int]]:
     """(customer, bucket, bucket end, total - intended, highest revision) of every bucket
-    matching `where` (on `w.total` and `p.pushed`), oldest first. `check` refuses buckets
-    the configuration no longer draws (BucketingChanged): a process checks each meter
-    once, as its own configuration cannot change and it is the store's only emitter."""
-    params = {
+    matching `where` (on `w.total` and `p.pushed`), oldest first; of the (customer, bucket
+    start) `buckets` only, when given (queue.py names them). `check` refuses buckets the
+    configuration no longer draws (BucketingChanged): a process checks each meter once, as
+    its own configuration cannot change and it is the store's only emitter.
+
+    Pushes are read through the outbox's by_bucket projection (migration 21), every version
+    of each, keeping a push's newest rank as FINAL would. A bucket holding a window from
+    `since_ms` on starts less than one window_seconds before it, so that bound on the
+    pushes keeps every push of every bucket read."""
+    params: dict[str, object] = {
         "m": meter.name,
         "sec": meter.window_seconds,
         "since": since_ms,
+        "after": since_ms - meter.window_seconds * 1000,
         "anchors": list(anchors_ms),
         "cancelled": CANCELLED,
     }
@@ -224,26 +234,51 @@ def bucket_deltas(
         _check_bucketing(store, meter, params)
     start, end = bucket_sql("window_start")
     measure = "sum_value" if meter.aggregation == "sum" else "toDecimal128(event_count, 9)"
-    rows = store.query(
-        f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket),
+    inputs: dict[str, pa.Table] = {}
+    of_windows = of_pushes = named = ""
+    if buckets is not None:
+        if not buckets:
+            return []
+        inputs["buckets"] = pa.table(
+            {
+                "customer_id": pa.array([c for c, _ in buckets], pa.string()),
+                "bucket": pa.array([b for _, b in buckets], pa.int64()),
+            }
+        )
+        params["lo"] = min(b for _, b in buckets)
+        params["hi"] = max(b for _, b in buckets) + meter.window_seconds * 1000
+        of_windows, of_pushes = (
+            f"""AND customer_id IN (SELECT customer_id FROM $buckets)
+                AND {col} >= fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
+                AND {col} < fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')"""
+            for col in ("window_start", "bucket_start")
+        )
+        named = """AND (w.customer_id, toUnixTimestamp64Milli(w.bucket))
+                       IN (SELECT customer_id, bucket FROM $buckets)"""
+    sql = f"""SELECT w.customer_id, toUnixTimestamp64Milli(w.bucket),
                   toUnixTimestamp64Milli(w.bucket_end), toString(w.total - p.pushed), p.max_rev
            FROM (SELECT customer_id, {start} AS bucket, any({end}) AS bucket_end,
                         sum({measure}) AS total
                  FROM usage_windows FINAL
                  WHERE meter = {{m:String}}
                    AND window_start >= fromUnixTimestamp64Milli({{since:Int64}}, 'UTC')
+                   {of_windows}
                  GROUP BY customer_id, bucket) AS w
-           LEFT JOIN (SELECT customer_id, bucket_start AS bucket,
-                             sumIf(value, status_rank != {{cancelled:UInt8}}) AS pushed,
-                             max(revision) AS max_rev
-                      FROM stripe_pushes FINAL
-                      WHERE mode = 'aggregated' AND meter = {{m:String}}
-                      GROUP BY customer_id, bucket) AS p
-             ON w.customer_id = p.customer_id AND w.bucket = p.bucket
-           WHERE {where}
-           ORDER BY w.bucket, w.customer_id""",
-        params,
-    )
+           LEFT JOIN (SELECT customer, bucket, sumIf(val, rank != {{cancelled:UInt8}}) AS pushed,
+                             max(rev) AS max_rev
+                      FROM (SELECT identifier, any(customer_id) AS customer,
+                                   any(bucket_start) AS bucket, any(revision) AS rev,
+                                   argMax(value, status_rank) AS val, max(status_rank) AS rank
+                            FROM stripe_pushes
+                            WHERE mode = 'aggregated' AND meter = {{m:String}}
+                              AND bucket_start > fromUnixTimestamp64Milli({{after:Int64}}, 'UTC')
+                              {of_pushes}
+                            GROUP BY identifier)
+                      GROUP BY customer, bucket) AS p
+             ON w.customer_id = p.customer AND w.bucket = p.bucket
+           WHERE {where} {named}
+           ORDER BY w.bucket, w.customer_id"""
+    rows = store.query_with(sql, inputs, params) if inputs else store.query(sql, params)
     return [(str(c), int(b), int(e), Decimal(d), int(r)) for c, b, e, d, r in rows]
 
 
@@ -350,15 +385,18 @@ def of_buckets(store: Backend, meter: str, keys: Sequence[tuple[str, int]]) -> l
     """Every aggregated push of (customer, bucket) `keys` of `meter`, in any status."""
     if not keys:
         return []
-    rows = store.query(
-        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
-           WHERE mode = 'aggregated' AND meter = {{m:String}}
+    # Names through the by_bucket projection (the outbox is keyed by identifier), then
+    # the pushes by their key.
+    found = store.query(
+        """SELECT DISTINCT identifier FROM stripe_pushes
+           WHERE mode = 'aggregated' AND meter = {m:String}
+             AND customer_id IN {customers:Array(String)}
              AND (customer_id, toUnixTimestamp64Milli(bucket_start))
-                 IN {{keys:Array(Tuple(String, Int64))}}
-           ORDER BY bucket_start, customer_id, revision""",
-        {"m": meter, "keys": list(keys)},
+                 IN {keys:Array(Tuple(String, Int64))}""",
+        {"m": meter, "customers": sorted({c for c, _ in keys}), "keys": list(keys)},
     )
-    return [from_row(r) for r in rows]
+    pushes = by_identifier(store, sorted(str(i) for (i,) in found))
+    return sorted(pushes, key=lambda p: (p.bucket_ms, p.customer_id, p.revision))
 
 
 def by_identifier(store: Backend, identifiers: Sequence[str]) -> list[Push]:

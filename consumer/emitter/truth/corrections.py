@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from consumer import crash_points
 from consumer.config import MeterConfig
-from consumer.emitter.plan import outbox
+from consumer.emitter.plan import outbox, queue
 from consumer.emitter.plan.buckets import anchors
 from consumer.emitter.plan.identifiers import per_event_identifier
 from consumer.emitter.plan.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
@@ -134,12 +134,13 @@ class Corrector:
         self._bucketing_checked: set[str] = set()  # checked once a process (outbox.py)
         self._cursor: tuple[str, str, str] | None = None  # per-event keys walked up to
 
-    def run(self, now_ms: int) -> int:
-        """Take back what was cancelled since the last cycle; returns how much was done."""
+    def run(self, now_ms: int, taken: queue.Taken) -> int:
+        """Take back what was cancelled since the last cycle; returns how much was done.
+        Aggregated buckets are looked at when `taken` names them (queue.py)."""
         done = self._resume(now_ms)
         done += self._per_event_cancellations(now_ms)
         for meter in self._aggregated:
-            done += self._shrunk_buckets(meter, now_ms)
+            done += self._shrunk_buckets(meter, now_ms, taken)
         return done
 
     def _resume(self, now_ms: int) -> int:
@@ -241,14 +242,25 @@ class Corrector:
 
     # -- aggregated ---------------------------------------------------------------------
 
-    def _shrunk_buckets(self, meter: MeterConfig, now_ms: int) -> int:
+    def _shrunk_buckets(self, meter: MeterConfig, now_ms: int, taken: queue.Taken) -> int:
+        """Buckets whose total fell below what was pushed for them. One still waiting for
+        an outcome, or beyond this cycle's share, is named to be looked at again."""
         since = now_ms - self._lookback_ms
         cuts = anchors(self._anchor, self._period, since - DAY_MS, now_ms + DAY_MS)
         check = meter.name not in self._bucketing_checked
-        shrunk = outbox.bucket_deltas(self._store, meter, since, cuts, "w.total < p.pushed", check)
+        shrunk = outbox.bucket_deltas(
+            self._store,
+            meter,
+            since,
+            cuts,
+            "w.total < p.pushed",
+            check,
+            taken.buckets(meter, cuts, since),
+        )
         self._bucketing_checked.add(meter.name)
         if not shrunk:
             return 0
+        again = [(meter.name, c, b) for c, b, _, _, _ in shrunk[PER_CYCLE:]]
         shrunk = shrunk[:PER_CYCLE]
         handled = self._standing(meter.name, [(c, b) for c, b, _, _, _ in shrunk])
         keys = {
@@ -267,7 +279,10 @@ class Corrector:
             record = self._settle(by_bucket.get((customer, bucket), []), now_ms, base)
             if record is not None:
                 records.append(record)
+            else:
+                again.append((meter.name, customer, bucket))
         self._write(records, now_ms)
+        queue.name(self._store, again)  # a wait is no work: the cycle may be idle
         return len(records)
 
     def _standing(
@@ -369,6 +384,12 @@ class Corrector:
         key's highest updated_at, and the last writer's clock may have been ahead of ours."""
         if not records:
             return
+        # The buckets whose pushes this cancelled, named for the planner once the marks are
+        # written and before the record that ends the work (a crash between is resumed).
+        queue.name(
+            self._store,
+            [(r.meter, r.customer_id, r.bucket_ms) for r in records if r.mode == "aggregated"],
+        )
         before = self._versions(records)
         versions = [max(now_ms, before.get(_key(r), now_ms - 1) + 1) for r in records]
         self._store.insert_columns(
