@@ -32,6 +32,7 @@ from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.local.sample import METERS, Message, Sample, generate
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
+from tests.chaos.netns import Link, Unavailable, open_link
 from tests.chaos.registry import Registry
 from tests.support.clickhouse_http import Endpoint, running
 
@@ -52,6 +53,8 @@ POINTS = (
     "session_refresh",
 )
 KEY = "sk_test_chaos"
+MAX_POLL_MS = 6000  # a zombie is stopped past this and the session timeout (3 s)
+FAULT_SECONDS = 8.0  # how long a zombie stays stopped, a partition cut
 POISON = b"chaos-poison-pill"
 Key = tuple[str, str, int]  # (customer, meter, hour start in epoch seconds)
 
@@ -82,6 +85,12 @@ class Scenario:
     # share through the ClickHouse HTTP endpoint over chDB (tests/support/clickhouse_http.py)
     processes: int = 1
     trickle: bool = False  # produce each wave while the consumer runs, not before it starts
+    # With several processes, each cycle does one of (chosen by the seed, each at least
+    # once): SIGKILL a random process, SIGKILL the emitter's (the lease holder), SIGTERM one
+    # (a clean leave), SIGSTOP one past its session and max.poll.interval.ms and resume it
+    # (a zombie), or cut the replica in a network namespace off from the broker, the store
+    # and Stripe, and heal it (netns.py; skipped with the reason where it cannot run).
+    replica_faults: bool = False
 
 
 @dataclass
@@ -96,6 +105,7 @@ class Outcome:
     drained: bool
     seconds: float
     missed: str = ""  # a dependency fault the scenario asked for never hit the consumer
+    notes: str = ""  # what the run did, or could not do here (printed, not a failure)
     differences: str = ""  # where the totals differ from the truth: source, key, truth, got
 
     @property
@@ -116,6 +126,7 @@ class Outcome:
             f"dead_letters_ok={self.side_ok} drained={self.drained} "
             f"{self.seconds:.0f}s {'OK' if self.ok else 'FAIL'}"
             + (f" missed: {self.missed}" if self.missed else "")
+            + (f"\n    {self.notes}" if self.notes else "")
             + (f"\n    differs: {self.differences}" if self.differences else "")
         )
 
@@ -132,7 +143,16 @@ class Harness:
         home = self.workdir / sc.name
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
-        with TansuBroker() as broker, _emulator(self.seed) as emu:
+        with ExitStack() as stack:
+            link, unlinked = None, ""
+            if sc.replica_faults:
+                try:
+                    link = stack.enter_context(open_link())
+                except Unavailable as exc:
+                    unlinked = f"no network partition here: {exc}"
+            host = link.host if link else "127.0.0.1"  # where the dependencies listen
+            broker = stack.enter_context(TansuBroker(host=host))
+            emu = stack.enter_context(_emulator(self.seed, host))
             topic = f"{sc.name}.events"
             broker.create_topics({topic: sc.partitions, f"{sc.name}.dlq": 1, f"{sc.name}.late": 1})
             sample = generate(
@@ -153,8 +173,8 @@ class Harness:
                 endpoint = None
                 if sc.processes > 1:  # migrated first, as a deployment's migration job does
                     store_sql(home, ())
-                    endpoint = served.enter_context(running(home / "chdb"))
-                run = _Run(sc, home, broker, emu, sample, self.rng, endpoint)
+                    endpoint = served.enter_context(running(home / "chdb", host=host))
+                run = _Run(sc, home, broker, emu, sample, self.rng, endpoint, link)
                 with run.dependency_faults():
                     kills = run.kill_cycles() if sc.processes == 1 else run.kill_processes()
                     drained = run.drain(300 + 60 * sc.poison)  # each poison costs restarts
@@ -179,14 +199,15 @@ class Harness:
             side_ok,
             drained,
             time.monotonic() - started,
-            run.missed(),
-            differences,
+            missed=run.missed(),
+            differences=differences,
+            notes="; ".join(x for x in (run.done(), unlinked) if x),
         )
 
 
 @contextmanager
-def _emulator(seed: int) -> Iterator[EmulatorServer]:
-    emu = serve("127.0.0.1", 0, EmulatorOptions(seed=seed))
+def _emulator(seed: int, host: str = "127.0.0.1") -> Iterator[EmulatorServer]:
+    emu = serve(host, 0, EmulatorOptions(seed=seed))
     client = stripe.StripeClient(KEY, base_addresses={"api": emu.url})
     for _, (meter, agg, _share) in METERS.items():
         client.v1.billing.meters.create(
@@ -202,6 +223,19 @@ def _emulator(seed: int) -> Iterator[EmulatorServer]:
         emu.stop()
 
 
+@dataclass
+class _Proc:
+    """A running consumer process, its metrics port, and whether it is the namespace's."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    guest: bool = False
+    host: str = "127.0.0.1"
+
+
+LEASE = "usage_consumer_emitter_lease_held"
+
+
 class _Run:
     """One scenario's consumer processes: killed, restarted, finally drained."""
 
@@ -214,9 +248,11 @@ class _Run:
         sample: Sample,
         rng: random.Random,
         endpoint: Endpoint | None = None,
+        link: Link | None = None,
     ) -> None:
         self.sc, self.home, self.broker, self.emu, self.rng = sc, home, broker, emu, rng
-        self.endpoint = endpoint
+        self.endpoint, self.link = endpoint, link
+        self.faults: dict[str, int] = {}  # replica faults done, by kind
         self.exited: list[int] = []  # exit codes of processes that stopped by themselves
         self.ends: dict[int, int] = {}
         self.crashes = 0  # processes that killed themselves while draining (poison)
@@ -229,9 +265,10 @@ class _Run:
         self.group = f"{sc.name}-group"
         self.log = open(home / "consumer.log", "a")  # noqa: SIM115 - closed in drain()
 
-    def env(self, fault: str = "") -> tuple[dict[str, str], int]:
+    def env(self, fault: str = "", guest: bool = False) -> tuple[dict[str, str], int]:
         port = free_port()
         sc = self.sc
+        metrics_host = self.link.guest if guest and self.link else "127.0.0.1"
         env = {
             **os.environ,
             "USAGE_CONSUMER_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
@@ -240,7 +277,11 @@ class _Run:
             "USAGE_CONSUMER_KAFKA__LATE_TOPIC": f"{sc.name}.late",
             "USAGE_CONSUMER_KAFKA__GROUP_ID": self.group,
             "USAGE_CONSUMER_KAFKA__CONSUMER_LIBRDKAFKA": json.dumps(
-                {"session.timeout.ms": "3000", "heartbeat.interval.ms": "500"}
+                {
+                    "session.timeout.ms": "3000",
+                    "heartbeat.interval.ms": "500",
+                    "max.poll.interval.ms": str(MAX_POLL_MS),
+                }
             ),
             "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(self.home / "chdb"),
             "USAGE_CONSUMER_STRIPE__API_KEY": KEY,
@@ -250,7 +291,7 @@ class _Run:
             "USAGE_CONSUMER_STRIPE__SESSION_REFRESH_MARGIN_SECONDS": "1",
             "USAGE_CONSUMER_STRIPE__POLL_INTERVAL_SECONDS": "0.2",
             "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "1500",
-            "USAGE_CONSUMER_PIPELINE__METRICS_HOST": "127.0.0.1",
+            "USAGE_CONSUMER_PIPELINE__METRICS_HOST": metrics_host,
             "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
             "USAGE_CONSUMER_FAULT": fault,
             "USAGE_CONSUMER_STORE_FAULTS": sc.store_faults,
@@ -271,8 +312,9 @@ class _Run:
             }
         return env, port
 
-    def start(self, fault: str = "") -> tuple[subprocess.Popen[bytes], int]:
-        env, port = self.env(fault)
+    def start(self, fault: str = "", guest: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+        """A consumer process; `guest`: inside the network namespace (replica faults)."""
+        env, port = self.env(fault, guest)
         self.starts += 1
         if self.registry is not None:
             env["USAGE_CONSUMER_SCHEMA__REGISTRY_URL"] = self.registry.url
@@ -282,6 +324,8 @@ class _Run:
         command = [sys.executable, "-m", "tests.support.armed"]
         if self.sc.instances > 1:
             command = [sys.executable, "-m", "tests.chaos.instances", str(self.sc.instances)]
+        if guest and self.link is not None:
+            command = [*self.link.prefix(), *command]
         proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
         return proc, port
 
@@ -316,35 +360,88 @@ class _Run:
         """`processes` consumer processes at once: each cycle brings them back up to that
         many, lets them run, then SIGKILLs one of them, chosen by the seed; the others run
         on into the next cycle (so kills meet them anywhere in their work, and each
-        survivor's group rebalances around the dead one). The last ones are killed too."""
-        running: list[subprocess.Popen[bytes]] = []
+        survivor's group rebalances around the dead one). With `replica_faults` a cycle
+        does one of the faults listed there instead. The last ones are killed too."""
+        running: list[_Proc] = []
         kills = 0
 
-        def stop(proc: subprocess.Popen[bytes]) -> int:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            if proc.returncode != -signal.SIGKILL:
-                self.exited.append(proc.returncode)
-            return int(proc.returncode == -signal.SIGKILL)
+        def stop(p: _Proc, sig: signal.Signals = signal.SIGKILL) -> int:
+            if p.proc.poll() is None:
+                p.proc.send_signal(sig)
+            try:
+                p.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a clean leave that hangs is killed, and seen
+                p.proc.kill()
+                p.proc.wait()
+            expected = {-signal.SIGKILL, *([0] if sig == signal.SIGTERM else [])}
+            if p.proc.returncode not in expected:
+                self.exited.append(p.proc.returncode)
+            running.remove(p)
+            return int(p.proc.returncode == -signal.SIGKILL)
 
         try:
-            for _ in range(self.sc.random_kills):
+            for fault in self._replica_plan():
                 if not self.sc.trickle:
                     self.produce_wave()
-                for gone in [p for p in running if p.poll() is not None]:
+                for gone in [p for p in running if p.proc.poll() is not None]:
                     stop(gone)  # it stopped by itself: recorded, and replaced
-                    running.remove(gone)
                 while len(running) < self.sc.processes:
-                    running.append(self.start()[0])
+                    guest = self.link is not None and not any(p.guest for p in running)
+                    proc, port = self.start(guest=guest)
+                    host = self.link.guest if guest and self.link else "127.0.0.1"
+                    running.append(_Proc(proc, port, guest, host))
                 if self.sc.trickle:
                     self.produce_wave(chunks=40)
                 time.sleep(self.rng.uniform(0.5, 6.0))
-                kills += stop(running.pop(self.rng.randrange(len(running))))
+                kills += self._replica_fault(fault, running, stop)
         finally:
-            for proc in running:
-                kills += stop(proc)
+            for p in list(running):
+                kills += stop(p)
         return kills
+
+    def _replica_plan(self) -> list[str]:
+        """Each cycle's fault, in a seeded order: with `replica_faults` every kind at least
+        once, the emitter's kill about one cycle in four."""
+        n = self.sc.random_kills
+        if not self.sc.replica_faults:
+            return ["kill"] * n
+        kinds = ["kill-emitter", "leave", "zombie", *(["partition"] if self.link else [])]
+        plan = kinds * max(1, n // 8) + ["kill-emitter"] * max(0, n // 8)
+        plan += ["kill"] * max(0, n - len(plan))
+        self.rng.shuffle(plan)
+        return plan
+
+    def _replica_fault(self, fault: str, running: list[_Proc], stop: Callable[..., int]) -> int:
+        """Do `fault` to one of the running processes; returns the SIGKILLs it made."""
+        pick = running[self.rng.randrange(len(running))]
+        if fault == "kill-emitter":
+            holders = [p for p in running if _metric(p.host, p.port, LEASE) == 1.0]
+            if not holders:  # the lease is between holders: a random kill instead
+                fault = "kill"
+            pick = holders[0] if holders else pick
+        self.faults[fault] = self.faults.get(fault, 0) + 1
+        self.log.write(f"--- {fault} pid={pick.proc.pid}\n")
+        self.log.flush()
+        if fault == "leave":
+            stop(pick, signal.SIGTERM)
+            return 0
+        if fault == "zombie":
+            pick.proc.send_signal(signal.SIGSTOP)
+            time.sleep(FAULT_SECONDS)  # its group moves on; its writes in flight stay
+            pick.proc.send_signal(signal.SIGCONT)
+            return 0
+        if fault == "partition" and self.link is not None:
+            self.link.cut()
+            try:
+                time.sleep(FAULT_SECONDS)
+            finally:
+                self.link.heal()
+            return 0
+        return stop(pick)
+
+    def done(self) -> str:
+        """The replica faults this run made, by kind."""
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
 
     def produce_wave(self, chunks: int = 1) -> None:
         """The next wave, at once or in `chunks` 100 ms apart."""
@@ -460,15 +557,20 @@ def _post(url: str, path: str, body: dict[str, Any]) -> None:
 
 
 def _idle(port: int) -> bool:
+    return _metric("127.0.0.1", port, "usage_consumer_stripe_outbox_idle") == 1.0
+
+
+def _metric(host: str, port: int, name: str) -> float | None:
+    """One unlabelled metric of a consumer's /metrics; None when it cannot be read."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except OSError:
-        return False
-    return any(
-        line.startswith("usage_consumer_stripe_outbox_idle ") and float(line.split()[1]) == 1.0
-        for line in text.splitlines()
-    )
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
 
 
 def add_poison(sample: Sample, n: int, partitions: int) -> None:

@@ -75,25 +75,20 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
             trickle=True,
             emulator=STRIPE_FAULTS,
         ),
-        # Three processes on one store (its HTTP endpoint), each with its own ledger lock,
-        # one killed at a time while the others go on; re-stamped copies in the next
-        # partition race across processes (consumer/sinks/copies.py settles them). In the
-        # full run only until it has a measured CI size.
-        *(
-            [
-                Scenario(
-                    "processes",
-                    events // 2,
-                    random_kills=6 * kills,
-                    partitions=6,
-                    processes=3,
-                    restamped=0.05,
-                    trickle=True,
-                    emulator=STRIPE_FAULTS,
-                )
-            ]
-            if full
-            else []
+        # Three processes on one store (its HTTP endpoint), each with its own ledger lock;
+        # re-stamped copies in the next partition race across processes (sinks/copies.py
+        # settles them). Each cycle SIGKILLs one, or kills the emitter's, lets one leave,
+        # makes one a zombie, or cuts the namespace's replica off and heals it.
+        Scenario(
+            "replicas",
+            events // 2,
+            random_kills=6 * kills,
+            partitions=6,
+            processes=3,
+            restamped=0.05,
+            trickle=True,
+            emulator=STRIPE_FAULTS,
+            replica_faults=True,
         ),
         # The ClickHouse edges below: in the full run here, in the CI run by their own test.
         *(clickhouse_edges() if full else []),

@@ -423,14 +423,18 @@ class Endpoint:
 
 @contextmanager
 def running(
-    path: Path, user: str = "default", password: str = "", timeout: float = 60
+    path: Path,
+    user: str = "default",
+    password: str = "",
+    timeout: float = 60,
+    host: str = "127.0.0.1",
 ) -> Iterator[Endpoint]:
     """The endpoint as a subprocess on a free port, ready once it printed the port (the
     store is open and the socket listens); stopped with SIGTERM, killed if it hangs."""
     cmd = [sys.executable, "-m", "tests.support.clickhouse_http", "--path", str(path.resolve())]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [*cmd, "--user", user, "--password", password],
+            [*cmd, "--user", user, "--password", password, "--host", host],
             stdout=subprocess.PIPE,
             stderr=err,
             cwd=Path(__file__).resolve().parents[2],  # where `tests` is a package
@@ -445,7 +449,7 @@ def running(
                 proc.wait()
                 err.seek(0)
                 raise RuntimeError(f"clickhouse_http did not start: {err.read().decode()}")
-            yield Endpoint("127.0.0.1", int(line), user, password, proc.pid)
+            yield Endpoint(host, int(line), user, password, proc.pid)
         finally:
             proc.terminate()
             try:
