@@ -57,9 +57,14 @@ def produce(sample: Sample, bootstrap: str, topic: str) -> dict[int, int]:
 
 
 def produce_messages(
-    messages: Sequence[Message], bootstrap: str, topic: str, bar: Progress | None = None
+    messages: Sequence[Message],
+    bootstrap: str,
+    topic: str,
+    bar: Progress | None = None,
+    producer: UsageProducer | None = None,
 ) -> dict[int, int]:
-    """Produce messages to their partitions; returns the end offset (last + 1) of each."""
+    """Produce messages to their partitions; returns the end offset (last + 1) of each.
+    `producer`: one to reuse for `topic` (an idempotent producer's start is a round trip)."""
     ends: dict[int, int] = {}
     failures: list[str] = []
 
@@ -70,7 +75,7 @@ def produce_messages(
         p, o = msg.partition(), msg.offset()  # type: ignore[attr-defined]
         ends[p] = max(ends.get(p, 0), o + 1)
 
-    producer = UsageProducer({"bootstrap.servers": bootstrap}, topic)
+    producer = producer or UsageProducer({"bootstrap.servers": bootstrap}, topic)
     for i, m in enumerate(messages):
         producer.send_raw(
             m.key,

@@ -30,6 +30,7 @@ from consumer.local.broker import TansuBroker, free_port
 from consumer.local.demo import produce_messages
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.local.sample import METERS, Message, Sample, generate
+from consumer.producer import UsageProducer
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.chaos.netns import Link, Unavailable, open_link
@@ -253,6 +254,7 @@ class _Run:
         self.sc, self.home, self.broker, self.emu, self.rng = sc, home, broker, emu, rng
         self.endpoint, self.link = endpoint, link
         self.faults: dict[str, int] = {}  # replica faults done, by kind
+        self.producer: UsageProducer | None = None
         self.exited: list[int] = []  # exit codes of processes that stopped by themselves
         self.ends: dict[int, int] = {}
         self.crashes = 0  # processes that killed themselves while draining (poison)
@@ -444,16 +446,24 @@ class _Run:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
 
     def produce_wave(self, chunks: int = 1) -> None:
-        """The next wave, at once or in `chunks` 100 ms apart."""
+        """The next wave, at once or in `chunks` 150 ms apart (a trickle: about 6 s), through
+        one producer for the run (an idempotent producer's start costs a round trip)."""
         if not self.waves:
             return
+        if self.producer is None:
+            self.producer = UsageProducer(
+                {"bootstrap.servers": self.broker.bootstrap}, f"{self.sc.name}.events"
+            )
         wave = self.waves.pop(0)
         size = -(-len(wave) // chunks)
         for i in range(0, len(wave), size):
             if i:
-                time.sleep(0.1)
+                time.sleep(0.15)
             ends = produce_messages(
-                wave[i : i + size], self.broker.bootstrap, f"{self.sc.name}.events"
+                wave[i : i + size],
+                self.broker.bootstrap,
+                f"{self.sc.name}.events",
+                producer=self.producer,
             )
             for p, end in ends.items():
                 self.ends[p] = max(self.ends.get(p, 0), end)

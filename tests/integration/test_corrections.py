@@ -424,3 +424,27 @@ def test_a_shrunk_bucket_waiting_for_an_outcome_is_looked_at_again(rig: Rig) -> 
     run(rig)
     assert corrections(rig) == {(str(t), "cus_a"): ("adjusted", Decimal(4))}
     assert stripe_total(rig, "api_calls", "cus_a") == 6
+
+
+def test_a_cycle_never_reads_the_ledger_for_cancellations(rig: Rig) -> None:
+    """2,000,000 ledger rows and a cancel whose original never came: every cycle looks at
+    that cancel again, and ClickHouse refuses any read of more than 100,000 rows."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    rig.store.command(
+        """INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                     partition, offset, record_time, ver)
+           SELECT 'tokens', concat('cus_', toString(number % 1000)), toString(number),
+                  fromUnixTimestamp64Milli({t:Int64} - intDiv(number, 1000) * 60000, 'UTC'),
+                  1, 'x', 0, number, now64(3), 1
+           FROM numbers(2000000)""",
+        {"t": t},
+    )
+    ingest(rig, [("tokens", "cus_a", "e1", t + 1, "5")])
+    ingest(rig, cancels=[("tokens", "cus_a", "never-came"), ("tokens", "cus_a", "e1")])
+    rig.store.command("SET max_rows_to_read = 100000")
+    try:
+        run(rig)
+        run(rig)
+    finally:
+        rig.store.command("SET max_rows_to_read = 0")
+    assert corrections(rig) == {("e1", "cus_a"): ("unsent", Decimal(5))}

@@ -183,27 +183,22 @@ class Corrector:
     def _per_event_cancellations(self, now_ms: int) -> int:
         if not self._per_event:
             return 0
-        # Cancellations not yet settled whose original is in the ledger (one that never
-        # came is looked at again each cycle, for as long as Stripe could take it), at most
-        # PER_CYCLE a cycle. The cycles walk the keys from where the last one stopped, so
-        # cancellations that stay unsettled (an outcome still unknown) never hold back the
-        # ones after them.
+        # Cancellations not yet settled (one whose original never came is looked at again
+        # for as long as Stripe could take it), at most PER_CYCLE a cycle; their originals'
+        # pushes are found by identifier. The cycles walk the keys from where the last one
+        # stopped, so cancellations that stay unsettled (an outcome still unknown, or no
+        # push yet) never hold back the ones after them. The ledger is not asked: which
+        # originals arrived is what the pushes say, and its id keys span its history.
         after = self._cursor or ("", "", "")
         rows = self._store.query(
-            """WITH pending AS (
-                   SELECT meter, customer_id, cancelled_id FROM cancellations FINAL
-                   WHERE meter IN {m:Array(String)}
-                     AND record_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
-                     AND (meter, customer_id, cancelled_id)
-                         > ({am:String}, {ac:String}, {ai:String})
-                     AND (meter, customer_id, cancelled_id) NOT IN (
-                            SELECT meter, customer_id, cancelled_id FROM stripe_corrections
-                            WHERE mode = 'per_event'))
-               SELECT meter, customer_id, cancelled_id FROM pending
-               WHERE (meter, customer_id, cancelled_id) IN (
-                        SELECT meter, customer_id, event_id FROM usage_events
-                        PREWHERE id_key IN (
-                            SELECT sipHash64(meter, cancelled_id) FROM pending))
+            """SELECT meter, customer_id, cancelled_id FROM cancellations FINAL
+               WHERE meter IN {m:Array(String)}
+                 AND record_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+                 AND (meter, customer_id, cancelled_id)
+                     > ({am:String}, {ac:String}, {ai:String})
+                 AND (meter, customer_id, cancelled_id) NOT IN (
+                        SELECT meter, customer_id, cancelled_id FROM stripe_corrections
+                        WHERE mode = 'per_event')
                ORDER BY meter, customer_id, cancelled_id LIMIT {n:UInt32}""",
             {
                 "m": sorted(self._per_event),
@@ -229,7 +224,7 @@ class Corrector:
         for ident, (meter, customer, cancelled) in wanted.items():
             p = pushes.get(ident)
             if p is None:
-                continue  # the sink writes the push just after the ledger row: next cycle
+                continue  # no push yet: its original has not arrived
             record = self._settle(
                 [p],
                 now_ms,
@@ -238,7 +233,9 @@ class Corrector:
             if record is not None:
                 records.append(record)
         self._write(records, now_ms)
-        return len(records) + (self._cursor is not None)  # a full page: more may wait behind
+        # A full page that settled something: more may wait behind it (one that settled
+        # nothing is walked on next cycle, without keeping the emitter busy).
+        return len(records) + (self._cursor is not None and bool(records))
 
     # -- aggregated ---------------------------------------------------------------------
 
