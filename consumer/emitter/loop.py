@@ -170,7 +170,8 @@ class Emitter:
         try:
             work += self._send(to_send)  # 8
             outbox.tidy(self._store)  # 9: the open work stays the open work
-            queue.tidy(self._store)
+            if taken.names:  # only a cycle that planned names adds planned ones
+                queue.tidy(self._store)
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
