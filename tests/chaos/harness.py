@@ -255,6 +255,7 @@ class _Run:
         self.endpoint, self.link = endpoint, link
         self.faults: dict[str, int] = {}  # replica faults done, by kind
         self.producer: UsageProducer | None = None
+        self.fired: dict[str, int] = {}  # kill point -> starts it killed at that point
         self.exited: list[int] = []  # exit codes of processes that stopped by themselves
         self.ends: dict[int, int] = {}
         self.crashes = 0  # processes that killed themselves while draining (poison)
@@ -354,6 +355,8 @@ class _Run:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += proc.returncode == -signal.SIGKILL
+            if point:
+                self.fired[point] = self.fired.get(point, 0) + self._fired(fault)
             if self.sc.between_kills:
                 store_sql(self.home, self.sc.between_kills)
         return kills
@@ -442,8 +445,24 @@ class _Run:
         return stop(pick)
 
     def done(self) -> str:
-        """The replica faults this run made, by kind."""
-        return ", ".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
+        """The replica faults this run made, by kind; how many kill points fired."""
+        parts = [f"{k}={v}" for k, v in sorted(self.faults.items())]
+        if self.sc.kill_points:
+            unfired = sorted(p for p in set(self.sc.kill_points) if not self.fired.get(p))
+            parts.append(
+                f"kill points fired {sum(self.fired.values())}/{len(self.sc.kill_points)}"
+                + (f" (never: {', '.join(unfired)})" if unfired else "")
+            )
+        return ", ".join(parts)
+
+    def _fired(self, fault: str) -> int:
+        """1 when the last start killed itself at `fault` (tests/support/armed.py says so
+        in the log), 0 when the harness's timeout killed it instead."""
+        self.log.flush()
+        tail = (self.home / "consumer.log").read_bytes()[-200_000:].decode(errors="replace")
+        last = tail.rsplit("--- start", 1)[-1]
+        point, _, n = fault.partition(":")
+        return int(f"fault: SIGKILL at {point} #{n}" in last)
 
     def produce_wave(self, chunks: int = 1) -> None:
         """The next wave, at once or in `chunks` 150 ms apart (a trickle: about 6 s), through

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
-from consumer.config import ClickHouseConfig, MeterConfig
+from consumer.config import MeterConfig
 from consumer.emitter.plan import outbox, queue
 from consumer.emitter.plan.buckets import bucket_of
 from consumer.emitter.plan.identifiers import aggregated_identifier
 from consumer.emitter.plan.outbox import CANCELLED, PENDING, REJECTED, SENT, Push
-from consumer.store import open_store
 from consumer.store.backend import Backend
-from consumer.store.migrations import migrate
+from tests.integration.test_buckets_clickhouse import store as store  # a fixture
 from tests.integration.test_stripe_delivery import insert_window
 
 pytestmark = pytest.mark.integration
@@ -31,14 +28,6 @@ METER = MeterConfig(
     name="api_calls", event_name="api_call", stripe_event_name="api_calls", window_seconds=3600
 )
 Key = tuple[str, int]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Backend]:
-    s = open_store(ClickHouseConfig(chdb_path=tmp_path / "chdb"))
-    migrate(s)
-    yield s
-    s.close()
 
 
 def push(customer: str, bucket_ms: int, rev: int, value: Decimal) -> Push:
