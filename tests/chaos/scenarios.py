@@ -53,9 +53,9 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
             # process whose clock reads a day later. One intent a start (one batch a wave).
             kill_points=(
                 "after_intent:1",
-                "after_write_usage_events",
+                "after_write_usage_events:1",
                 "after_stripe_adjustment:1",
-                "after_done",
+                "after_done:1",  # a 2nd or 3rd never comes in a start's one batch
             )
             * kills,
             random_kills=kills,
