@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 
@@ -49,6 +49,13 @@ def _ip(*args: str, namespace: str = "") -> None:
         raise Unavailable(f"{' '.join(cmd)}: {done.stderr.strip()}")
 
 
+def _quietly(*cmd: str) -> None:
+    """A cleanup command whose failure does not matter (nothing left to remove, or no `ip`
+    at all: then _ip says so when the link is made)."""
+    with suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(cmd, capture_output=True, check=False, timeout=10)
+
+
 @contextmanager
 def open_link() -> Iterator[Link]:
     """A namespace and its veth pair, named and numbered by this process's id so that two
@@ -56,8 +63,8 @@ def open_link() -> Iterator[Link]:
     n = os.getpid() % 250 + 1
     ns, host_end, guest_end = f"ucchaos{n}", f"ucv{n}h", f"ucv{n}g"
     link = Link(ns, f"10.231.{n}.1", f"10.231.{n}.2", host_end)
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    subprocess.run(["ip", "link", "del", host_end], capture_output=True, check=False)
+    _quietly("ip", "netns", "del", ns)
+    _quietly("ip", "link", "del", host_end)
     _ip("netns", "add", ns)
     try:
         _ip("link", "add", host_end, "type", "veth", "peer", "name", guest_end)
@@ -69,5 +76,5 @@ def open_link() -> Iterator[Link]:
         _ip("link", "set", "lo", "up", namespace=ns)
         yield link
     finally:
-        subprocess.run(["ip", "link", "del", host_end], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        _quietly("ip", "link", "del", host_end)
+        _quietly("ip", "netns", "del", ns)
