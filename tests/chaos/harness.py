@@ -271,7 +271,6 @@ class _Run:
     def env(self, fault: str = "", guest: bool = False) -> tuple[dict[str, str], int]:
         port = free_port()
         sc = self.sc
-        metrics_host = self.link.guest if guest and self.link else "127.0.0.1"
         env = {
             **os.environ,
             "USAGE_CONSUMER_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
@@ -294,7 +293,7 @@ class _Run:
             "USAGE_CONSUMER_STRIPE__SESSION_REFRESH_MARGIN_SECONDS": "1",
             "USAGE_CONSUMER_STRIPE__POLL_INTERVAL_SECONDS": "0.2",
             "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "1500",
-            "USAGE_CONSUMER_PIPELINE__METRICS_HOST": metrics_host,
+            "USAGE_CONSUMER_PIPELINE__METRICS_HOST": self.metrics_host(guest),
             "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
             "USAGE_CONSUMER_FAULT": fault,
             "USAGE_CONSUMER_STORE_FAULTS": sc.store_faults,
@@ -314,6 +313,10 @@ class _Run:
                 "USAGE_CONSUMER_CLICKHOUSE__DATABASE": "usage",
             }
         return env, port
+
+    def metrics_host(self, guest: bool) -> str:
+        """Where a process's /metrics listens: the namespace's address for the guest."""
+        return self.link.guest if guest and self.link else "127.0.0.1"
 
     def start(self, fault: str = "", guest: bool = False) -> tuple[subprocess.Popen[bytes], int]:
         """A consumer process; `guest`: inside the network namespace (replica faults)."""
@@ -393,8 +396,7 @@ class _Run:
                 while len(running) < self.sc.processes:
                     guest = self.link is not None and not any(p.guest for p in running)
                     proc, port = self.start(guest=guest)
-                    host = self.link.guest if guest and self.link else "127.0.0.1"
-                    running.append(_Proc(proc, port, guest, host))
+                    running.append(_Proc(proc, port, guest, self.metrics_host(guest)))
                 if self.sc.trickle:
                     self.produce_wave(chunks=40)
                 time.sleep(self.rng.uniform(0.5, 6.0))
