@@ -1,7 +1,8 @@
 """Range making: form each partition's next range, record its intent, then classify it.
 
 The intent is durable before anything is decided about the records (P1), so a message that
-crashes decoding or writing is counted against its range and eventually found (P7).
+crashes decoding is counted against its range and eventually found (P7); once a re-formed
+range is classified its attempt is withdrawn, so later crashes are not held against it.
 A transient failure keeps the formed range, with its snapshot, for the next try.
 """
 
@@ -88,6 +89,12 @@ class RangeMaker:
         ranges = []
         for f, cl in zip(batch, classified, strict=True):
             self._check_flood(f, cl)
+            if (f.attempt > 1 or f.snapshot.suspect is not None) and not f.quarantine:
+                try:  # a suspect range goes alone, so this is the batch's only write
+                    c.commits.withdraw(f, now_ms)
+                except StoreError as exc:
+                    transient("intent", exc, [f.partition])
+                    return []
             ranges.append(
                 RangeWrite(c.topic, f.partition, f.start, f.end, f.attempt, f.snapshot, cl)
             )
@@ -167,7 +174,7 @@ class RangeMaker:
             return
         # A deliberate stop, not a crash: withdraw this attempt so that restarts waiting
         # for an operator never count towards splitting the range as poison (P7).
-        c.commits.intend([dataclasses.replace(f, attempt=f.attempt - 1)], int(c.clock.now() * 1000))
+        c.commits.withdraw(f, int(c.clock.now() * 1000))
         reasons = sorted({d.reason for d in classified.invalid})
         raise DeadLetterFlood(
             f"partition {f.partition} offsets [{f.start}, {f.end}): {bad} of {n} "

@@ -79,8 +79,19 @@ class CommitSequence:
 
     def intend(self, formed: Sequence[Formed], now_ms: int) -> None:
         """Step 1 for several partitions in one insert."""
+        self._intents(formed, now_ms, lambda f: f.attempt)
+        crash_points.reached("after_intent")
+
+    def withdraw(self, f: Formed, now_ms: int) -> None:
+        """Uncount the range's attempt: its records were classified, so a crash or a stop
+        from here on is not theirs and never narrows a poison search towards them (P7)."""
+        self._intents([f], now_ms, lambda f: f.attempt - 1)
+
+    def _intents(
+        self, formed: Sequence[Formed], now_ms: int, attempt: Callable[[Formed], int]
+    ) -> None:
         rows = [
-            RangeState(f.partition, f.start, f.end, INTENT, f.attempt, f.snapshot.to_json())
+            RangeState(f.partition, f.start, f.end, INTENT, attempt(f), f.snapshot.to_json())
             for f in formed
         ]
         self._timed(
@@ -95,7 +106,6 @@ class CommitSequence:
                 self.topic_id,
             ),
         )
-        crash_points.reached("after_intent")
 
     def run(
         self,

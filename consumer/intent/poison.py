@@ -9,7 +9,10 @@ single-offset range that crashed `limit` times is quarantined: dead-lettered wit
 "poison" and never decoded again.
 
 A stray kill only ever narrows the search; quarantining still needs `limit` crashes of one
-offset on its own, so an innocent message is not quarantined by bad luck. Crashes needed to
+offset on its own, so an innocent message is not quarantined by bad luck. Only crashes
+before a re-formed range's records are classified count: past that point its attempt is
+withdrawn, so a process that keeps dying later in its work (out of memory while writing,
+killed by its orchestrator) never gets a valid message quarantined. Crashes needed to
 find one poison message in a range of n offsets: about 2 * limit + log16(n).
 """
 
@@ -38,7 +41,11 @@ def chunk(suspect: Span) -> int:
 
 
 def after_crash(start: int, end: int, attempt: int, suspect: Span | None, limit: int) -> Plan:
-    """The range to form when [start, end), formed `attempt` times, left its intent open."""
+    """The range to form when [start, end), formed `attempt` times, left its intent open.
+    Attempt 0: the crash came after the records were classified (the attempt was withdrawn),
+    so it is retried as it was, searched no further."""
+    if attempt < 1:
+        return Plan(start, end, 1, suspect)
     if end - start <= 1:
         if attempt >= limit:
             return Plan(start, end, attempt + 1, quarantine=True)

@@ -189,7 +189,7 @@ class Harness:
             clickhouse = _clickhouse_hourly(home)
             lost, doubled, wrong = compare(sample, clickhouse, stripe)
             differences = differ(sample, clickhouse=clickhouse, stripe=stripe)
-            side_ok = _side_outputs_ok(home, sample, sc.poison)
+            side = _side_outputs(home, sample, sc.poison)
         return Outcome(
             sc.name,
             kills,
@@ -197,12 +197,12 @@ class Harness:
             lost,
             doubled,
             wrong,
-            side_ok,
+            not side,
             drained,
             time.monotonic() - started,
             missed=run.missed(),
             differences=differences,
-            notes="; ".join(x for x in (run.done(), unlinked) if x),
+            notes="; ".join(x for x in (run.done(), unlinked, side) if x),
         )
 
 
@@ -688,16 +688,22 @@ def differ(sample: Sample, limit: int = 8, **observed: dict[Key, Decimal]) -> st
     return "; ".join(out[:limit]) + (f"; ... {len(out) - limit} more" if len(out) > limit else "")
 
 
-def _side_outputs_ok(home: Path, sample: Sample, poison: int) -> bool:
+def _side_outputs(home: Path, sample: Sample, poison: int) -> str:
     """Dead letters are exactly the invalid and undecodable messages produced, the poison
-    ones quarantined as such."""
+    ones quarantined as such; what differs, or "" when nothing does."""
     store = ChdbBackend(home / "chdb", "usage")
     try:
-        dead = int(store.query("SELECT count() FROM dead_letters FINAL")[0][0])
-        poisoned = int(
-            store.query("SELECT count() FROM dead_letters FINAL WHERE reason = 'poison'")[0][0]
-        )
+        rows = store.query("SELECT reason, count() FROM dead_letters FINAL GROUP BY 1")
+        reasons: dict[str, int] = {str(r): int(n) for r, n in rows}
     finally:
         store.close()
     k = sample.kinds
-    return dead == k["invalid"] + k["future"] + k["undecodable"] and poisoned == poison
+    expected = k["invalid"] + k["future"] + k["undecodable"]
+    dead = sum(reasons.values())
+    poisoned = reasons.get("poison", 0)
+    if dead == expected and poisoned == poison:
+        return ""
+    return (
+        f"dead letters {dead} (expected {expected}), poison {poisoned} (expected {poison}); "
+        f"by reason {dict(sorted(reasons.items()))}"
+    )

@@ -13,9 +13,15 @@ LIMIT = 3
 
 
 def search(
-    start: int, end: int, poison: set[int], stray_kills: frozenset[int] = frozenset()
+    start: int,
+    end: int,
+    poison: set[int],
+    stray_kills: frozenset[int] = frozenset(),
+    late_kills: frozenset[int] = frozenset(),
 ) -> tuple[list[int], int]:
-    """Drive formation like the consumer does; returns (quarantined offsets, crashes)."""
+    """Drive formation like the consumer does; returns (quarantined offsets, crashes).
+    `stray_kills` land before a formation's records are classified, `late_kills` after
+    (where the consumer withdraws the attempt of a re-formed range or a chunk)."""
     quarantined: list[int] = []
     crashes = 0
     plan = Plan(start, end, 1)
@@ -23,12 +29,15 @@ def search(
     while True:
         step += 1
         assert step < 10_000, "the search does not terminate"
-        crashed = not plan.quarantine and (
-            any(plan.start <= p < plan.end for p in poison) or step in stray_kills
-        )
-        if crashed:
+        poisoned = any(plan.start <= p < plan.end for p in poison)
+        crashed = not plan.quarantine and (poisoned or step in stray_kills)
+        late = not plan.quarantine and not crashed and step in late_kills
+        if crashed or late:
             crashes += 1
-            plan = after_crash(plan.start, plan.end, plan.attempt, plan.suspect, LIMIT)
+            attempt = plan.attempt
+            if late and (plan.attempt > 1 or plan.suspect is not None):
+                attempt -= 1  # RangeMaker withdraws it once classified
+            plan = after_crash(plan.start, plan.end, attempt, plan.suspect, LIMIT)
             continue
         if plan.quarantine:
             quarantined.append(plan.start)
@@ -90,3 +99,31 @@ def test_stray_kills_alone_never_quarantine_anything() -> None:
         kills = frozenset(2 * rng.randint(1, 20) for _ in range(8))
         quarantined, _ = search(0, rng.randint(1, 3000), set(), kills)
         assert quarantined == []
+
+
+def test_a_withdrawn_attempt_is_retried_as_it_was() -> None:
+    assert after_crash(42, 43, 0, (42, 49), LIMIT) == Plan(42, 43, 1, (42, 49))
+    assert after_crash(10, 17, 0, (0, 100), LIMIT) == Plan(10, 17, 1, (0, 100))
+    assert after_crash(0, 100, 0, None, LIMIT) == Plan(0, 100, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 3000),
+    poison=st.sets(st.integers(0, 2999), max_size=2),
+    first=st.integers(1, 40),
+    run=st.integers(1, 60),
+    seed=st.integers(0, 2**32),
+)
+def test_a_crash_loop_after_classification_quarantines_nothing_innocent(
+    size: int, poison: set[int], first: int, run: int, seed: int
+) -> None:
+    """A process that keeps dying after classifying (out of memory while writing, killed by
+    its orchestrator), up to `run` times in a row, plus a few stray early kills: only the
+    poison messages are ever quarantined."""
+    poison = {p for p in poison if p < size}
+    rng = random.Random(seed)
+    stray = frozenset(2 * rng.randint(1, 40) + 1 for _ in range(rng.randint(0, 2)))
+    late = frozenset(range(first, first + run))
+    quarantined, _ = search(0, size, poison, stray, late)
+    assert quarantined == sorted(poison)
