@@ -261,11 +261,16 @@ class Emitter:
         """Loop until `stop`; transient Stripe or ClickHouse failures back off and retry."""
         self.stopping = stop
         backoff = self._poll
+        held: int | None = None  # the lease epoch the corrector's totals were read under
         while not stop.is_set():
             try:
-                if self._lease is not None and self._lease.hold() is None:
+                epoch = self._lease.hold() if self._lease is not None else 0
+                if epoch is None:
                     stop.wait(self._poll)  # another process is the store's emitter
                     continue
+                if epoch != held:
+                    self._corrector.held_anew()
+                    held = epoch
                 worked = self.run_once()
                 backoff = self._poll
             except Deposed as exc:

@@ -312,8 +312,8 @@ def test_cancellations_that_cannot_settle_never_hold_back_the_others(
 
     monkeypatch.setattr(module, "PER_CYCLE", 2)
     t = minute(rig.now_ms() - HOUR_MS)
-    # Originals in the ledger whose pushes are not written yet (keys sort first): each
-    # cycle finds them unsettled.
+    # Originals in the ledger whose pushes are not written yet (keys sort first): pages of
+    # two find them unsettled, and the pages after them are read all the same.
     rig.store.command(
         """INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
                                      partition, offset, record_time, ver)
@@ -325,10 +325,10 @@ def test_cancellations_that_cannot_settle_never_hold_back_the_others(
     )
     ingest(rig, [("tokens", "cus_a", f"z{i}", t + i, "4") for i in range(3)])
     ingest(rig, cancels=[("tokens", "cus_a", i) for i in ("aa0", "aa1", "aa2", "z0", "z1")])
-    run(rig)  # the first cycle reads only aa0, aa1 and sends z0-z2; the next ones go on
+    run(rig)  # the pages behind are read in the first cycle, before z0 and z1 are sent
     assert corrections(rig) == {
-        ("z0", "cus_a"): ("adjusted", Decimal(4)),
-        ("z1", "cus_a"): ("adjusted", Decimal(4)),
+        ("z0", "cus_a"): ("unsent", Decimal(4)),
+        ("z1", "cus_a"): ("unsent", Decimal(4)),
     }
     assert stripe_total(rig, "tokens", "cus_a") == 4  # z2 only
 
@@ -448,3 +448,42 @@ def test_a_cycle_never_reads_the_ledger_for_cancellations(rig: Rig) -> None:
     finally:
         rig.store.command("SET max_rows_to_read = 0")
     assert corrections(rig) == {("e1", "cus_a"): ("unsent", Decimal(5))}
+
+
+def test_a_cycle_reads_the_cancellations_of_the_named_customers_only(rig: Rig) -> None:
+    """300,000 settled cancellations of other customers, all within the lookback: a cycle
+    reads those of the customers whose windows were named since the last one, and
+    ClickHouse refuses any read of more than 100,000 rows."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    emitter = rig.emitter()
+    try:
+        drain(emitter)  # the first cycle after the migrations plans everything, once
+        rig.store.command(
+            """INSERT INTO cancellations (meter, customer_id, cancelled_id, event_id, event_time,
+                                          topic, partition, offset, record_time)
+               SELECT 'tokens', concat('cus_', toString(number % 1000)),
+                      concat('old', toString(number)), concat('x', toString(number)),
+                      now64(3), 'x', 0, number, now64(3)
+               FROM numbers(300000)"""
+        )
+        rig.store.command(
+            """INSERT INTO stripe_corrections (meter, customer_id, bucket_start, cancelled_id,
+                                               mode, outcome, value, identifiers, reason,
+                                               updated_at)
+               SELECT 'tokens', concat('cus_', toString(number % 1000)), now64(3),
+                      concat('old', toString(number)), 'per_event', 'adjusted', 1, [], '',
+                      now64(3)
+               FROM numbers(300000)"""
+        )
+        ingest(rig, [("tokens", "cus_a", "e1", t + 1, "5")])
+        drain(emitter)
+        ingest(rig, cancels=[("tokens", "cus_a", "e1")])
+        rig.store.command("SET max_rows_to_read = 100000")
+        try:
+            drain(emitter)
+        finally:
+            rig.store.command("SET max_rows_to_read = 0")
+    finally:
+        emitter.close()
+    assert corrections(rig)[("e1", "cus_a")] == ("adjusted", Decimal(5))
+    assert stripe_total(rig, "tokens", "cus_a") == 0

@@ -60,6 +60,11 @@ class Taken:
             }
         )
 
+    def customers(self, meters: Sequence[str]) -> list[tuple[str, str]]:
+        """(meter, customer) of the named windows of `meters`, in order."""
+        wanted = set(meters)
+        return sorted({(m, c) for m, c, _, _ in self.names if m in wanted})
+
 
 def take(store: Backend, limit: int = TAKE) -> Taken:
     rows = store.query(

@@ -132,13 +132,15 @@ class Corrector:
         self._anchor, self._period = anchor, period
         self._lookback_ms = lookback_days * DAY_MS
         self._bucketing_checked: set[str] = set()  # checked once a process (outbox.py)
-        self._cursor: tuple[str, str, str] | None = None  # per-event keys walked up to
+        self._overbilled: dict[str, Decimal] | None = None  # late totals per meter, once read
 
     def run(self, now_ms: int, taken: queue.Taken) -> int:
         """Take back what was cancelled since the last cycle; returns how much was done.
-        Aggregated buckets are looked at when `taken` names them (queue.py)."""
+        Buckets and per-event customers are looked at when `taken` names them (queue.py)."""
+        if self._overbilled is None:
+            self._report_late([], {})  # the gauge, from the first cycle of a lease
         done = self._resume(now_ms)
-        done += self._per_event_cancellations(now_ms)
+        done += self._per_event_cancellations(now_ms, taken)
         for meter in self._aggregated:
             done += self._shrunk_buckets(meter, now_ms, taken)
         return done
@@ -180,28 +182,51 @@ class Corrector:
 
     # -- per event ----------------------------------------------------------------------
 
-    def _per_event_cancellations(self, now_ms: int) -> int:
+    def _per_event_cancellations(self, now_ms: int, taken: queue.Taken) -> int:
+        """Cancellations of the customers `taken` names, not yet settled. A cancel is
+        written before its ingest's window job, which names its original's window (if the
+        original is in the ledger) or, when the original comes later, the original's job
+        names it: either way the (meter, customer) is named once both are in and the push
+        of the original exists (it is written with the ledger). The name standing for
+        everything walks every customer's cancellations of the lookback. A cycle's cost
+        follows the named customers' unsettled cancels, never the history."""
         if not self._per_event:
             return 0
-        # Cancellations not yet settled (one whose original never came is looked at again
-        # for as long as Stripe could take it), at most PER_CYCLE a cycle; their originals'
-        # pushes are found by identifier. The cycles walk the keys from where the last one
-        # stopped, so cancellations that stay unsettled (an outcome still unknown, or no
-        # push yet) never hold back the ones after them. The ledger is not asked: which
-        # originals arrived is what the pushes say, and its id keys span its history.
-        after = self._cursor or ("", "", "")
+        pairs = None if taken.everything else taken.customers(sorted(self._per_event))
+        if pairs == []:
+            return 0
+        done, after = 0, ("", "", "")
+        while True:  # pages, so that cancels that cannot settle never hold back the others
+            rows = self._pending_cancels(now_ms, pairs, after)
+            done += self._cancel_originals(rows, now_ms)
+            if len(rows) < PER_CYCLE:
+                return done
+            after = rows[-1]
+
+    def _pending_cancels(
+        self, now_ms: int, pairs: list[tuple[str, str]] | None, after: tuple[str, str, str]
+    ) -> list[tuple[str, str, str]]:
+        """(meter, customer, cancelled id) of unsettled cancellations within the lookback (one
+        whose original never came is looked at for as long as Stripe could take it), of
+        `pairs` (meter, customer) or of all (None), keyed after `after`, PER_CYCLE at most.
+        The ledger is not asked: which originals arrived is what the pushes say."""
         rows = self._store.query(
             """SELECT meter, customer_id, cancelled_id FROM cancellations FINAL
                WHERE meter IN {m:Array(String)}
+                 AND ({all:UInt8} OR (meter, customer_id) IN {pairs:Array(Tuple(String, String))})
                  AND record_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
                  AND (meter, customer_id, cancelled_id)
                      > ({am:String}, {ac:String}, {ai:String})
                  AND (meter, customer_id, cancelled_id) NOT IN (
                         SELECT meter, customer_id, cancelled_id FROM stripe_corrections
-                        WHERE mode = 'per_event')
+                        WHERE mode = 'per_event' AND meter IN {m:Array(String)}
+                          AND ({all:UInt8}
+                               OR (meter, customer_id) IN {pairs:Array(Tuple(String, String))}))
                ORDER BY meter, customer_id, cancelled_id LIMIT {n:UInt32}""",
             {
                 "m": sorted(self._per_event),
+                "all": int(pairs is None),
+                "pairs": pairs or [],
                 "n": PER_CYCLE,
                 "since": now_ms - self._lookback_ms,
                 "am": after[0],
@@ -209,22 +234,23 @@ class Corrector:
                 "ai": after[2],
             },
         )
-        last = rows[-1] if len(rows) == PER_CYCLE else None
-        self._cursor = (str(last[0]), str(last[1]), str(last[2])) if last else None
+        return [(str(m), str(c), str(i)) for m, c, i in rows]
+
+    def _cancel_originals(self, rows: list[tuple[str, str, str]], now_ms: int) -> int:
+        """Settle each cancellation against its original's push, found by identifier. One
+        with no push yet is passed by (its original's window job names it when it comes);
+        one whose push's outcome is unknown is named to be looked at again."""
         wanted = {
-            per_event_identifier(self._per_event[str(m)].stripe_event_name or "", str(i)): (
-                str(m),
-                str(c),
-                str(i),
-            )
+            per_event_identifier(self._per_event[m].stripe_event_name or "", i): (m, c, i)
             for m, c, i in rows
         }
         pushes = {p.identifier: p for p in outbox.by_identifier(self._store, sorted(wanted))}
         records: list[Record] = []
+        again: list[tuple[str, str, int]] = []
         for ident, (meter, customer, cancelled) in wanted.items():
             p = pushes.get(ident)
             if p is None:
-                continue  # no push yet: its original has not arrived
+                continue
             record = self._settle(
                 [p],
                 now_ms,
@@ -232,10 +258,11 @@ class Corrector:
             )
             if record is not None:
                 records.append(record)
+            else:
+                again.append((meter, customer, p.bucket_ms))
         self._write(records, now_ms)
-        # A full page that settled something: more may wait behind it (one that settled
-        # nothing is walked on next cycle, without keeping the emitter busy).
-        return len(records) + (self._cursor is not None and bool(records))
+        queue.name(self._store, again)  # a wait is no work: the cycle may be idle
+        return len(records)
 
     # -- aggregated ---------------------------------------------------------------------
 
@@ -388,7 +415,9 @@ class Corrector:
             [(r.meter, r.customer_id, r.bucket_ms) for r in records if r.mode == "aggregated"],
         )
         before = self._versions(records)
-        versions = [max(now_ms, before.get(_key(r), now_ms - 1) + 1) for r in records]
+        versions = [
+            max(now_ms, before[_key(r)][0] + 1 if _key(r) in before else now_ms) for r in records
+        ]
         self._store.insert_columns(
             "stripe_corrections",
             {
@@ -404,29 +433,52 @@ class Corrector:
                 "updated_at": pa.array(versions, TIME_MS),
             },
         )
-        if any(r.outcome != ADJUSTING for r in records):  # a decision alone moves no amount
-            self._report_late()
+        self._report_late(records, before)
 
-    def _versions(self, records: Sequence[Record]) -> dict[tuple[str, str, int, str], int]:
+    def _versions(
+        self, records: Sequence[Record]
+    ) -> dict[tuple[str, str, int, str], tuple[int, Decimal]]:
+        """Each key's latest version, and what Stripe still bills by it (late), if any."""
         rows = self._store.query(
             """SELECT meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id,
-                      toUnixTimestamp64Milli(max(updated_at))
+                      toUnixTimestamp64Milli(max(updated_at)),
+                      toString(argMax(if(outcome = 'late', value, 0), updated_at))
                FROM stripe_corrections
                WHERE (meter, customer_id, toUnixTimestamp64Milli(bucket_start), cancelled_id)
                      IN {keys:Array(Tuple(String, String, Int64, String))}
                GROUP BY 1, 2, 3, 4""",
             {"keys": sorted({_key(r) for r in records})},
         )
-        return {(str(m), str(c), int(b), str(i)): int(v) for m, c, b, i, v in rows}
+        return {
+            (str(m), str(c), int(b), str(i)): (int(v), Decimal(late))
+            for m, c, b, i, v, late in rows
+        }
 
-    def _report_late(self) -> None:
-        """The gauge of cancelled usage Stripe still bills, per meter."""
-        rows = self._store.query(
-            """SELECT meter, toString(sum(value)) FROM stripe_corrections FINAL
-               WHERE outcome = 'late' GROUP BY meter"""
-        )
-        for meter, value in rows:
-            self._metrics.stripe_overbilled.labels(str(meter)).set(float(Decimal(value)))
+    def held_anew(self) -> None:
+        """The emitter lease was taken (again): another process may have written corrections
+        meanwhile, so the overbilled totals are read whole once more."""
+        self._overbilled = None
+
+    def _report_late(
+        self,
+        records: Sequence[Record],
+        before: dict[tuple[str, str, int, str], tuple[int, Decimal]],
+    ) -> None:
+        """The gauge of cancelled usage Stripe still bills, per meter: read whole once a
+        lease, then moved by what each write replaces, so a cycle never reads the history."""
+        if self._overbilled is None:
+            rows = self._store.query(
+                """SELECT meter, toString(sum(value)) FROM stripe_corrections FINAL
+                   WHERE outcome = 'late' GROUP BY meter"""
+            )
+            self._overbilled = {str(m): Decimal(v) for m, v in rows}
+        else:
+            for r in records:
+                was = before[_key(r)][1] if _key(r) in before else Decimal(0)
+                now = r.value if r.outcome == "late" else Decimal(0)
+                self._overbilled[r.meter] = self._overbilled.get(r.meter, Decimal(0)) + now - was
+        for meter, value in self._overbilled.items():
+            self._metrics.stripe_overbilled.labels(meter).set(float(value))
 
 
 def _key(r: Record) -> tuple[str, str, int, str]:
