@@ -134,6 +134,7 @@ class Emitter:
         except BaseException:
             # A failed cycle is not an idle outbox: drain checks and alerts read this gauge.
             self._metrics.stripe_idle.set(0)
+            self._assigner.forget()  # what it assigned may not have been written
             raise
         idle = not work and not behind
         if idle:
@@ -151,11 +152,12 @@ class Emitter:
             self._verify_meters()
         self._fence()
         now_ms = self._now_ms()
-        self._assigner.forget()  # carries change in steps 2-3; sending reads them once
         self._marks.flush(now_ms)  # 1
         taken = queue.take(self._store)  # the buckets to correct and plan (queue.py)
         work = self._reports.take(now_ms)  # 2
         work += self._corrector.run(now_ms, taken)  # 3
+        if work:  # rejections and cancellations move carries: read them afresh
+            self._assigner.forget()
         work += self._plan(now_ms, taken)  # 4
         queue.planned(self._store, taken)
         work += len(taken.names) >= queue.TAKE  # more names wait behind these
@@ -268,8 +270,9 @@ class Emitter:
                 if epoch is None:
                     stop.wait(self._poll)  # another process is the store's emitter
                     continue
-                if epoch != held:
+                if epoch != held:  # another process may have emitted meanwhile
                     self._corrector.held_anew()
+                    self._assigner.forget()
                     held = epoch
                 worked = self.run_once()
                 backoff = self._poll

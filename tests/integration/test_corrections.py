@@ -487,3 +487,28 @@ def test_a_cycle_reads_the_cancellations_of_the_named_customers_only(rig: Rig) -
         emitter.close()
     assert corrections(rig)[("e1", "cus_a")] == ("adjusted", Decimal(5))
     assert stripe_total(rig, "tokens", "cus_a") == 0
+
+
+def test_a_cancellation_moves_the_carry_an_emitter_keeps(
+    server: EmulatorServer, tmp_path: Path
+) -> None:
+    """Whole numbers: one emitter sends three 0.7s (0, 1, 1: 0.1 carried), takes the last
+    back, and then sends another 0.7. The carry it kept from the first sends is stale
+    after the cancellation (0.4 is carried now): Stripe must bill floor(2.1) = 2."""
+    whole = open_rig(server, tmp_path, METERS)  # sum meters in whole format
+    emitter = whole.emitter()
+    try:
+        t = minute(whole.now_ms() - HOUR_MS)
+        ingest(whole, [("tokens", "cus_a", f"e{i}", t + i, "0.7") for i in range(3)])
+        drain(emitter)
+        assert stripe_total(whole, "tokens", "cus_a") == 2
+        ingest(whole, cancels=[("tokens", "cus_a", "e2")])
+        drain(emitter)
+        assert corrections(whole) == {("e2", "cus_a"): ("adjusted", Decimal(1))}  # as billed
+        assert stripe_total(whole, "tokens", "cus_a") == 1
+        ingest(whole, [("tokens", "cus_a", "e3", t + 10, "0.7")])
+        drain(emitter)
+        assert stripe_total(whole, "tokens", "cus_a") == 2
+    finally:
+        emitter.close()
+        whole.store.close()

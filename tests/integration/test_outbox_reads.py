@@ -101,3 +101,52 @@ def test_a_rejection_between_cycles_is_taken_out_of_the_carry(store: Backend) ->
     (nxt,) = assigner.assign(more, ATTEMPTED, NOW)
     # usage not rejected: 0.7 + 0.7 + 0.7 = 2.1, sent 0 + 1 so far: this push sends 1
     assert nxt.sent == Decimal(1)
+
+
+def test_a_carry_is_read_by_customer_not_through_the_outbox(store: Backend) -> None:
+    """300,000 assigned pushes of other customers: one customer's carry is read under
+    ClickHouse's max_rows_to_read (the by_bucket projection), as the whole read is not."""
+    store.command(
+        """INSERT INTO stripe_pushes (identifier, mode, meter, stripe_event_name, customer_id,
+               bucket_start, revision, value, status_rank, first_attempt_at, updated_at,
+               sent_value)
+           SELECT concat('o', toString(number)), 'per_event', 'm', 'm',
+                  concat('other', toString(number % 1000)),
+                  fromUnixTimestamp64Milli({t:Int64} + number, 'UTC'), 0, 0.5, {sent:UInt8},
+                  fromUnixTimestamp64Milli({t:Int64}, 'UTC'),
+                  fromUnixTimestamp64Milli({t:Int64}, 'UTC'), 0
+           FROM numbers(300000)""",
+        {"t": NOW - 86_400_000, "sent": outbox.SENT},
+    )
+    first = pending(3, value="0.7", customers=1)  # c0: sends 0, 1, 1 (carry 0.1)
+    outbox.write(store, first, PENDING, NOW)
+    outbox.write_moved(store, Assigner(store, WHOLE_SUM).assign(first, ATTEMPTED, NOW), NOW)
+    more = pending(1, start=10, value="0.95", customers=1)
+    store.command("SET max_rows_to_read = 100000")
+    try:
+        (nxt,) = Assigner(store, WHOLE_SUM).assign(more, ATTEMPTED, NOW)
+        assert nxt.sent == Decimal(1)  # 0.1 + 0.95
+        with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for rows"):
+            store.query("SELECT count() FROM stripe_pushes FINAL WHERE customer_id = 'c0'")
+    finally:
+        store.command("SET max_rows_to_read = 0")
+
+
+def test_a_carry_kept_across_cycles_gives_the_amounts_of_a_fresh_read(store: Backend) -> None:
+    """The emitter keeps each carry it read (forgetting it only when something else may
+    have moved it): cycle after cycle, its amounts are those of an assigner that reads
+    every carry from the store."""
+    kept = Assigner(store, WHOLE_SUM)
+    sent: dict[str, Decimal] = {}
+    for cycle in range(6):
+        batch = pending(9, start=cycle * 9, value="0.35", customers=4)
+        outbox.write(store, batch, PENDING, NOW)
+        expected = Assigner(store, WHOLE_SUM).assign(batch, ATTEMPTED, NOW)
+        got = kept.assign(batch, ATTEMPTED, NOW)
+        assert [p.sent for p in got] == [p.sent for p in expected]
+        outbox.write_moved(store, got, NOW)
+        sent |= {p.identifier: p.sent or Decimal(0) for p in got}
+    for c in range(4):  # each customer billed the floor of its usage, never more
+        usage = Decimal("0.35") * sum(1 for i in range(54) if i % 4 == c)
+        billed = sum((v for k, v in sent.items() if int(k[2:]) % 4 == c), Decimal(0))
+        assert billed == int(usage)

@@ -93,18 +93,32 @@ def floor(value: Decimal) -> Decimal:
 
 
 def _carried(store: Backend, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Decimal]:
-    """(meter, customer) -> exact usage assigned so far minus what was sent for it."""
+    """(meter, customer) -> exact usage assigned so far minus what was sent for it. Read
+    through the outbox's by_bucket projection (migration 23 gave it the amounts): the
+    customers' pushes by key, every version of each, keeping its highest rank as FINAL
+    would (versions of one rank carry the same amounts: they are fixed once)."""
     if not keys:
         return {}
     rows = store.query(
-        """SELECT meter, customer_id, toString(sum(value)),
-                  toString(sum(ifNull(sent_value, value)))
-           FROM stripe_pushes FINAL
-           WHERE (meter, customer_id) IN {keys:Array(Tuple(String, String))}
-             AND toUnixTimestamp64Milli(first_attempt_at) > 0
-             AND status_rank NOT IN {gone:Array(UInt8)}
-           GROUP BY meter, customer_id""",
-        {"keys": keys, "gone": [REJECTED, CANCELLED]},
+        """SELECT m, c, toString(sum(v)), toString(sum(ifNull(sent, v)))
+           FROM (SELECT identifier, any(meter) AS m, any(customer_id) AS c,
+                        argMax(value, status_rank) AS v,
+                        argMax(sent_value, status_rank) AS sent,
+                        argMax(first_attempt_at, status_rank) AS first_attempt,
+                        max(status_rank) AS rank
+                 FROM stripe_pushes
+                 WHERE meter IN {meters:Array(String)}
+                   AND customer_id IN {customers:Array(String)}
+                   AND (meter, customer_id) IN {keys:Array(Tuple(String, String))}
+                 GROUP BY identifier)
+           WHERE toUnixTimestamp64Milli(first_attempt) > 0 AND rank NOT IN {gone:Array(UInt8)}
+           GROUP BY m, c""",
+        {
+            "meters": sorted({m for m, _ in keys}),
+            "customers": sorted({c for _, c in keys}),
+            "keys": list(keys),
+            "gone": [REJECTED, CANCELLED],
+        },
     )
     return {(str(m), str(c)): EXACT.subtract(Decimal(s), Decimal(u)) for m, c, s, u in rows}
 
@@ -121,11 +135,12 @@ class Assigner:
         self._carry: dict[tuple[str, str], Decimal] = {}
 
     def forget(self) -> None:
-        """Drop the carries read so far. Called at the start of each emitter cycle: only
-        assign() changes a carry during a cycle's sending (and writes what it assigned
-        before the next call), while rejections and cancellations, which change carries
-        too, are taken earlier in the cycle. Re-reading the carries for every batch cost
-        a scan of the outbox each time."""
+        """Drop the carries read so far. A carry is read once and then kept by assign(),
+        which the caller follows by writing what it assigned; the emitter calls this when
+        anything else may have moved one: a rejection or a cancellation of an assigned push
+        (error reports and corrections), a cycle that failed after assigning (its writes
+        may not have landed), a lease taken anew (another process emitted meanwhile).
+        Reading the carries every cycle read each customer's pushes ever assigned."""
         self._carry = {}
 
     def assign(self, pushes: Sequence[Push], status: int, first_attempt_ms: int) -> list[Push]:
