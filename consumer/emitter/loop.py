@@ -95,7 +95,7 @@ class Emitter:
         policy = DeliveryPolicy.from_config(config)
         self._policy = policy
         summaries = SummaryReader(sender.api, sender.pace)
-        self._reports = ReportTaker(store, sender.api, policy, metrics, self._now_ms())
+        self._reports = ReportTaker(store, sender.api, policy, metrics, self._now_ms(), config)
         self._assigner = Assigner(store, rules_for(meters), AccountResolver(store, config))
         self._limits = Limits(store, policy, metrics, self._assigner)
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)

@@ -63,3 +63,20 @@ def named(
         {"p": prop, "keys": keys},
     )
     return {(str(m), str(c)): [str(t) for t in ts] for m, c, ts in rows}
+
+
+def accounts(store: Backend, prop: str | None, mapping: dict[str, str]) -> list[str]:
+    """The connected accounts pushes can be placed in (accounts.account_for): the values of
+    `mapping`, or without one the tenants named that are account ids. Read from
+    `customer_tenants`, whose size follows customers and tenants, not the usage history.
+    An account dropped from `mapping` is no longer among them."""
+    if not prop:
+        return []
+    if mapping:
+        return sorted(set(mapping.values()))
+    rows = store.query(
+        """SELECT DISTINCT tenant FROM customer_tenants
+           WHERE property = {p:String} AND startsWith(tenant, 'acct_') ORDER BY tenant""",
+        {"p": prop},
+    )
+    return [str(t) for (t,) in rows]

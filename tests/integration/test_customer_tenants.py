@@ -91,6 +91,9 @@ def test_accounts_are_placed_as_the_ledger_names_them(
     named = {k: sorted({t for m, c, t in ledger if (m, c) == k}) for k in keys}
     want = {k: account_for(named[k], ACCOUNTS if mapped else {}) for k in keys}
     assert AccountResolver(store, config).resolve(pushes(keys)) == want
+    # error reports are read in every account a push can be placed in
+    placed = {a for a in want.values() if isinstance(a, str) and a}
+    assert placed <= set(tenants.accounts(store, "tenant", config.accounts))
 
 
 def test_the_lookup_reads_the_customers_not_the_ledger(store: Backend) -> None:

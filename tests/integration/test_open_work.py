@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -281,3 +282,31 @@ def test_the_migration_names_every_push_open_before_it(tmp_path: Path) -> None:
         ]
     finally:
         store.close()
+
+
+def test_a_cycle_with_nothing_open_never_reads_the_outbox(
+    server: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stripe_pushes' key is analysed part by part even for an empty set of names: an idle
+    cycle asks stripe_open alone, so its cost does not follow the outbox's history."""
+    rig: Rig = open_rig(server, tmp_path, METERS)
+    try:
+        truth: dict[tuple[str, str], Decimal] = {}
+        per_event(rig, truth, "tokens", "cus_a", "e0", "2", rig.now_ms())
+        emitter = rig.emitter()
+        drain(emitter)
+        asked: list[str] = []
+        inner = rig.store.inner
+        for name in ("query", "query_with"):
+            real = getattr(inner, name)
+
+            def recorded(sql: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+                asked.append(sql)
+                return _real(sql, *a, **k)
+
+            monkeypatch.setattr(inner, name, recorded)
+        assert emitter.run_once() == 0
+        assert asked and not [sql for sql in asked if "stripe_pushes" in sql]
+        emitter.close()
+    finally:
+        rig.store.close()

@@ -61,13 +61,27 @@ _SETTLED_SQL = f"({', '.join(map(str, SETTLED))})"  # SETTLED as an SQL list
 # Pushes that may still be open: named in stripe_open, not settled, and not a hold that
 # stripe_pushes was seen to hold. A read of open work adds this to its read of
 # stripe_pushes, which then selects the granules of these identifiers only (its key).
-OPEN_SQL = f"""identifier IN (SELECT identifier FROM stripe_open FINAL
-                              WHERE status_rank NOT IN {_SETTLED_SQL} AND held = 0)"""
+_OPEN_NAMES = f"status_rank NOT IN {_SETTLED_SQL} AND held = 0"
+OPEN_SQL = f"identifier IN (SELECT identifier FROM stripe_open FINAL WHERE {_OPEN_NAMES})"
 # The same, also with the checked expired pushes (the re-date policy sends them).
-OPEN_OR_EXPIRED_SQL = f"""identifier IN (SELECT identifier FROM stripe_open FINAL
-                                        WHERE status_rank NOT IN {_SETTLED_SQL}
-                                          AND (held = 0 OR status_rank = {EXPIRED}))"""
+_OPEN_OR_EXPIRED_NAMES = (
+    f"status_rank NOT IN {_SETTLED_SQL} AND (held = 0 OR status_rank = {EXPIRED})"
+)
+OPEN_OR_EXPIRED_SQL = (
+    f"identifier IN (SELECT identifier FROM stripe_open FINAL WHERE {_OPEN_OR_EXPIRED_NAMES})"
+)
 TIDY_AT = 1_000  # settled names deleted from stripe_open once there are this many
+
+
+def any_open(store: Backend, expired: bool = False) -> bool:
+    """Whether stripe_open names a push the open-work reads follow (OPEN_SQL, or with
+    `expired` OPEN_OR_EXPIRED_SQL). Each such read asks this first: stripe_pushes' key is
+    analysed part by part even for an empty set of names, a cost that grows with the
+    outbox, so a cycle with nothing open never reads stripe_pushes."""
+    names = _OPEN_OR_EXPIRED_NAMES if expired else _OPEN_NAMES
+    return bool(store.query(f"SELECT 1 FROM stripe_open FINAL WHERE {names} LIMIT 1"))
+
+
 # Rank 1 with a first attempt is a row written before ranks 3-7 existed: treat it as attempted.
 ATTEMPTED_SQL = (
     "(status_rank IN (3, 5) OR (status_rank = 1 AND toUnixTimestamp64Milli(first_attempt_at) > 0))"
@@ -308,6 +322,8 @@ def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> 
     """Pushes that may go to Stripe now, oldest first: never attempted, or attempted so
     recently (first attempt after `blind_after_ms`) that Stripe still remembers the
     identifier; and timestamped inside Stripe's window (at or after `limit_ms`)."""
+    if not any_open(store):
+        return []
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE {OPEN_SQL}
@@ -323,6 +339,8 @@ def sendable(store: Backend, limit_ms: int, blind_after_ms: int, limit: int) -> 
 
 def never_sent(store: Backend, limit_ms: int, limit: int) -> list[Push]:
     """Pushes never attempted, timestamped inside Stripe's window, oldest first."""
+    if not any_open(store):
+        return []
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE {OPEN_SQL}
@@ -361,6 +379,8 @@ def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int)
     with `include_expired` the ones already held as expired."""
     ranks = [PENDING, EXPIRED] if include_expired else [PENDING]
     names = OPEN_OR_EXPIRED_SQL if include_expired else OPEN_SQL
+    if not any_open(store, include_expired):
+        return []
     rows = store.query(
         f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
            WHERE {names}
@@ -371,14 +391,6 @@ def past_limit(store: Backend, limit_ms: int, include_expired: bool, limit: int)
         {"lim": limit_ms, "ranks": ranks, "n": limit},
     )
     return [from_row(r) for r in rows]
-
-
-def accounts(store: Backend) -> list[str]:
-    """The connected accounts pushes have gone to (Stripe Connect), besides the platform."""
-    rows = store.query(
-        "SELECT DISTINCT stripe_account FROM stripe_pushes WHERE stripe_account != '' ORDER BY 1"
-    )
-    return [str(r[0]) for r in rows]
 
 
 def of_buckets(store: Backend, meter: str, keys: Sequence[tuple[str, int]]) -> list[Push]:
@@ -459,13 +471,14 @@ def tidy(store: Backend, settled_at: int = TIDY_AT) -> None:
     whose push stripe_pushes holds so, and delete the settled names once there are
     `settled_at` of them and at least as many as open ones. Needed only for cost: readers
     skip such names anyway."""
-    found = store.query(
-        f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
-           WHERE {OPEN_SQL} AND status_rank IN {{done:Array(UInt8)}}""",
-        {"done": [*SETTLED, *HELD]},
-    )
-    pushes = [from_row(r) for r in found]
-    _name(store, [(p, p.status, int(p.status in HELD)) for p in pushes])
+    if any_open(store):
+        found = store.query(
+            f"""SELECT {COLUMNS} FROM stripe_pushes FINAL
+               WHERE {OPEN_SQL} AND status_rank IN {{done:Array(UInt8)}}""",
+            {"done": [*SETTLED, *HELD]},
+        )
+        pushes = [from_row(r) for r in found]
+        _name(store, [(p, p.status, int(p.status in HELD)) for p in pushes])
     ((settled_n, open_n),) = store.query(
         f"""SELECT countIf(status_rank IN {_SETTLED_SQL}),
                   countIf(status_rank NOT IN {_SETTLED_SQL})

@@ -26,11 +26,13 @@ from typing import Any
 
 import stripe
 
+from consumer.config import StripeConfig
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.outbox import REJECTED, Push
 from consumer.emitter.send.sender import rfc3339
 from consumer.emitter.truth.delivery import DAY_MS, DeliveryPolicy
 from consumer.metrics import Metrics
+from consumer.store import tenants
 from consumer.store.backend import Backend
 
 # The emitter's messages keep one logger name: log settings and alerts select on it.
@@ -135,6 +137,7 @@ class ReportTaker:
         policy: DeliveryPolicy,
         metrics: Metrics,
         now_ms: int,
+        config: StripeConfig,
     ) -> None:
         self._store = store
         self._policy = policy
@@ -143,13 +146,14 @@ class ReportTaker:
         self._start_ms = now_ms - REPORT_LOOKBACK_MS
         self._readers = {"": ErrorReportReader(api, self._start_ms)}
         self._next_ms = 0
+        self._property, self._accounts = config.account_property, dict(config.accounts)
 
     def take(self, now_ms: int) -> int:
         """Mark the pushes Stripe's error reports name as rejected, with the reason."""
         if now_ms < self._next_ms:
             return 0
         self._next_ms = now_ms + self._policy.report_interval_ms
-        for account in outbox.accounts(self._store):
+        for account in tenants.accounts(self._store, self._property, self._accounts):
             if account not in self._readers:
                 self._readers[account] = ErrorReportReader(self._api, self._start_ms, account)
         return sum(self._take(reader, now_ms) for reader in self._readers.values())

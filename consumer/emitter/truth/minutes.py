@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from consumer.emitter.plan.outbox import ATTEMPTED_SQL, COLUMNS, OPEN_SQL, Push, from_row
+from consumer.emitter.plan.outbox import (
+    ATTEMPTED_SQL,
+    COLUMNS,
+    OPEN_SQL,
+    Push,
+    any_open,
+    from_row,
+)
 from consumer.store.backend import Backend
 
 
@@ -24,6 +31,8 @@ class BucketKey:
 def due_buckets(store: Backend, due_ms: int, limit_ms: int, limit: int) -> list[BucketKey]:
     """Minutes holding an attempted push whose outcome must be checked, not guessed: first
     attempted at or before `due_ms`, or timestamped before `limit_ms`."""
+    if not any_open(store):
+        return []
     rows = store.query(
         f"""SELECT stripe_event_name, customer_id,
                   toUnixTimestamp(toStartOfMinute(stripe_timestamp)) * 1000 AS minute
