@@ -146,8 +146,11 @@ def age(workdir: str, topic: str) -> dict[str, Any]:
     return {**s, "rows": held, "seconds": round(time.perf_counter() - started)}
 
 
+CYCLES = 25  # an idle cycle takes about 20 ms: fewer samples left its median to the noise
+
+
 def emitter_cycle(workdir: str, emulator_url: str) -> dict[str, Any]:
-    """The emitter's cycle with nothing new to send (median of 7, after it went idle),
+    """The emitter's cycle with nothing new to send (median of CYCLES, after it went idle),
     against the bundled emulator."""
     from tests.bench.pipeline import _peak_rss_mb
 
@@ -178,7 +181,7 @@ def emitter_cycle(workdir: str, emulator_url: str) -> dict[str, Any]:
                 raise RuntimeError("the emitter never went idle")
             until_idle = time.perf_counter() - t
             times = []
-            for _ in range(7):
+            for _ in range(CYCLES):
                 t = time.perf_counter()
                 work = emitter.run_once()
                 times.append(time.perf_counter() - t)

@@ -385,9 +385,15 @@ def main() -> int:
                 emu.stop()
             print(f"bench: idle emitter cycle {cycle_fresh['cycle_ms']} ms fresh, "
                   f"{cycle_aged['cycle_ms']} ms aged")  # fmt: skip
-            c_aged = in_child(pipeline, broker.bootstrap, ends, str(aged), "c-aged")
-            print(f"bench: (c) on the aged store {c_aged['events_per_s']:>9,} events/s")
-            full_runs.append(c_aged)  # it must equal the ground truth as well
+            # Twice, as (c) fresh: on the aged store and on a copy of it made before the
+            # first run wrote to it; the faster is reported, and both must equal the truth.
+            shutil.copytree(aged, workdir / "aged-copy", symlinks=True)  # chDB links relatively
+            aged_runs = []
+            for store_dir, group in ((aged, "c-aged"), (workdir / "aged-copy", "c-aged-copy")):
+                aged_runs.append(in_child(pipeline, broker.bootstrap, ends, str(store_dir), group))
+                print(f"bench: (c) on the aged store {aged_runs[-1]['events_per_s']:>9,} events/s")
+            c_aged = best_of(aged_runs)
+            full_runs += aged_runs
             scaled = replicas.compare(broker.bootstrap, TOPIC, ends, workdir)
             full_runs += [scaled["one_process"], scaled["two_processes"]]  # exact as well
     finally:
@@ -427,7 +433,7 @@ def main() -> int:
     history_results = {
         "aged": built,
         "c_fresh": full,
-        "c_aged": reported(c_aged),
+        "c_aged": c_aged,
         "c_aged_over_fresh": round(c_aged["events_per_s"] / full["events_per_s"], 3),
         "emitter_cycle_fresh": cycle_fresh,
         "emitter_cycle_aged": cycle_aged,
