@@ -43,7 +43,7 @@ def matrix(full: bool, seed: int) -> list[Scenario]:
             expire_sessions_every=1.0,
         ),
         # Messages that crash the process on every attempt: found and quarantined (P7).
-        Scenario("poison", events // 2, random_kills=kills, poison=5 if full else 2),
+        Scenario("poison", events // 2, random_kills=kills, poison=5 if full else 1),
         # Every restart re-forms what the kill left open while the schema registry is down
         # and the host clock has jumped hours either way: same classes, nothing dead-lettered.
         Scenario(

@@ -44,7 +44,7 @@ def test_the_emitter_fails_over_to_the_other_process_exactly(
     unique: str,
 ) -> None:
     ch = server_config(clickhouse_http.host, clickhouse_http.port, f"f{unique}")
-    produced = produce_sample(broker, emulator, tmp_path, unique, 12_000, 6, seed=31, clickhouse=ch)
+    produced = produce_sample(broker, emulator, tmp_path, unique, 6_000, 6, seed=31, clickhouse=ch)
     settings, sample, prefix, k = (
         produced.settings,
         produced.sample,
