@@ -34,7 +34,7 @@ NAME_OF = {str(m["stripe_event_name"]): str(m["name"]) for m in SUMS}
 
 @pytest.fixture
 def lossy() -> Iterator[EmulatorServer]:
-    emu = serve("127.0.0.1", 0, EmulatorOptions(seed=17, drop_rate=0.0001))
+    emu = serve("127.0.0.1", 0, EmulatorOptions(seed=17, drop_rate=0.001))
     client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": emu.url})
     for m in SUMS:
         params: Any = {
@@ -69,7 +69,7 @@ def test_reconcile_names_exactly_the_windows_where_stripe_lost_events(
     settings = make_settings(broker, lossy, tmp_path, unique, meters=SUMS)
     k = settings.kafka
     broker.create_topics({k.topic: 3, k.dlq_topic: 1, k.late_topic: 1})
-    # 0.01% is rare: produce rounds until Stripe has lost a few events
+    # 0.1% is rare: produce rounds until Stripe has lost a few events
     for round_ in range(8):
         sample = generate(25_000, 40, 3, int(time.time() * 1000), seed=round_, customer_prefix="c")
         ends = produce(sample, broker.bootstrap, k.topic)
