@@ -75,6 +75,7 @@ class RangeRows:
     attempts: int
     done: bool
     intents: int  # intent rows: one per formation, one more per withdrawn attempt
+    reforms: int  # formations after a crash (attempt 2 and up; a withdrawal writes 1 less)
     rows: int  # distinct ledger rows (FINAL)
     physical: int  # physical ledger rows: more than `rows` when a write landed again
     windows: int  # distinct minute windows its rows touch
@@ -91,14 +92,14 @@ class RangeRows:
 def ranges(store: Backend, group: str, topic: str) -> list[RangeRows]:
     states = store.query(
         """SELECT partition, range_start, range_end, max(attempt), max(state_rank) = 2,
-                  countIf(state_rank = 1)
+                  countIf(state_rank = 1), countIf(state_rank = 1 AND attempt >= 2)
            FROM ingest_state WHERE group_id = {g:String} AND topic = {t:String}
            GROUP BY partition, range_start, range_end
            ORDER BY partition, range_start""",
         {"g": group, "t": topic},
     )
     out = []
-    for p, a, b, attempts, done, intents in states:
+    for p, a, b, attempts, done, intents, reforms in states:
         bounds = {"t": topic, "p": int(p), "a": int(a), "b": int(b)}
         where = """topic = {t:String} AND partition = {p:UInt32}
                    AND offset >= {a:UInt64} AND offset < {b:UInt64}"""
@@ -122,6 +123,7 @@ def ranges(store: Backend, group: str, topic: str) -> list[RangeRows]:
                 int(attempts),
                 bool(done),
                 int(intents),
+                int(reforms),
                 int(final[0]),
                 int(physical),
                 int(final[1]),

@@ -147,7 +147,9 @@ def test_retries_beyond_the_dedup_window_count_once(tmp_path: Path) -> None:
     # retried by the chunk ranges, which must cover it, done.
     split = [r for r in reformed if not r.done and covered_by_done_chunks(r, rs)]
     # Three kills left an intent open (the fourth, after_done, did not): each was re-formed.
-    assert sum(r.attempts - 1 for r in reformed) + len(split) >= 3, rs
+    # Counted by formations, not by the highest attempt: a re-form classified before its
+    # kill was withdrawn (P7), so two kills of one range can both stop at attempt 2.
+    assert sum(r.reforms for r in reformed) + len(split) >= 3, rs
     assert all(r.done or r in split for r in rs), rs
     # The kills that follow a ledger write (after the usage events, after the whole insert
     # step) are each followed by the re-formed rows landing again: no token dropped the retry
