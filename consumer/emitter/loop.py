@@ -263,7 +263,7 @@ class Emitter:
         """Loop until `stop`; transient Stripe or ClickHouse failures back off and retry."""
         self.stopping = stop
         backoff = self._poll
-        held: int | None = None  # the lease epoch the corrector's totals were read under
+        held: int | None = None  # the lease epoch the overbilled totals and carries were read under
         while not stop.is_set():
             try:
                 epoch = self._lease.hold() if self._lease is not None else 0

@@ -415,9 +415,7 @@ class Corrector:
             [(r.meter, r.customer_id, r.bucket_ms) for r in records if r.mode == "aggregated"],
         )
         before = self._versions(records)
-        versions = [
-            max(now_ms, before[_key(r)][0] + 1 if _key(r) in before else now_ms) for r in records
-        ]
+        versions = [max(now_ms, before.get(_key(r), (now_ms - 1, 0))[0] + 1) for r in records]
         self._store.insert_columns(
             "stripe_corrections",
             {
@@ -474,7 +472,7 @@ class Corrector:
             self._overbilled = {str(m): Decimal(v) for m, v in rows}
         else:
             for r in records:
-                was = before[_key(r)][1] if _key(r) in before else Decimal(0)
+                was = before.get(_key(r), (0, Decimal(0)))[1]
                 now = r.value if r.outcome == "late" else Decimal(0)
                 self._overbilled[r.meter] = self._overbilled.get(r.meter, Decimal(0)) + now - was
         for meter, value in self._overbilled.items():
