@@ -11,7 +11,6 @@ import gc
 import logging
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer
@@ -30,7 +29,7 @@ from consumer.decode.schemas import (
 )
 from consumer.decode.validate import DAY_MS, Limits
 from consumer.emitter.lease import EmitterLease
-from consumer.emitter.loop import Emitter
+from consumer.emitter.loop import Emitter, Upstream
 from consumer.emitter.send.ratelimit import TokenBucket
 from consumer.emitter.send.sender import Sender
 from consumer.emitter.send.session import SessionKeeper, stripe_client
@@ -183,7 +182,7 @@ def build_emitter(
     store: Backend,
     clock: Clock,
     metrics: Metrics,
-    upstream: Callable[[], int] | None = None,
+    upstream: Upstream | None = None,
     lease: EmitterLease | None = None,
 ) -> Emitter:
     s = settings.stripe
@@ -317,13 +316,12 @@ def build_pipeline(
     )
     emitter = None
     if settings.stripe.enabled:
-        rollup = commits.rollup
         lease = None
         if k.control_topic is not None:
             lease = EmitterLease(
                 Consumer(lease_config(k)), producer, store, k.group_id, k.control_topic, metrics
             )
-        emitter = build_emitter(settings, store, clock, metrics, lambda: rollup.behind, lease)
+        emitter = build_emitter(settings, store, clock, metrics, commits.rollup, lease)
     return Pipeline(
         settings, store, consumer, producer, ingestor, emitter, metrics, health, owns_store
     )

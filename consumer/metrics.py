@@ -112,9 +112,16 @@ class Metrics:
             "The epoch of the emitter lease this process took last.",
             registry=r,
         )
+        self.partitions_owned = Gauge(
+            p + "partitions_owned",
+            "Partitions of the events topic this process consumes: assigned, their state "
+            "read, and the window jobs a crash left pending there queued.",
+            registry=r,
+        )
         self.stripe_idle = Gauge(
             p + "stripe_outbox_idle",
-            "1 when the last emitter cycle had no work and no window recompute was behind.",
+            "1 when this process holds the emitter lease, its last cycle had no work, and no "
+            "window job of this process was behind or queued during it.",
             registry=r,
         )
         # Stripe requests by outcome (status code or error class).

@@ -28,6 +28,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import stripe
 
@@ -57,6 +58,19 @@ log = logging.getLogger(__name__)
 READ_AHEAD_MAX = 50_000  # never-sent pushes held in memory for top-ups (about 20 MB)
 
 
+class Upstream(Protocol):
+    """Work this process committed that the emitter plans from once it is in the store: the
+    window jobs of consumer/sinks/rollup.py."""
+
+    @property
+    def behind(self) -> int:
+        """Jobs queued or running."""
+
+    @property
+    def submitted(self) -> int:
+        """Jobs ever queued: one queued and finished while a cycle ran changes it."""
+
+
 class Emitter:
     def __init__(
         self,
@@ -71,7 +85,7 @@ class Emitter:
         poll_interval: float,
         config: StripeConfig | None = None,
         check: Callable[[], None] | None = None,
-        upstream: Callable[[], int] | None = None,
+        upstream: Upstream | None = None,
         lease: EmitterLease | None = None,
     ) -> None:
         self._store = store
@@ -125,8 +139,11 @@ class Emitter:
         """One cycle; returns how much it did (0 = nothing to do)."""
         self.cycles += 1
         # Sampled before the cycle plans: when nothing was behind then, every committed
-        # batch's windows were in the store for it to plan from.
-        behind = self._upstream() if self._upstream is not None else 0
+        # batch's windows were in the store for it to plan from. A job queued meanwhile (a
+        # partition assigned mid-cycle recovers the ones a crash left) may have named its
+        # windows after this cycle took the names: not idle either.
+        up = self._upstream
+        behind, submitted = (up.behind, up.submitted) if up is not None else (0, 0)
         if behind:
             self._metrics.stripe_idle.set(0)
         try:
@@ -136,7 +153,7 @@ class Emitter:
             self._metrics.stripe_idle.set(0)
             self._assigner.forget()  # what it assigned may not have been written
             raise
-        idle = not work and not behind
+        idle = not work and not behind and (up is None or up.submitted == submitted)
         if idle:
             self.last_idle_cycle = self.cycles
         self._metrics.stripe_idle.set(1 if idle else 0)
@@ -267,8 +284,9 @@ class Emitter:
         while not stop.is_set():
             try:
                 epoch = self._lease.hold() if self._lease is not None else 0
-                if epoch is None:
-                    stop.wait(self._poll)  # another process is the store's emitter
+                if epoch is None:  # another process is the store's emitter: only it can
+                    self._metrics.stripe_idle.set(0)  # say whether the outbox is idle
+                    stop.wait(self._poll)
                     continue
                 if epoch != held:  # another process may have emitted meanwhile
                     self._corrector.held_anew()
@@ -278,6 +296,7 @@ class Emitter:
                 backoff = self._poll
             except Deposed as exc:
                 log.warning("emitter stopped sending: %s", exc)
+                self._metrics.stripe_idle.set(0)
                 stop.wait(self._poll)
                 continue
             except (SendFailed, StoreError, LeaseUnavailable) as exc:

@@ -70,7 +70,8 @@ class Ingestor:
         # ranges waiting for a retry are dropped uncommitted; the next owner re-reads them.
         gone = {int(tp.partition or 0) for tp in partitions}
         for p in gone:
-            self.tracks.pop(p, None)
+            if self.tracks.pop(p, None) is not None:
+                self.ctx.metrics.partitions_owned.dec()
             self.committed.pop(p, None)
         self.unready -= gone
         self.paused -= gone
@@ -99,6 +100,8 @@ class Ingestor:
                     topic_id,
                     sorted(self._recreated),
                 )
+        # counted up and down, not set: instances sharing a process's metrics add up
+        c.metrics.partitions_owned.inc(len(loaded.keys() - self.tracks.keys()))
         self.tracks.update(loaded)
         for p, t in loaded.items():
             if t.next_offset is not None and t.reform is None:

@@ -291,6 +291,7 @@ class Rollup:
         self.healthy = True
         # partition -> end of the ranges whose windows are recomputed: what analysts see
         self.visible: dict[int, int] = {}
+        self.submitted = 0  # jobs ever queued (consumer/emitter/loop.py: Upstream)
 
     def record(self, job: WindowJob) -> None:
         """Make the job durable (before its ranges are done): it will run, crash or not."""
@@ -310,7 +311,11 @@ class Rollup:
                 break
             except queue.Full:
                 self.check()
+        self.submitted += 1
         self._metrics.rollup_jobs.set(self.behind)
+        # The emitter plans from these windows once they are written: whatever its last
+        # cycle found, the outbox is not idle now (a drain check must not read a stale 1).
+        self._metrics.stripe_idle.set(0)
 
     @property
     def behind(self) -> int:

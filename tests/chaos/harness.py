@@ -235,6 +235,7 @@ class _Proc:
 
 
 LEASE = "usage_consumer_emitter_lease_held"
+OWNED = "usage_consumer_partitions_owned"
 
 
 class _Run:
@@ -522,10 +523,15 @@ class _Run:
         return ""
 
     def _wait_drained(self, proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
+        """Every offset committed, every partition owned by this (the only) process, then
+        three idle reads in a row. Owned first: window jobs a killed process left pending
+        are queued when their partition is assigned, and an emitter that took the lease
+        before that found nothing to plan (its idle gauge is reset when they are queued)."""
         idle_after_commit = 0
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            if not self.committed_all():
+            owned = _metric("127.0.0.1", port, OWNED)
+            if not self.committed_all() or owned != self.sc.partitions:
                 idle_after_commit = 0
                 continue
             idle_after_commit = idle_after_commit + 1 if _idle(port) else 0

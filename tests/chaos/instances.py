@@ -29,6 +29,21 @@ from tests.support.armed import arm
 log = logging.getLogger("instances")
 
 
+class AllRollups:
+    """The emitter's upstream (consumer/emitter/loop.py: Upstream): every instance's jobs."""
+
+    def __init__(self, pipes: list[Pipeline]) -> None:
+        self._pipes = pipes
+
+    @property
+    def behind(self) -> int:
+        return sum(p.rollup.behind for p in self._pipes)
+
+    @property
+    def submitted(self) -> int:
+        return sum(p.rollup.submitted for p in self._pipes)
+
+
 def main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     n = int(argv[0]) if argv else 2
@@ -39,13 +54,13 @@ def main(argv: Sequence[str]) -> int:
     health = Health(clock)
     serve(settings.pipeline.metrics_host, settings.pipeline.metrics_port, metrics, health)
     store = armed.open_store(settings.clickhouse)
-    pipes: list[Pipeline] = [build_pipeline(quiet, clock, metrics, health, store)]
-    pipes += [build_pipeline(quiet, clock, Metrics(), Health(clock), store) for _ in range(n - 1)]
+    # One set of metrics for the process, as the harness reads one /metrics: the partitions
+    # owned add up, and any instance's window job resets the emitter's idle gauge.
+    pipes = [build_pipeline(quiet, clock, metrics, health, store)]
+    pipes += [build_pipeline(quiet, clock, metrics, Health(clock), store) for _ in range(n - 1)]
     # The one emitter is behind (not idle) while any instance's windows wait for their
     # recompute: it plans from those windows, and the harness drains on its idle gauge.
-    pipes[0].emitter = build_emitter(
-        settings, store, clock, metrics, lambda: sum(p.rollup.behind for p in pipes)
-    )
+    pipes[0].emitter = build_emitter(settings, store, clock, metrics, AllRollups(pipes))
     stop = threading.Event()
     failures: list[BaseException] = []
 

@@ -4,6 +4,7 @@ polling (a paused process) deposed, fenced out, and never re-claiming behind the
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from consumer.config import KafkaConfig
+from consumer.app import build_emitter
+from consumer.clock import SystemClock
+from consumer.config import KafkaConfig, load_settings
 from consumer.emitter.lease import Deposed, EmitterLease
 from consumer.ingest.kafka import ensure_control_topic, lease_config
 from consumer.local.broker import TansuBroker
 from consumer.metrics import Metrics
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
+from tests.integration.conftest import METERS, STRIPE_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +113,43 @@ def test_a_paused_holder_is_deposed_and_fenced_out(
     b.fence()
     a.close()
     b.close()
+
+
+def test_a_process_without_the_lease_never_reports_an_idle_outbox(
+    broker: TansuBroker, store: ChdbBackend, unique: str
+) -> None:
+    """Only the holder's cycles see the outbox: a process that lost the lease (or never had
+    it) reports 0, not the 1 of its last cycle as holder, which a drain check would trust."""
+    cfg = _config(broker, unique)
+    a = _lease(cfg, store)
+    _wait("a holds", lambda: a.epoch is not None, [a], 60)
+    metrics = Metrics()
+    settings = load_settings(
+        stripe={"api_key": STRIPE_KEY, "api_base": "http://127.0.0.1:9", "verify_meters": False},
+        meters=METERS,
+    )
+    b = EmitterLease(
+        Consumer(lease_config(cfg)),
+        Producer({"bootstrap.servers": cfg.bootstrap_servers}),
+        store,
+        cfg.group_id,
+        str(cfg.control_topic),
+        metrics,
+    )
+    emitter = build_emitter(settings, store, SystemClock(), metrics, None, b)
+    metrics.stripe_idle.set(1)  # as its last cycle as holder left it
+    stop = threading.Event()
+    thread = threading.Thread(target=emitter.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while metrics.registry.get_sample_value("usage_consumer_stripe_outbox_idle") != 0:
+            assert time.monotonic() < deadline, "a process without the lease reports idle"
+            a.hold()
+            time.sleep(0.05)
+        assert b.epoch is None and a.epoch is not None
+    finally:
+        stop.set()
+        thread.join()
+        emitter.close()
+        a.close()

@@ -17,7 +17,7 @@ import logging
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -40,6 +40,7 @@ from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS, MINUTE_MS
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.metrics import Metrics
 from consumer.records import DECIMAL, TIME_MS
+from consumer.sinks.rollup import Rollup, WindowJob
 from consumer.store import open_store
 from consumer.store.backend import Backend, StoreError
 from consumer.store.migrations import migrate
@@ -552,18 +553,68 @@ def test_no_sends_while_marks_cannot_be_written(rig: Rig, caplog: pytest.LogCapt
     assert {s for s, _, _ in rig.statuses().values()} == {"sent"}
 
 
+class AfterTake(Passthrough):
+    """The real store; `hook` runs once right after a cycle has taken the planning queue."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.hook: Callable[[], None] | None = None
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        rows = self.inner.query(sql, params)
+        if self.hook is not None and "FROM planning_queue FINAL WHERE planned = 0" in sql:
+            hook, self.hook = self.hook, None
+            hook()
+        return rows
+
+
 def test_the_outbox_is_not_idle_while_windows_it_plans_from_are_behind(rig: Rig) -> None:
-    """Drain checks read the idle gauge: a cycle that began while committed batches' windows
-    were still being recomputed planned without them, so it is not idle."""
-    behind = [1]
-    emitter = build_emitter(rig.settings, rig.store, rig.clock, rig.metrics, lambda: behind[0])
+    """Drain checks read the idle gauge, so it is 1 only after a cycle that began with every
+    window job of this process finished and saw none queued while it ran. A partition
+    assigned to a fresh process queues the jobs a killed one left pending; an emitter that
+    had taken the lease first found nothing to plan. Its 1 must not survive that: once seen,
+    a drain check stopped the process before the recovered windows were ever planned."""
+    store = AfterTake(rig.store)
+    rollup = Rollup(store.inner, "g", "usage.events", rig.clock, rig.metrics, horizon_ms=HOUR_MS)
+    emitter = build_emitter(rig.settings, store, rig.clock, rig.metrics, rollup)
+    minute_s = minute(rig.now_ms() - HOUR_MS) // 1000
+    windows = pa.table(
+        {
+            "meter": pa.array(["tokens"], pa.string()),
+            "customer_id": pa.array(["cus_recovered"], pa.string()),
+            "window_start": pa.array([minute_s], pa.timestamp("s", tz="UTC")),
+        }
+    )
+    job = WindowJob("left-pending", (), (("tokens", minute_s),), windows, ())
+
+    def unplanned() -> int:
+        rows = store.query("SELECT count() FROM planning_queue FINAL WHERE planned = 0")
+        return int(rows[0][0])
+
     try:
         assert emitter.run_once() == 0  # nothing in the store to plan or send
-        assert rig.metric("usage_consumer_stripe_outbox_idle") == 0
-        assert not emitter.drained_since(0)
-        behind[0] = 0
-        assert emitter.run_once() == 0
         assert rig.metric("usage_consumer_stripe_outbox_idle") == 1
-        assert emitter.drained_since(1)
+        # A job queued between two cycles: the stale 1 goes at once, with no cycle run.
+        rollup.submit(job)
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 0
+        rollup.wait()
+        assert emitter.run_once() == 0 and unplanned() == 0  # the name is taken: planned
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 1
+
+        # A job queued and finished while a cycle ran, after it took the names: that cycle
+        # planned without the job's windows, so it is not idle; the next one plans them.
+        def queued_meanwhile() -> None:
+            rollup.submit(job)
+            rollup.wait()
+
+        store.hook = queued_meanwhile
+        assert emitter.run_once() == 0
+        assert rollup.submitted == 2 and unplanned() == 1
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 0
+        assert not emitter.drained_since(2)
+        assert emitter.run_once() == 0 and unplanned() == 0
+        assert rig.metric("usage_consumer_stripe_outbox_idle") == 1
+        assert emitter.drained_since(3)
     finally:
+        rollup.close()
         emitter.close()

@@ -199,6 +199,8 @@ def split_partitions(pipes: dict[str, Pipeline]) -> dict[str, set[int]]:
     owners = {n: set(p.ingestor.tracks) for n, p in pipes.items()}
     for n, p in pipes.items():
         assert {tp.partition for tp in p.consumer.assignment()} == owners[n]
+        owned = p.metrics.registry.get_sample_value("usage_consumer_partitions_owned")
+        assert owned == 1  # what an operator sees of the split
     return owners
 
 
