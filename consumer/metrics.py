@@ -229,6 +229,20 @@ class Metrics:
             ["meter"],
             registry=r,
         )
+        # ClickHouse calls that failed and are retried, by the stage that retries them.
+        self.clickhouse_errors = Counter(
+            p + "clickhouse_errors",
+            "Failed ClickHouse calls, retried (stage: ingest, rollup, emitter).",
+            ["stage"],
+            registry=r,
+        )
+        # Emitter cycles that failed and are retried, by error class (a bounded set).
+        self.emitter_failures = Counter(
+            p + "emitter_cycle_failures",
+            "Emitter cycles that failed and are retried, by error class.",
+            ["error"],
+            registry=r,
+        )
         # Delivery marks that failed to write (each pauses sending until one succeeds).
         self.stripe_mark_failures = Counter(
             p + "stripe_mark_failures", "Failed delivery mark writes.", registry=r

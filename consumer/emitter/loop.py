@@ -301,6 +301,9 @@ class Emitter:
                 continue
             except (SendFailed, StoreError, LeaseUnavailable) as exc:
                 log.warning("emitter cycle failed, retrying: %s", exc)
+                self._metrics.emitter_failures.labels(type(exc).__name__).inc()
+                if isinstance(exc, StoreError):
+                    self._metrics.clickhouse_errors.labels("emitter").inc()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue

@@ -20,6 +20,7 @@ from consumer.ingest.ranges import DeadLetterFlood, RangeMaker, UnknownConfigura
 from consumer.intent.state import earlier_incarnation
 from consumer.intent.tracks import Track, load_tracks
 from consumer.sinks.ledger import RangeWrite
+from consumer.store.backend import StoreError
 
 __all__ = ["DeadLetterFlood", "IngestContext", "Ingestor", "UnknownConfiguration"]
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ class Ingestor:
         self._failed_now = True
         self._failures += 1
         log.warning("%s failed, pausing and retrying: %s", what, exc)
+        if isinstance(exc, StoreError):
+            self.ctx.metrics.clickhouse_errors.labels("ingest").inc()
         fresh = [p for p in partitions if p not in self.paused]
         if fresh:
             self.ctx.consumer.pause([TopicPartition(self.ctx.topic, p) for p in fresh])

@@ -400,6 +400,7 @@ class Rollup:
             except StoreError as exc:  # transient: the job stays, nothing moves on without it
                 failures += 1
                 self.healthy = False
+                self._metrics.clickhouse_errors.labels("rollup").inc()
                 log.warning("window rollup failed, retrying: %s", exc)
                 if self._stop.is_set():
                     raise

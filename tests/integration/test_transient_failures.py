@@ -62,6 +62,15 @@ def test_clickhouse_errors_mid_sequence_are_retried_without_loss(
     finally:
         flaky.close()
     assert flaky.injected == 7
+    # every failure counted once, by the stage that retried it (the alerts read these)
+    errors = {
+        stage: metrics.registry.get_sample_value(
+            "usage_consumer_clickhouse_errors_total", {"stage": stage}
+        )
+        or 0
+        for stage in ("ingest", "rollup", "emitter")
+    }
+    assert sum(errors.values()) == 7 and errors["rollup"] == 2, errors
     store = open_store(settings.clickhouse)
     try:
         assert clickhouse_totals(store, settings.meters) == sample.truth
