@@ -43,6 +43,7 @@ from consumer.ingest.kafka import (
 from consumer.ingest.ledger_lock import ledger_lock
 from consumer.ingest.loop import IngestContext, Ingestor
 from consumer.intent.commit import CommitSequence
+from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
 from consumer.ops import meters_sync
 from consumer.ops.health import Health
@@ -184,6 +185,7 @@ def build_emitter(
     metrics: Metrics,
     upstream: Upstream | None = None,
     lease: EmitterLease | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> Emitter:
     s = settings.stripe
     api_key = stripe_key(settings)
@@ -216,6 +218,7 @@ def build_emitter(
         check=check_meters if s.verify_meters else None,
         upstream=upstream,
         lease=lease,
+        heartbeat=heartbeat,
     )
 
 
@@ -284,6 +287,8 @@ def build_pipeline(
             metrics,
             threads=p.rollup_threads,
             horizon_ms=p.dedup_window_seconds * 1000,
+            heartbeat=health.part("rollup"),
+            waiting=health.part("consume"),
         ),
         tenant_property=settings.stripe.account_property,
     )
@@ -321,7 +326,9 @@ def build_pipeline(
             lease = EmitterLease(
                 Consumer(lease_config(k)), producer, store, k.group_id, k.control_topic, metrics
             )
-        emitter = build_emitter(settings, store, clock, metrics, commits.rollup, lease)
+        emitter = build_emitter(
+            settings, store, clock, metrics, commits.rollup, lease, health.part("emitter")
+        )
     return Pipeline(
         settings, store, consumer, producer, ingestor, emitter, metrics, health, owns_store
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consumer.config import ConfigError, Settings, load_settings
+from consumer.ops.logs import TEXT
 from consumer.store import StoreError
 
 if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
@@ -25,7 +26,11 @@ log = logging.getLogger("usage_consumer")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    from consumer.ops import logs
+
+    settings = load_settings(args.config)
+    logs.configure(settings)  # from here on: the configured format, secrets masked
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,8 +47,8 @@ def serve(settings: Settings, clock: Clock, store: Backend | None = None) -> int
     from consumer.ops import health as health_http
 
     metrics = Metrics()
-    health = health_http.Health(clock)
     p = settings.pipeline
+    health = health_http.Health(clock, p.stall_seconds)
     _, port = health_http.serve(p.metrics_host, p.metrics_port, metrics, health)
     log.info("metrics on :%d (/metrics /healthz /readyz)", port)
     pipeline = build_pipeline(settings, clock, metrics, health, store)
@@ -274,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         args.emulator_args = rest  # its own parser reads them (cmd_emulator)
     elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=TEXT)
     # The SDK logs every request at INFO; keep it to problems unless asked.
     logging.getLogger("stripe").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:

@@ -109,6 +109,14 @@ class KafkaConfig(_Frozen):
         "emitter; created if missing; None: no lease (one process per store only)",
     )
     auto_offset_reset: Literal["earliest", "latest", "error"] = "earliest"
+    group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        description="static group membership (KIP-345) for the events consumer: a restart "
+        "with the same id gets its partitions back without a rebalance; unique per process "
+        "(Kubernetes: the pod name); docs/operations.md says when it helps",
+    )
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     librdkafka: dict[str, str] = Field(default_factory=dict, description="every client, as is")
@@ -304,6 +312,12 @@ class PipelineConfig(_Frozen):
     )
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9108, ge=0, le=65535)
+    stall_seconds: float = Field(
+        60.0,
+        ge=5,
+        description="/healthz fails once the consume loop, rollup or emitter, busy, has made "
+        "no progress this long (retries during an outage count as progress)",
+    )
 
 
 def default_meters() -> list[MeterConfig]:
@@ -344,6 +358,12 @@ _STRIPE_ONLY = {
 }
 
 
+class LogConfig(_Frozen):
+    format: Literal["text", "json"] = Field(
+        "text", description="json: one object a line (time, level, logger, message)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="USAGE_CONSUMER_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -356,6 +376,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     stripe: StripeConfig = StripeConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    log: LogConfig = LogConfig()
     meters: list[MeterConfig] = Field(default_factory=default_meters, min_length=1)
 
     @model_validator(mode="after")

@@ -50,6 +50,7 @@ from consumer.emitter.truth.error_reports import ReportTaker
 from consumer.emitter.truth.summaries import SummaryReader
 from consumer.emitter.truth.too_old import Limits
 from consumer.emitter.truth.verify import Verifier
+from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
 from consumer.store.backend import Backend, StoreError
 
@@ -87,8 +88,11 @@ class Emitter:
         check: Callable[[], None] | None = None,
         upstream: Upstream | None = None,
         lease: EmitterLease | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self._store = store
+        # Beats every turn of run() and every top-up of a send (/healthz: stuck or not).
+        self._heartbeat = heartbeat
         # None: this emitter is the store's only one by construction (tests, benches).
         self._lease = lease
         # Work not yet in the store that will be (committed batches whose windows are still
@@ -194,6 +198,7 @@ class Emitter:
         finally:
             # also while Stripe fails: the backlog is what alerts watch
             self._alerts.report(self._now_ms())
+            self._sender.trouble.report()
         return work
 
     def _verify_meters(self) -> None:
@@ -244,8 +249,13 @@ class Emitter:
 
     # -- 8: send and mark ------------------------------------------------------------------
 
+    def _beat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.beat()
+
     def _more(self) -> list[Push]:
         """Never-sent pushes to top the queue up with, first attempts written first."""
+        self._beat()  # a long send is progress while its requests are answered
         limit = self._per_request * self._concurrency * 4
         for _ in range(3):  # a batch may settle entirely without requests (nothing whole)
             now_ms = self._now_ms()
@@ -282,6 +292,7 @@ class Emitter:
         backoff = self._poll
         held: int | None = None  # the lease epoch the overbilled totals and carries were read under
         while not stop.is_set():
+            self._beat()
             try:
                 epoch = self._lease.hold() if self._lease is not None else 0
                 if epoch is None:  # another process is the store's emitter: only it can

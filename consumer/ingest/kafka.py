@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def client_config(cfg: KafkaConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": cfg.bootstrap_servers}
+    # librdkafka's own lines through Python logging (its format, its secret redaction),
+    # not written to stderr behind its back
+    conf: dict[str, Any] = {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "logger": logging.getLogger("librdkafka"),
+    }
     if cfg.sasl_username is not None:
         conf["sasl.username"] = cfg.sasl_username
     if cfg.sasl_password is not None:
@@ -37,6 +42,8 @@ def consumer_config(cfg: KafkaConfig) -> dict[str, Any]:
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
     }
+    if cfg.group_instance_id is not None:  # the events consumer only: the lease leaves at once
+        conf["group.instance.id"] = cfg.group_instance_id
     conf.update(client_config(cfg))
     conf.update(cfg.consumer_librdkafka)
     return conf

@@ -25,6 +25,7 @@ from consumer.store.backend import StoreError
 __all__ = ["DeadLetterFlood", "IngestContext", "Ingestor", "UnknownConfiguration"]
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 5.0
+LAG_EVERY = 15.0  # seconds between asking the broker for every partition's end offset
 
 
 class Ingestor:
@@ -44,6 +45,7 @@ class Ingestor:
         self._failed_now = False
         self._batch_max = batch_max
         self._batch_seconds = batch_seconds
+        self._lag_asked = ctx.clock.monotonic()
 
     @property
     def committed(self) -> dict[int, int]:
@@ -172,6 +174,7 @@ class Ingestor:
             self._backoff = 0.0
         if not self._failed_now:
             self._recovered()
+        self._refresh_lag()
         return len(msgs)
 
     def _write(self, ranges: list[RangeWrite], ledger_written: Callable[[], None]) -> None:
@@ -245,15 +248,32 @@ class Ingestor:
         for meter, mark in self._max_watermarks().items():
             m.watermark_lag.labels(meter).set(max(0.0, now - mark / 1000))
 
-    def _lag(self, t: Track) -> None:
-        """Lag from the fetch-response high watermark (cached): exact, no broker round trip."""
+    def _lag(self, t: Track, ask: bool = False) -> None:
+        """Lag from the fetch-response high watermark (cached, no broker round trip); with
+        `ask`, also from a ListOffsets request, the larger of the two. The cached one is
+        exact while the partition is fetched, and stands still while it is paused; the
+        asked one moves then, but some brokers (Tansu) answer the last batch's base offset
+        + 1, short of the end by the rest of that batch, so it never replaces a larger one."""
         tp = TopicPartition(self.ctx.topic, t.partition)
         try:
             _, high = self.ctx.consumer.get_watermark_offsets(tp, cached=True)
+            if ask:
+                high = max(high, self.ctx.consumer.get_watermark_offsets(tp, timeout=1.0)[1])
         except KafkaException:
             return
         if high >= 0 and t.next_offset is not None:
-            self.ctx.metrics.consumer_lag.labels(str(t.partition)).set(high - t.next_offset)
+            lag = max(0, high - t.next_offset)
+            self.ctx.metrics.consumer_lag.labels(str(t.partition)).set(lag)
+
+    def _refresh_lag(self) -> None:
+        """Every partition's lag now and then, not only when a range is written: a paused
+        or quiet partition's gauge would otherwise stand at its last value."""
+        now = self.ctx.clock.monotonic()
+        if now - self._lag_asked < LAG_EVERY:
+            return
+        self._lag_asked = now
+        for t in self.tracks.values():
+            self._lag(t, ask=True)
 
     def _max_watermarks(self) -> dict[str, int]:
         out: dict[str, int] = {}

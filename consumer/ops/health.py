@@ -1,7 +1,8 @@
 """/metrics, /healthz and /readyz on one port.
 
-Liveness tracks the poll loop making progress, not broker reachability (a broker outage
-must not restart every pod); readiness reports the dependencies' last known state.
+Liveness tracks the consume loop, the rollup and the emitter making progress while they
+have work, not broker reachability (a broker outage must not restart every pod); readiness
+reports the dependencies' last known state.
 prometheus_client's WSGI app answers any path, so probes are routed before it.
 """
 
@@ -15,21 +16,36 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 
 from consumer.clock import Clock
+from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
 
 
 class Health:
+    """Liveness: every part's heartbeat (consumer/liveness.py); readiness: the dependencies'
+    last known state."""
+
     def __init__(self, clock: Clock, stall_seconds: float = 60.0) -> None:
         self._clock = clock
         self._stall = stall_seconds
-        self.last_progress = clock.monotonic()
+        self.parts: dict[str, Heartbeat] = {}
         self.ready: dict[str, bool] = {"kafka": False, "clickhouse": False, "stripe": True}
+        self.part("consume")  # from now: a loop that never starts is stuck too
+
+    def part(self, name: str) -> Heartbeat:
+        """The heartbeat of `name` (consume, rollup, emitter), made on first use."""
+        if name not in self.parts:
+            self.parts[name] = Heartbeat(self._clock)
+        return self.parts[name]
 
     def progressed(self) -> None:
-        self.last_progress = self._clock.monotonic()
+        """The consume loop went round once."""
+        self.part("consume").beat()
+
+    def stalled(self) -> list[str]:
+        return sorted(n for n, hb in self.parts.items() if hb.stuck(self._stall))
 
     def live(self) -> bool:
-        return self._clock.monotonic() - self.last_progress < self._stall
+        return not self.stalled()
 
     def is_ready(self) -> bool:
         return all(self.ready.values())
@@ -56,7 +72,7 @@ def serve(host: str, port: int, metrics: Metrics, health: Health) -> tuple[WSGIS
                     + ",".join(k for k, v in health.ready.items() if not v).encode()
                     + b"\n"
                     if path == "/readyz"
-                    else b"poll loop stalled\n"
+                    else b"stalled: " + ",".join(health.stalled()).encode() + b"\n"
                 )
             )
             start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])

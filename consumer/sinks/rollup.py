@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from consumer import crash_points
 from consumer.clock import Clock
+from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
 from consumer.records import TIME_MS
 from consumer.sinks.copies import NOT_SUPERSEDED, Span, at_positions, settle_copies
@@ -280,8 +281,13 @@ class Rollup:
         threads: int = 0,
         *,
         horizon_ms: int,
+        heartbeat: Heartbeat | None = None,
+        waiting: Heartbeat | None = None,
     ) -> None:
+        """`heartbeat`: this thread's, for /healthz; `waiting`: the consume loop's, which
+        beats while it waits here for room (waiting on a rollup that beats is not stuck)."""
         self.store, self.group, self.topic = store, group, topic
+        self._heartbeat, self._waiting = heartbeat, waiting
         self._threads, self._horizon_ms = threads, horizon_ms
         self._clock, self._metrics = clock, metrics
         self._queue: queue.Queue[WindowJob | None] = queue.Queue(maxsize=depth)
@@ -311,6 +317,8 @@ class Rollup:
                 break
             except queue.Full:
                 self.check()
+                if self._waiting is not None:
+                    self._waiting.beat()
         self.submitted += 1
         self._metrics.rollup_jobs.set(self.behind)
         # The emitter plans from these windows once they are written: whatever its last
@@ -375,12 +383,19 @@ class Rollup:
             self._thread.join()
         self._stop.set()
 
+    def _beat(self, busy: bool = True) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.beat(busy)
+
     def _loop(self) -> None:
         try:
+            self._beat(busy=False)
             while (job := self._queue.get()) is not None:
+                self._beat()
                 self._run(job)
                 self._queue.task_done()
                 self._metrics.rollup_jobs.set(self.behind)
+                self._beat(busy=False)  # about to wait for the next job
         except BaseException as exc:  # a bug: the consume loop stops on its next submit
             self.failure = exc
             log.exception("the window rollup failed")
@@ -398,6 +413,7 @@ class Rollup:
                     self.visible[p] = max(self.visible.get(p, 0), end)
                 return
             except StoreError as exc:  # transient: the job stays, nothing moves on without it
+                self._beat()  # retrying is not stuck
                 failures += 1
                 self.healthy = False
                 self._metrics.clickhouse_errors.labels("rollup").inc()

@@ -285,7 +285,7 @@ class Running:
     def __init__(self, settings: Settings, store: Backend) -> None:
         clock = SystemClock()
         self.metrics = Metrics()
-        self.health = Health(clock)
+        self.health = Health(clock, settings.pipeline.stall_seconds)
         self.server, self.port = health_http.serve("127.0.0.1", 0, self.metrics, self.health)
         self.pipeline: Pipeline = build_pipeline(settings, clock, self.metrics, self.health, store)
         self._stop = threading.Event()

@@ -105,6 +105,8 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
     finally:
         store.close()
 
+    # The restart logs JSON, one object a line: every line of it, librdkafka's included.
+    env["USAGE_CONSUMER_LOG__FORMAT"] = "json"
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": k.group_id})
@@ -131,6 +133,10 @@ def test_sigterm_drains_commits_and_a_restart_finishes_exactly(
     finally:
         if proc.poll() is None:
             proc.kill()
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(lines[-1])
+    assert lines[-1]["message"] == "stopped cleanly"
+    assert STRIPE_KEY not in err
     store = open_store(settings.clickhouse)
     try:
         assert clickhouse_totals(store, settings.meters) == sample.truth

@@ -33,6 +33,7 @@ from consumer.emitter.plan.units import billed, part_count, parts
 from consumer.emitter.send import duplicates
 from consumer.emitter.send.ratelimit import TokenBucket
 from consumer.emitter.send.session import SessionKeeper, stripe_client
+from consumer.emitter.send.trouble import Trouble
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Sender:
         # answer. Only their events are isolated when a duplicate answer names nothing.
         self._started_ms = int(clock.now() * 1000)
         self._unanswered: set[str] = set()
+        self.trouble = Trouble(clock)
 
     @property
     def api(self) -> stripe.StripeClient:
@@ -237,6 +239,7 @@ class Sender:
         """Count a transient failure and back off before the next attempt, or give up."""
         status = str(exc.http_status or type(exc).__name__)
         self._metrics.stripe_requests.labels(status).inc()
+        self.trouble.note(status)
         if attempt > self._max_retries:
             raise SendFailed(f"gave up after {attempt} attempts: {status}") from exc
         self._clock.sleep(self._backoff(attempt, _retry_after(exc)))
@@ -288,12 +291,14 @@ class Sender:
                 return
             except stripe.TemporarySessionExpiredError:
                 self._metrics.stripe_requests.labels("session_expired").inc()
+                self.trouble.note("session_expired")
                 req.keeper.expired(token)
                 continue
             except stripe.AuthenticationError as exc:
                 if duplicates.code(exc) != EXPIRED_CODE:
                     raise
                 self._metrics.stripe_requests.labels("session_expired").inc()
+                self.trouble.note("session_expired")
                 req.keeper.expired(token)
                 continue
             except (stripe.APIError, stripe.APIConnectionError) as exc:

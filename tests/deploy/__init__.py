@@ -1,0 +1,2 @@
+"""The deployment artifacts (image, compose, Helm chart, alerts, dashboard), each checked by
+its real tool."""
