@@ -20,6 +20,7 @@ from pydantic_core import PydanticUndefined
 from consumer.config import (
     ClickHouseConfig,
     KafkaConfig,
+    LogConfig,
     MeterConfig,
     PipelineConfig,
     SchemaConfig,
@@ -38,6 +39,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("clickhouse", ClickHouseConfig),
     ("stripe", StripeConfig),
     ("pipeline", PipelineConfig),
+    ("log", LogConfig),
 ]
 
 
