@@ -20,6 +20,7 @@ from consumer.store import StoreError
 if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
     from consumer.clock import Clock
     from consumer.emitter.truth.standing import Undelivered
+    from consumer.metrics import Metrics
     from consumer.store import Backend
 
 log = logging.getLogger("usage_consumer")
@@ -155,11 +156,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     limiter = TokenBucket(s.requests_per_second, SystemClock())
     api = stripe_client(s.api_key.get_secret_value(), {"api": s.api_base})
     store = open_store(settings.clickhouse)
+    metrics = Metrics()
     try:
         summaries = SummaryReader(api, limiter.acquire)
         report = reconcile(
             store, summaries, settings.meters, start, end,
-            window=args.window, customer=args.customer, metrics=Metrics(),
+            window=args.window, customer=args.customer, metrics=metrics,
         )  # fmt: skip
     except ReconcileError as exc:
         print(f"usage-consumer reconcile: {exc}", file=sys.stderr)
@@ -167,7 +169,24 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(format_report(report, args.all))
+    if args.pushgateway:
+        push_result(args.pushgateway, metrics)
     return 0 if report.within(tolerance) else 1
+
+
+def push_result(gateway: str, metrics: Metrics) -> None:
+    """A reconcile is a batch job (a CronJob), never scraped: its drift gauges go to a
+    Prometheus Pushgateway, where the drift alert reads them. Only the reconcile's own
+    gauges, not the pipeline's (all zero in this process)."""
+    from prometheus_client import CollectorRegistry, push_to_gateway
+
+    registry = CollectorRegistry()
+    registry.register(metrics.reconcile_drift)
+    registry.register(metrics.reconcile_windows)
+    try:
+        push_to_gateway(gateway, job="usage-consumer-reconcile", registry=registry, timeout=10)
+    except OSError as exc:  # the report is printed and the exit code stands: say it loudly
+        print(f"usage-consumer reconcile: could not push to {gateway}: {exc}", file=sys.stderr)
 
 
 def cmd_meters(args: argparse.Namespace) -> int:
@@ -242,6 +261,11 @@ def parser() -> argparse.ArgumentParser:
         "--settle-seconds", type=float, default=300.0, help="recent time left out (default 300)"
     )
     r.add_argument("--all", action="store_true", help="show every window, not only drift")
+    r.add_argument(
+        "--pushgateway",
+        default=None,
+        help="push the drift gauges to this Prometheus Pushgateway (host:port or URL)",
+    )
     ms = sub.add_parser("meters", help="the Stripe meters the configuration bills")
     ms_sub = ms.add_subparsers(dest="meters_command", required=True)
     sync = ms_sub.add_parser("sync", help="create or verify them (idempotent)")

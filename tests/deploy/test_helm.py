@@ -67,6 +67,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Billing"}},
     },
+    "reconcile": {
+        "reconcile": {"enabled": True, "pushgateway": "http://pushgateway.mon:9091"},
+    },
     "static-membership": {
         "kafka": {"staticMembership": True, "consumerLibrdkafka": {"session.timeout.ms": "60000"}}
     },
@@ -243,7 +246,14 @@ def test_the_consumer_accepts_the_rendered_config(
 
 
 def test_opt_in_objects_render_only_when_enabled(chart: helm_python.Chart) -> None:
-    opt_in = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "NetworkPolicy", "Secret"}
+    opt_in = {
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+        "NetworkPolicy",
+        "Secret",
+        "CronJob",
+    }
     defaults = render(chart, {})
     assert not {d["kind"] for d in defaults} & opt_in
     assert not [d for d in defaults if d["metadata"]["labels"].get("grafana_dashboard")]
@@ -252,6 +262,7 @@ def test_opt_in_objects_render_only_when_enabled(chart: helm_python.Chart) -> No
         "autoscaling": {"ScaledObject"},
         "network-policy": {"NetworkPolicy"},
         "trial-secrets": {"Secret"},
+        "reconcile": {"CronJob"},
     }.items():
         assert kinds <= {d["kind"] for d in render(chart, VALUE_SETS[name])}, name
 
@@ -487,3 +498,22 @@ def test_autoscaling_beyond_the_partitions_is_refused(chart: helm_python.Chart) 
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     values["kafka"]["partitions"] = 4
     assert one(render(chart, values), "ScaledObject")["spec"]["maxReplicaCount"] == 4
+
+
+def test_reconcile_cronjob_pushes_its_drift(chart: helm_python.Chart) -> None:
+    job = one(render(chart, VALUE_SETS["reconcile"]), "CronJob")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[3:] == [
+        "reconcile", "--window", "hour", "--tolerance", "0",
+        "--pushgateway", "http://pushgateway.mon:9091",
+    ]  # fmt: skip
+    # the commands the consumer's CLI really has, with these options
+    from consumer.cli import parser
+
+    args = parser().parse_args(command[1:])
+    assert (args.command, args.pushgateway) == ("reconcile", "http://pushgateway.mon:9091")
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert "USAGE_CONSUMER_STRIPE__API_KEY" in env  # it reads Stripe's summaries
+    assert pod["securityContext"]["runAsNonRoot"] is True

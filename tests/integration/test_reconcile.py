@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -100,6 +102,49 @@ def test_reconcile_names_exactly_the_windows_where_stripe_lost_events(
     assert main([*args, "--settle-seconds", "0"]) == 1
     biggest = max(abs(v) for v in want.values())
     assert main([*args, "--settle-seconds", "0", "--tolerance", str(biggest)]) == 0
+
+    # As a CronJob: the drift gauges pushed to a Pushgateway, where the drift alert reads
+    # them (a reconcile process is never scraped); its own gauges only.
+    with _Gateway() as gateway:
+        assert main([*args, "--settle-seconds", "0", "--pushgateway", gateway.url]) == 1
+    ((method, path, body),) = gateway.pushes
+    assert (method, path) == ("PUT", "/metrics/job/usage-consumer-reconcile")
+    pushed = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("usage_consumer_reconcile_drift{")
+    }
+    assert {k.split('"')[1] for k, v in pushed.items() if v > 0} == {m for _, m, _ in want}
+    assert "usage_consumer_events_consumed" not in body
+
+
+class _Gateway:
+    """A stand-in Pushgateway that records each push (method, path, body)."""
+
+    def __init__(self) -> None:
+        pushes: list[tuple[str, str, str]] = []
+        self.pushes = pushes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                n = int(self.headers.get("Content-Length", 0))
+                pushes.append(("PUT", self.path, self.rfile.read(n).decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> _Gateway:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def test_windows_are_whole_hours_with_partial_edges() -> None:
