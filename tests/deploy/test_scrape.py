@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe
 import yaml
 
 from consumer.local.broker import TansuBroker, free_port
-from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.local.emulator import EmulatorServer
 from consumer.producer import UsageProducer
-from tests.integration.conftest import METERS, STRIPE_KEY, wait_for
+from tests.integration.conftest import STRIPE_KEY, emulator_with_meters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -194,16 +193,7 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorServer]:
     """An emulator of this module's own: the test breaks it on purpose."""
-    server = serve("127.0.0.1", 0, EmulatorOptions(seed=3))
-    client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": server.url})
-    for m in METERS:
-        client.v1.billing.meters.create(
-            {
-                "display_name": str(m["name"]),
-                "event_name": str(m["stripe_event_name"]),
-                "default_aggregation": {"formula": "last" if m["aggregation"] == "last" else "sum"},
-            }
-        )
+    server = emulator_with_meters(seed=3)
     yield server
     server.stop()
 

@@ -52,9 +52,9 @@ METERS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def emulator() -> Iterator[EmulatorServer]:
-    server = serve("127.0.0.1", 0, EmulatorOptions(seed=1))
+def emulator_with_meters(seed: int) -> EmulatorServer:
+    """A Stripe emulator on a free port holding the METERS (stop it when done)."""
+    server = serve("127.0.0.1", 0, EmulatorOptions(seed=seed))
     client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": server.url})
     for m in METERS:
         client.v1.billing.meters.create(
@@ -64,6 +64,12 @@ def emulator() -> Iterator[EmulatorServer]:
                 "default_aggregation": {"formula": "last" if m["aggregation"] == "last" else "sum"},
             }
         )
+    return server
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[EmulatorServer]:
+    server = emulator_with_meters(seed=1)
     yield server
     server.stop()
 
