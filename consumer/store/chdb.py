@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import queue
-from collections.abc import Mapping
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,24 @@ from consumer.store.backend import (
 _CONNECTIONS = 3
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Hold what the engine writes to file descriptor 2 while a store opens: written back
+    when it opens, dropped when it does not (the error raised says it, in one line)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        # only reached when the store opened: nothing of it is hidden then
+        held.seek(0)
+        os.write(2, held.read())
+
+
 class ChdbBackend:
     """ClickHouse in process. One process per store path (chDB's file lock enforces it)."""
 
@@ -35,7 +56,8 @@ class ChdbBackend:
         path.mkdir(parents=True, exist_ok=True)
         self._database = database
         try:
-            self._session = session.Session(str(path))
+            with _quiet_stderr():  # chDB writes its own line about a held lock to fd 2
+                self._session = session.Session(str(path))
             self._session.query(f"CREATE DATABASE IF NOT EXISTS {database}", "CSV")
             self._session.query(f"USE {database}", "CSV")
             self._session.query(NO_MERGE_ON_INSERT, "CSV")

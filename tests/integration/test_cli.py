@@ -114,6 +114,8 @@ def test_a_held_embedded_store_is_named_not_corrupted(tmp_path: Path) -> None:
         holder.wait()
     assert out.returncode == 3
     assert f"in use by another process (PID {holder.pid})" in out.stderr
+    # one clear line: not chDB's own "Code: 76 ... Cannot lock file" before it
+    assert out.stderr.strip().count("\n") == 0, out.stderr
     time.sleep(0.1)
     after = cli("totals", env={"USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(path)})
     assert after.returncode == 3 and "run `usage-consumer migrate`" in after.stderr
