@@ -164,6 +164,10 @@ class Webhook:
         self.url = f"http://127.0.0.1:{self.server.server_port}/"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def forget(self) -> None:
+        """Drop what was received so far."""
+        self.notifications.clear()
+
     def got(self, alertname: str, status: str) -> bool:
         return any(
             a["labels"]["alertname"] == alertname and a["status"] == status
@@ -371,8 +375,19 @@ def test_alerts_fire_reach_alertmanager_and_resolve(
             "the first usage delivered to Stripe, as scraped",
             60,
         )
-        firing = prometheus.alerts("firing") | prometheus.alerts("pending")
-        assert {backlog, dlq} & firing == set()
+        # With every window cut to seconds, a slow start (the lease, the meters check, a busy
+        # host) is itself a backlog for a moment; the healthy state is what follows it:
+        # nothing pending, and neither alert firing nor pending.
+        waiting(
+            lambda: (
+                prometheus.value("sum(usage_consumer_stripe_pending_pushes)") == 0
+                and not {backlog, dlq}
+                & (prometheus.alerts("firing") | prometheus.alerts("pending"))
+            ),
+            "healthy: nothing pending, no alert",
+            60,
+        )
+        webhook.forget()  # what a slow start sent is not what (a) must show
 
         # (a) Stripe answers 500: the outbox keeps what it cannot send.
         post_json(f"{emulator.url}/_emulator/config", {"rate_5xx": 1.0})
