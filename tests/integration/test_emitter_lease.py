@@ -57,11 +57,18 @@ def _config(broker: TansuBroker, unique: str) -> KafkaConfig:
     return cfg
 
 
-def _lease(cfg: KafkaConfig, store: ChdbBackend, **overrides: str) -> EmitterLease:
+def _lease(
+    cfg: KafkaConfig,
+    store: ChdbBackend,
+    overrides: dict[str, str] | None = None,
+    metrics: Metrics | None = None,
+) -> EmitterLease:
     assert cfg.control_topic is not None
-    conf = {**lease_config(cfg), **overrides}
+    conf = {**lease_config(cfg), **(overrides or {})}
     producer = Producer({"bootstrap.servers": cfg.bootstrap_servers})
-    return EmitterLease(Consumer(conf), producer, store, cfg.group_id, cfg.control_topic, Metrics())
+    return EmitterLease(
+        Consumer(conf), producer, store, cfg.group_id, cfg.control_topic, metrics or Metrics()
+    )
 
 
 def test_one_holder_and_a_clean_hand_over(
@@ -96,7 +103,7 @@ def test_a_paused_holder_is_deposed_and_fenced_out(
 ) -> None:
     cfg = _config(broker, unique)
     # A holder that stops polling past max.poll.interval.ms is what a paused process is.
-    a = _lease(cfg, store, **{"max.poll.interval.ms": "7000"})
+    a = _lease(cfg, store, {"max.poll.interval.ms": "7000"})
     _wait("a holds", lambda: a.epoch is not None, [a], 60)
     b = _lease(cfg, store)
     old = a.epoch
@@ -128,14 +135,7 @@ def test_a_process_without_the_lease_never_reports_an_idle_outbox(
         stripe={"api_key": STRIPE_KEY, "api_base": "http://127.0.0.1:9", "verify_meters": False},
         meters=METERS,
     )
-    b = EmitterLease(
-        Consumer(lease_config(cfg)),
-        Producer({"bootstrap.servers": cfg.bootstrap_servers}),
-        store,
-        cfg.group_id,
-        str(cfg.control_topic),
-        metrics,
-    )
+    b = _lease(cfg, store, metrics=metrics)
     emitter = build_emitter(settings, store, SystemClock(), metrics, None, b)
     metrics.stripe_idle.set(1)  # as its last cycle as holder left it
     stop = threading.Event()
