@@ -31,8 +31,9 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
+# pytest in two shards side by side (tests/shards.py): the crash matrix beside the rest.
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/python -m tests.shards -q
 
 # The full crash matrix (200+ kills); the CI-sized run is part of `make test`.
 chaos: $(STAMP)
