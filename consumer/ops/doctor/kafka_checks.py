@@ -73,14 +73,18 @@ def topics(env: Env) -> list[Finding]:
         kept = retention.get(topic)
         problem = _retention_problem(topic, kept, need[topic])
         if problem is None:
-            out.append(ok(check, f"{role}, {parts} partitions, retention {_kept(kept)}"))
+            out.append(ok(check, f"{role}, {_count(parts)}, retention {_kept(kept)}"))
             continue
         detail, fix = problem
         # Unknown retention, or short on a side output: what is kept is not lost yet.
         make = fail if role == "source" and kept is not None else warn
-        out.append(make(check, f"{role}, {parts} partitions; {detail}", fix))
+        out.append(make(check, f"{role}, {_count(parts)}; {detail}", fix))
     out.append(_control(k, found))
     return out
+
+
+def _count(partitions: int) -> str:
+    return f"{partitions} partition{'s' if partitions != 1 else ''}"
 
 
 def _control(k: KafkaConfig, found: dict[str, Any]) -> Finding:
@@ -144,7 +148,7 @@ def _partitions_short(env: Env, topic: str, partitions: int) -> Finding | None:
     k = env.settings.kafka
     try:
         topic_id = TopicIds(k, env.timeout)(topic)
-        had = state_partitions(env.store(), k.group_id, topic, topic_id)
+        had = state_partitions(env.store(env.timeout / 2), k.group_id, topic, topic_id)
     except Exception:
         return None  # the clickhouse row reports an unreadable store
     if had <= partitions:
@@ -173,7 +177,9 @@ def clock_skew(env: Env) -> list[Finding]:
             warn(
                 name,
                 f"not measured: {topic} does not exist yet",
-                "start `run` once (it creates the control topic), then run doctor again",
+                f"create it as `run` would: kafka-topics.sh --bootstrap-server <broker> "
+                f"--create --topic {topic} --partitions 1 "
+                "--config message.timestamp.type=LogAppendTime",
             )
         ]
     before = env.clock.now()

@@ -20,35 +20,48 @@ GRACE_SECONDS = 1.0
 
 
 class Env:
-    """What the checks share: the settings, the clock, the timeout, and one store opened on
-    first use (chDB allows one opener per process)."""
+    """What the checks share: the settings, the clock, the timeout, and one store (chDB
+    allows one opener per process), opened on first use in a thread of its own, so that a
+    check reading it only by the way can stop waiting for a store that does not answer."""
 
     def __init__(self, settings: Settings, clock: Clock, timeout: float) -> None:
         self.settings = settings
         self.clock = clock
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._opened = threading.Event()
+        self._opening = False
         self._store: Backend | None = None
         self._store_error: Exception | None = None
 
-    def store(self) -> Backend:
-        """The store, opened once; raises the opening's StoreError to every caller."""
+    def store(self, wait: float | None = None) -> Backend:
+        """The store, waiting at most `wait` seconds (the timeout) for it to open; raises
+        what opening it raised, or TimeoutError."""
         with self._lock:
-            if self._store is None and self._store_error is None:
-                try:
-                    self._store = open_store(self.settings.clickhouse)
-                except Exception as exc:
-                    self._store_error = exc
-            if self._store_error is not None:
-                raise self._store_error
-            assert self._store is not None
-            return self._store
+            start, self._opening = not self._opening, True
+        if start:
+            threading.Thread(target=self._open, name="doctor store", daemon=True).start()
+        wait = self.timeout if wait is None else wait
+        if not self._opened.wait(wait):
+            raise TimeoutError(f"ClickHouse gave no answer within {wait:g} s")
+        if self._store_error is not None:
+            raise self._store_error
+        assert self._store is not None
+        return self._store
+
+    def _open(self) -> None:
+        try:
+            self._store = open_store(self.settings.clickhouse)
+        except Exception as exc:
+            self._store_error = exc
+        finally:
+            self._opened.set()
 
     def close(self) -> None:
-        with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+        """Close the store if it opened (a store still opening is left to the process)."""
+        if self._opened.is_set() and self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 @dataclass(frozen=True)

@@ -140,12 +140,12 @@ def _outbox_age(env: Env) -> tuple[float, str]:
     """Seconds the oldest awaiting push has waited (the pending-age gauge's measure), and
     how it reads; 0 when the outbox cannot be read (the clickhouse row says why)."""
     try:
-        store = env.store()
+        store = env.store(env.timeout / 2)  # the clickhouse row waits the whole timeout
         if not store.query("EXISTS TABLE stripe_open")[0][0]:
             return 0.0, "backlog 0s (no outbox yet)"
         b = backlog(store, 0)
     except Exception as exc:
-        return 0.0, f"backlog unknown ({type(exc).__name__})"
+        return 0.0, f"backlog unknown ({type(exc).__name__}: see the clickhouse row)"
     if not b.pending:
         return 0.0, "backlog 0s"
     waited = max(0.0, env.clock.now() - b.oldest_ms / 1000)
