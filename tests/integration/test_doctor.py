@@ -167,6 +167,50 @@ def test_a_missing_topic_short_retention_and_lost_partitions(
     assert f"--alter --topic {k.topic} --partitions 5" in source.fix
 
 
+def test_the_control_topic_one_partition_and_stamped_by_the_broker(
+    broker: TansuBroker, stripe_emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    control = f"{unique}.control"
+    settings = make_settings(
+        broker, stripe_emulator, tmp_path, unique, kafka={"control_topic": control}
+    )
+    broker.create_topics({control: 2})  # by hand: two partitions, producers' timestamps
+    row = _row(_doctor(settings), f"topic {control}")
+    assert row.status is Status.FAIL and "2 partitions: the emitter lease needs exactly one" in (
+        row.detail
+    )
+    skew = _only(settings, "clock skew")
+    assert skew.status is Status.WARN and "keeps producers' timestamps" in skew.detail
+    assert f"--entity-name {control} --add-config message.timestamp.type=LogAppendTime" in (
+        skew.fix
+    )
+
+
+def test_connect_meters_are_checked_in_every_account(
+    broker: TansuBroker, stripe_emulator: EmulatorServer, tmp_path: Path, unique: str
+) -> None:
+    """Meters exist per connected account: one account has them, the other has none."""
+    accounts = {"a": f"acct_{unique}A", "b": f"acct_{unique}B"}
+    api = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": stripe_emulator.url})
+    meter = {"name": "calls", "event_name": "c", "stripe_event_name": f"{unique}_calls"}
+    api.v1.billing.meters.create(
+        {
+            "display_name": "calls",
+            "event_name": f"{unique}_calls",
+            "default_aggregation": {"formula": "sum"},
+        },
+        {"stripe_account": accounts["a"]},
+    )
+    settings = _setup(
+        broker, stripe_emulator, tmp_path, unique, meters=[meter],
+        stripe={"account_property": "tenant", "accounts": accounts},
+    )  # fmt: skip
+    findings = _doctor(settings)
+    assert _row(findings, f"meter calls in {accounts['a']}").status is Status.OK
+    missing = _row(findings, f"meter calls in {accounts['b']}")
+    assert missing.status is Status.FAIL and "meters sync" in missing.fix
+
+
 def test_pending_and_unknown_migrations(
     broker: TansuBroker, stripe_emulator: EmulatorServer, tmp_path: Path, unique: str
 ) -> None:

@@ -15,6 +15,7 @@ from consumer.ops.doctor.kafka_checks import judge_skew
 from consumer.ops.doctor.registry_check import unreadable
 from consumer.ops.doctor.report import Finding, Status, ok, span, warn
 from consumer.ops.doctor.runner import Check, Env, exit_code, run_checks
+from consumer.ops.doctor.stripe_checks import request_rate
 
 SECRET = "sk_test_doctor_secret_123"
 
@@ -85,6 +86,34 @@ def test_a_hung_or_raising_check_is_a_fail_and_the_others_still_report() -> None
     assert found[0].detail == "no answer within 0.2 s" and found[0].fix == "wake it"
     assert found[1].detail == "RuntimeError: refused key [redacted]"
     assert found[1].fix == "mend it"
+
+
+@pytest.mark.parametrize(
+    ("key", "rate", "base", "status"),
+    [
+        ("sk_test_x", 20.0, "https://api.stripe.com", Status.OK),
+        ("sk_test_x", 30.0, "https://api.stripe.com", Status.FAIL),  # sandbox: 25/s
+        ("rk_live_x", 100.0, "https://api.stripe.com", Status.OK),
+        ("sk_live_x", 150.0, "https://api.stripe.com", Status.WARN),  # v1 calls: 100/s
+        ("sk_live_x", 20_000.0, "https://api.stripe.com", Status.FAIL),  # the stream: 10,000/s
+        ("pk_x", 20.0, "https://api.stripe.com", Status.WARN),  # mode unknown
+        ("sk_test_x", 500.0, "http://127.0.0.1:12111", Status.OK),  # the emulator
+    ],
+)
+def test_request_rate_against_the_keys_mode(
+    key: str, rate: float, base: str, status: Status
+) -> None:
+    settings = load_settings(
+        stripe={
+            "api_key": key,
+            "requests_per_second": rate,
+            "api_base": base,
+            "meter_events_base": base,
+        }
+    )
+    (found,) = request_rate(Env(settings, ManualClock(), 1.0))
+    assert found.status is status, found
+    assert key not in found.detail + found.fix
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4])

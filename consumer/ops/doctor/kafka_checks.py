@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message, Producer
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
 from consumer.config import KafkaConfig, Settings
@@ -62,6 +62,12 @@ def topics(env: Env) -> list[Finding]:
     for role, topic in roles:
         check = f"topic {topic}"
         if topic not in present:
+            meta = found.get(topic)
+            if meta is not None:  # there, but the broker refuses its metadata (ACLs)
+                detail = f"the {role} topic's metadata: {meta.error}"
+                fix = f"grant this principal Describe on {topic}"
+                out.append(fail(check, detail, fix))
+                continue
             fix = _create(topic, 3 if role == "source" else 1)
             out.append(fail(check, f"the {role} topic does not exist", fix))
             continue
@@ -111,8 +117,10 @@ def _retention(admin: AdminClient, topics: list[str], timeout: float) -> dict[st
     resources = [ConfigResource(ResourceType.TOPIC, t) for t in topics]
     out: dict[str, int | None] = {}
     for resource, future in admin.describe_configs(resources).items():
-        entries = future.result(timeout=timeout)
-        entry = entries.get("retention.ms")
+        try:
+            entry = future.result(timeout=timeout).get("retention.ms")
+        except KafkaException:  # not allowed to read it: the row says it is unknown
+            entry = None
         out[resource.name] = int(entry.value) if entry is not None and entry.value else None
     return out
 
