@@ -294,6 +294,8 @@ def test_the_grace_check_weighs_lateness_retries_and_the_backlog(
         store.close()
     grace = _only(roomy, "invoice grace")
     assert grace.status is Status.FAIL and "backlog 3h (1 pushes)" in grace.detail
+    assert "outbox is older than the grace period" in grace.detail
+    assert "get sending going again" in grace.fix
 
 
 def test_the_registry_check_reads_the_latest_schema(

@@ -129,7 +129,13 @@ def invoice_grace(env: Env) -> list[Finding]:
         f"{max(0, int(grace - retries - waited))}, or lengthen the grace period at Stripe "
         f"({GRACE_WHERE}) and set stripe.invoice_grace_period_seconds to it"
     )
-    if lateness > grace or waited >= grace:
+    if waited >= grace:
+        behind = (
+            "get sending going again (docs/operations.md, UsageConsumerStripeBacklog), and "
+            f"near a period's end lengthen the grace period at Stripe ({GRACE_WHERE})"
+        )
+        return [fail(name, detail + ": the outbox is older than the grace period", behind)]
+    if lateness > grace:
         return [fail(name, detail + ": late usage misses its invoice", fix)]
     if total > grace:
         return [warn(name, detail + ": the latest usage may miss its invoice", fix)]
