@@ -3,7 +3,6 @@ host's clock against the broker's."""
 
 from __future__ import annotations
 
-import json
 import socket
 from typing import Any
 
@@ -11,6 +10,7 @@ from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaException, Message, 
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
 from consumer.config import KafkaConfig, Settings
+from consumer.control import append
 from consumer.ingest.kafka import TopicIds, client_config, producer_config
 from consumer.ops.doctor.report import Finding, fail, ok, span, warn
 from consumer.ops.doctor.runner import Env
@@ -214,22 +214,7 @@ def clock_skew(env: Env) -> list[Finding]:
 def _probe(k: KafkaConfig, topic: str, timeout: float) -> Message:
     conf = producer_config(k)
     conf.update({"log_level": 0, "message.timeout.ms": int(timeout * 1000)})
-    producer = Producer(conf)
-    got: list[Message] = []
-    failed: list[Any] = []
-
-    def delivered(err: Any, msg: Message) -> None:
-        if err is not None:
-            failed.append(err)
-        else:
-            got.append(msg)
-
-    body = json.dumps({"doctor": socket.gethostname()}).encode()
-    producer.produce(topic, body, partition=0, on_delivery=delivered)
-    producer.flush(timeout)
-    if failed or not got:
-        raise RuntimeError(f"probe on {topic} not appended: {failed[0] if failed else 'timeout'}")
-    return got[0]
+    return append(Producer(conf), topic, {"doctor": socket.gethostname()}, timeout)
 
 
 def judge_skew(broker: float, before: float, after: float, settings: Settings) -> Finding:
