@@ -1,5 +1,5 @@
-"""`usage-consumer`: run, produce, migrate, totals, reconcile, meters sync, stripe-emulator,
-demo."""
+"""`usage-consumer`: run, produce, migrate, totals, reconcile, meters sync, doctor,
+stripe-emulator, demo."""
 
 from __future__ import annotations
 
@@ -212,6 +212,17 @@ def cmd_meters(args: argparse.Namespace) -> int:
     return 1 if conflicts else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from consumer.clock import SystemClock
+    from consumer.ops.doctor.checks import run_doctor
+    from consumer.ops.doctor.report import Status, format_report
+    from consumer.ops.doctor.runner import exit_code
+
+    findings = run_doctor(_settings(args), SystemClock(), args.timeout)
+    print(format_report(findings))
+    return exit_code(findings, Status[args.fail_on.upper()])
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     # Its options are parsed here, not by parser(): `run` never imports consumer.local.
     from consumer.local.emulator.args import add_arguments, to_options
@@ -270,6 +281,17 @@ def parser() -> argparse.ArgumentParser:
     ms_sub = ms.add_subparsers(dest="meters_command", required=True)
     sync = ms_sub.add_parser("sync", help="create or verify them (idempotent)")
     sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    dr = sub.add_parser(
+        "doctor",
+        help="check what `run` relies on (exit 0 all OK, 1 worst WARN, 2 worst FAIL)",
+    )
+    dr.add_argument("--timeout", type=float, default=10.0, help="seconds per check (10)")
+    dr.add_argument(
+        "--fail-on",
+        choices=["warn", "fail"],
+        default="warn",
+        help="the least status that exits non-zero (default warn; fail: WARN exits 0)",
+    )
     sub.add_parser(
         "stripe-emulator",
         help="serve the Stripe meter APIs locally (--help: its options)",
@@ -291,6 +313,7 @@ COMMANDS = {
     "totals": cmd_totals,
     "reconcile": cmd_reconcile,
     "meters": cmd_meters,
+    "doctor": cmd_doctor,
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
 }

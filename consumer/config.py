@@ -248,6 +248,14 @@ class StripeConfig(_Frozen):
         3600.0, ge=0, le=3 * 3600, description="how long event summaries may lag a delivery"
     )
     pending_age_alert_days: float = Field(30.0, gt=0, le=35)
+    invoice_grace_period_seconds: int = Field(
+        3600,
+        ge=0,
+        le=72 * 3600,
+        description="Stripe's invoice finalization grace period, an account setting (Dashboard: "
+        "Settings > Billing > Invoices; Stripe's default 1 h, at most 72 h): late usage must "
+        "reach Stripe within it (`doctor` checks)",
+    )
     past_limit_policy: Literal["hold", "redate"] = "hold"
     past_limit_margin_seconds: float = Field(
         3600.0, ge=0, le=86400, description="kept inside Stripe's 35-day timestamp limit"

@@ -20,8 +20,9 @@ class ClaimFailed(Exception):
     """The claim was not appended in time (transient: the broker is away)."""
 
 
-def claim(producer: Producer, topic: str, what: dict[str, str], timeout: float = 10.0) -> int:
-    """Append a claim to the control partition; returns its epoch."""
+def append(producer: Producer, topic: str, what: dict[str, str], timeout: float = 10.0) -> Message:
+    """Append a record to the control partition; returns it as delivered (its offset, and
+    the broker's append time where the topic is LogAppendTime)."""
     got: list[Message] = []
     failed: list[Any] = []
 
@@ -35,4 +36,9 @@ def claim(producer: Producer, topic: str, what: dict[str, str], timeout: float =
     producer.flush(timeout)
     if failed or not got:
         raise ClaimFailed(f"claim on {topic} not appended: {failed or 'timeout'}")
-    return EPOCH_BASE + int(got[0].offset() or 0)
+    return got[0]
+
+
+def claim(producer: Producer, topic: str, what: dict[str, str], timeout: float = 10.0) -> int:
+    """Append a claim to the control partition; returns its epoch."""
+    return EPOCH_BASE + int(append(producer, topic, what, timeout).offset() or 0)

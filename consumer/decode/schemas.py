@@ -28,6 +28,7 @@ SCHEMAS_DIR: Traversable = files("consumer.decode") / "avsc"
 READER_SCHEMA_FILE = "usage_event.v4.avsc"
 _MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _NOT_FOUND_CODE = 40403
+_SUBJECT_NOT_FOUND_CODES = {40401, 40402}  # no such subject; no such version
 # What fastavro.parse_schema raises for a malformed schema (UnknownType is a ValueError).
 _SCHEMA_ERRORS = (SchemaParseException, ValueError, KeyError, TypeError, AttributeError)
 
@@ -152,32 +153,51 @@ class RegistrySchemaSource:
             cached = self._cache[schema_id] = _parse_registry_body(schema_id, self._get(schema_id))
         return cached
 
+    def latest(self, subject: str) -> tuple[int, Any]:
+        """The id and parsed schema of the newest version registered under `subject` (what
+        new producers write). Raises UnknownSchemaId when the subject has none,
+        SchemaSourceUnavailable as `writer_schema` does."""
+        path = f"/subjects/{urllib.parse.quote(subject, safe='')}/versions/latest"
+        body = self._fetch(path, f"schema under subject {subject}", _SUBJECT_NOT_FOUND_CODES)
+        try:
+            schema_id = int(json.loads(body)["id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            msg = f"schema registry answer for subject {subject} has no id ({exc!r})"
+            raise SchemaSourceUnavailable(msg) from None
+        return schema_id, _parse_registry_body(schema_id, body)
+
     def _get(self, schema_id: int) -> bytes:
         """The response body for `schema_id`; maps every failure to one of the two kinds."""
         if schema_id < 0:
             raise UnknownSchemaId(f"schema id {schema_id} is negative")
-        where = f"{self._url}/schemas/ids/{schema_id}"
+        return self._fetch(f"/schemas/ids/{schema_id}", f"schema id {schema_id}", {_NOT_FOUND_CODE})
+
+    def _fetch(self, path: str, what: str, not_found: set[int]) -> bytes:
+        where = f"{self._url}{path}"
         request = urllib.request.Request(where, headers=self._headers)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 body: bytes = response.read(_MAX_RESPONSE_BYTES)
                 return body
         except urllib.error.HTTPError as exc:
-            raise _http_failure(schema_id, where, exc) from None
+            raise _http_failure(what, where, exc, not_found) from None
         except (urllib.error.URLError, HTTPException, OSError) as exc:
             msg = f"schema registry {where} unreachable: {type(exc).__name__}"
             raise SchemaSourceUnavailable(msg) from None
 
 
-def _http_failure(schema_id: int, where: str, exc: urllib.error.HTTPError) -> Exception:
-    """Only the registry's own 40403 means the id does not exist. A bare 404 (a wrong URL,
-    a proxy) is treated as an outage: pausing beats dead-lettering every message (P6)."""
+def _http_failure(
+    what: str, where: str, exc: urllib.error.HTTPError, not_found: set[int]
+) -> Exception:
+    """Only the registry's own not-found codes (40403 for an id) mean it does not exist. A
+    bare 404 (a wrong URL, a proxy) is treated as an outage: pausing beats dead-lettering
+    every message (P6)."""
     try:
         code = json.loads(exc.read(_MAX_RESPONSE_BYTES)).get("error_code")
     except (ValueError, AttributeError, OSError):
         code = None
-    if code == _NOT_FOUND_CODE:
-        return UnknownSchemaId(f"schema registry has no schema id {schema_id}")
+    if code in not_found:
+        return UnknownSchemaId(f"schema registry has no {what}")
     return SchemaSourceUnavailable(f"schema registry {where} answered HTTP {exc.code}")
 
 

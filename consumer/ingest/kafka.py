@@ -75,7 +75,10 @@ def ensure_control_topic(cfg: KafkaConfig, timeout: float = 10.0) -> None:
     admin = AdminClient(client_config(cfg))
     if cfg.control_topic in admin.list_topics(timeout=timeout).topics:
         return
-    future = admin.create_topics([NewTopic(cfg.control_topic, 1)])[cfg.control_topic]
+    # Stamped by the broker's clock: `doctor` measures this host's clock against it.
+    stamped = {"message.timestamp.type": "LogAppendTime"}
+    topic = NewTopic(cfg.control_topic, 1, config=stamped)
+    future = admin.create_topics([topic])[cfg.control_topic]
     try:
         future.result(timeout=timeout)
         log.info("created control topic %s (1 partition)", cfg.control_topic)

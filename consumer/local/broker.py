@@ -75,10 +75,15 @@ class TansuBroker:
         assert self._proc is not None
         return self._proc.pid
 
-    def create_topics(self, topics: dict[str, int]) -> None:
+    def create_topics(self, topics: dict[str, int], config: dict[str, str] | None = None) -> None:
+        """Topics by partition count, each with topic `config` (Tansu records, not enforces,
+        such settings as retention.ms)."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()]
+            [
+                NewTopic(name, num_partitions=n, replication_factor=1, config=config or {})
+                for name, n in topics.items()
+            ]
         )
         for fut in futures.values():
             fut.result(10)

@@ -38,6 +38,9 @@ from consumer.producer import UsageProducer
 from consumer.store import Backend, open_store
 
 STRIPE_KEY = "sk_test_demo"
+# The demo's topics keep a week, as Kafka does by default (doctor checks it is set and long
+# enough; Tansu records it without enforcing it).
+TOPIC_CONFIG = {"retention.ms": str(7 * 86_400_000)}
 
 
 def create_meters(settings: Settings, api_url: str) -> None:
@@ -47,6 +50,23 @@ def create_meters(settings: Settings, api_url: str) -> None:
     client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": api_url})
     actions = plan(client, settings.meters, accounts_of(settings.stripe))
     apply(client, actions, settings.meters)
+
+
+def preflight(settings: Settings) -> None:
+    """What an operator does before the first `run`: the schema and the control topic, then
+    `doctor`'s table (the demo goes on whatever it says: its setup is the default one)."""
+    from consumer.ingest.kafka import ensure_control_topic
+    from consumer.ops.doctor.checks import run_doctor
+    from consumer.ops.doctor.report import format_report
+    from consumer.store.prepare import prepare_store
+
+    store = open_store(settings.clickhouse)
+    try:
+        prepare_store(store, settings.clickhouse)
+    finally:
+        store.close()
+    ensure_control_topic(settings.kafka)
+    print(format_report(run_doctor(settings, SystemClock())))
 
 
 def produce(sample: Sample, bootstrap: str, topic: str) -> dict[int, int]:
@@ -220,9 +240,12 @@ def main(
                 pipeline={"metrics_port": 0},
             )
             k = settings.kafka
-            broker.create_topics({k.topic: partitions, k.dlq_topic: 1, k.late_topic: 1})
+            broker.create_topics(
+                {k.topic: partitions, k.dlq_topic: 1, k.late_topic: 1}, config=TOPIC_CONFIG
+            )
             create_meters(settings, emulator.url)
             print(f"demo: seed={seed} broker={broker.bootstrap} stripe-emulator={emulator.url}")
+            preflight(settings)
             now_ms = int(time.time() * 1000)
             sample = generate(events, customers, partitions, now_ms, seed, cancels=True)
             ends = produce(sample, broker.bootstrap, k.topic)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -12,7 +13,8 @@ from consumer.decode.schemas import SCHEMAS_DIR
 
 
 class Registry:
-    """GET /schemas/ids/<id> like a registry; 503 while down (counted in `refused`).
+    """GET /schemas/ids/<id> and /subjects/<s>/versions/latest like a registry; 503 while
+    down (counted in `refused`).
 
     `outage(seconds)` takes it down from the next request on, not from now: a consumer
     slow to start (a loaded machine) still meets the whole outage instead of missing it."""
@@ -23,6 +25,8 @@ class Registry:
             int(i): json.dumps({"schema": (SCHEMAS_DIR / name).read_text()}).encode()
             for i, name in id_map.items()
         }
+        # subject -> the id its latest version holds (GET /subjects/<s>/versions/latest)
+        self.subjects: dict[str, int] = {}
         self._lock = threading.Lock()
         self._outage: float | None = None  # armed: seconds from the next request
         self._until = 0.0
@@ -60,12 +64,26 @@ class Registry:
                     registry.refused += 1
                     self._answer(503, {"error_code": 50301, "message": "unavailable"})
                     return
+                latest = _latest_of(self.path)
+                if latest is not None:
+                    self._latest(latest)
+                    return
                 body = registry.bodies.get(_schema_id(self.path))
                 if body is None:
                     self._answer(404, {"error_code": 40403, "message": "Schema not found"})
                     return
                 registry.served += 1
                 self._send(200, body)
+
+            def _latest(self, subject: str) -> None:
+                schema_id = registry.subjects.get(subject)
+                if schema_id is None:
+                    self._answer(404, {"error_code": 40401, "message": "Subject not found"})
+                    return
+                schema = json.loads(registry.bodies[schema_id])["schema"]
+                doc = {"subject": subject, "version": 1, "id": schema_id, "schema": schema}
+                registry.served += 1
+                self._answer(200, doc)
 
             def _answer(self, status: int, doc: dict[str, Any]) -> None:
                 self._send(status, json.dumps(doc).encode())
@@ -89,3 +107,11 @@ def _schema_id(path: str) -> int:
         return int(path[len(prefix) :]) if path.startswith(prefix) else -1
     except ValueError:
         return -1
+
+
+def _latest_of(path: str) -> str | None:
+    """The subject of a `/subjects/<subject>/versions/latest` request."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[1] == "subjects" and parts[3:] == ["versions", "latest"]:
+        return urllib.parse.unquote(parts[2])
+    return None

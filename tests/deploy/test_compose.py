@@ -342,7 +342,7 @@ def test_every_service_has_a_health_check_and_jobs_are_awaited() -> None:
         for dep, how in (s.get("depends_on") or {}).items()
         if how.get("condition") == "service_completed_successfully"
     }
-    assert {"migrate", "kafka-init", "schema-init", "meters-sync"} <= ONE_SHOTS
+    assert {"migrate", "kafka-init", "schema-init", "meters-sync", "doctor"} <= ONE_SHOTS
     for name, service in SERVICES.items():
         check = service.get("healthcheck")
         assert check, f"{name}: no healthcheck"
@@ -378,11 +378,27 @@ def test_depends_on_names_services_with_conditions_that_can_hold() -> None:
         assert consumer[dep]["condition"] == "service_healthy", dep
 
 
+def test_the_consumer_starts_after_doctor_passes_every_step_before_it() -> None:
+    """doctor (the preflight) runs once every step the consumer relies on is done, and
+    the consumer waits for it: a FAIL stops the start; a WARN is let through."""
+    consumer = SERVICES["consumer"]["depends_on"]
+    doctor = SERVICES["doctor"]
+    assert consumer["doctor"]["condition"] == "service_completed_successfully"
+    assert {d: c for d, c in consumer.items() if d != "doctor"} == doctor["depends_on"]
+    args, _ = parser().parse_known_args(command(doctor))
+    assert args.command == "doctor" and args.fail_on == "fail"
+
+
 def test_the_topics_created_are_the_consumers(clean_env: pytest.MonkeyPatch) -> None:
     kafka = settings_of("consumer", clean_env).kafka
     script = command(SERVICES["kafka-init"])[0]
     created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
-    assert set(created) == {kafka.topic, kafka.dlq_topic, kafka.late_topic}
+    assert set(created) == {kafka.topic, kafka.dlq_topic, kafka.late_topic, kafka.control_topic}
+    # The control topic as the consumer makes it (ingest/kafka.ensure_control_topic).
+    control = re.search(rf"--topic {re.escape(str(kafka.control_topic))} (.*)", script)
+    assert control and control[1].split() == [
+        "--partitions", "1", "--config", "message.timestamp.type=LogAppendTime"
+    ]  # fmt: skip
     assert "--if-not-exists" in script  # a restart of the stack finds them there
     # The sample is produced one partition each, so usage.events needs that many.
     load = command(SERVICES["demo-load"])

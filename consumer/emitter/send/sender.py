@@ -102,6 +102,17 @@ def _retry_after(err: stripe.StripeError) -> float | None:
         return None
 
 
+def backoff_ceiling(attempt: int) -> float:
+    """The longest wait before retry `attempt` (1, 2, ...): doubling from 0.25 s to 30 s;
+    each wait is this times a jitter of 0.5 to 1 (or longer when Stripe says so)."""
+    return min(30.0, 0.25 * 2.0 ** (attempt - 1))
+
+
+def retry_horizon(max_retries: int) -> float:
+    """The longest a request retries before its pushes wait for the next cycle."""
+    return sum(backoff_ceiling(a) for a in range(1, max_retries + 1))
+
+
 def idempotency_key(account: str, events: Sequence[Mapping[str, Any]], attempts: str) -> str:
     """One key per request content: the same events for the same account with the same first
     attempts (`attempts`) get the same key, so every retry of a request, also from a later
@@ -315,8 +326,7 @@ class Sender:
                 raise
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
-        base = min(30.0, 0.25 * 2.0 ** (attempt - 1))
-        delay = base * self._rng.uniform(0.5, 1.0)
+        delay = backoff_ceiling(attempt) * self._rng.uniform(0.5, 1.0)
         return max(delay, hint or 0.0)
 
     def _client(self, token: str) -> stripe.StripeClient:

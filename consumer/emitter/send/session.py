@@ -14,10 +14,16 @@ from consumer.clock import Clock
 from consumer.metrics import Metrics
 
 
-def stripe_client(key: str, base_addresses: dict[str, str]) -> stripe.StripeClient:
-    """A StripeClient aimed at `base_addresses` (Stripe, or the bundled emulator)."""
+def stripe_client(
+    key: str, base_addresses: dict[str, str], timeout: float | None = None
+) -> stripe.StripeClient:
+    """A StripeClient aimed at `base_addresses` (Stripe, or the bundled emulator);
+    `timeout`: seconds a request may take (the SDK's own default is 80)."""
     bases: Any = base_addresses  # the SDK types this as a private TypedDict
-    return stripe.StripeClient(key, base_addresses=bases)
+    if timeout is None:
+        return stripe.StripeClient(key, base_addresses=bases)
+    http = stripe.RequestsClient(timeout=timeout)
+    return stripe.StripeClient(key, base_addresses=bases, http_client=http)
 
 
 class SessionKeeper:
