@@ -43,14 +43,15 @@ from consumer.emitter.plan.identifiers import repair_identifier
 from consumer.emitter.plan.outbox import AWAITING, CANCELLED, DELIVERED, HELD, PENDING, Push
 from consumer.emitter.plan.units import billed
 from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS
+from consumer.exact import EXACT
 from consumer.ops.reconcile import Line, Report
 from consumer.ops.totals import format_table
 from consumer.store.backend import Backend
 
 CANCEL_WITHIN_MS = 23 * HOUR_MS  # as corrections.py: Stripe cancels within 24 h of receipt
 
-SEND, IN_FLIGHT, SETTLING, WAITING, PERSON = (
-    "queued", "in flight", "settling", "waiting", "for a person",
+SEND, IN_FLIGHT, COVERED, SETTLING, WAITING, PERSON = (
+    "queued", "in flight", "nothing to send", "settling", "waiting", "for a person",
 )  # fmt: skip
 
 
@@ -86,8 +87,44 @@ def plan(
         pushes = _pushes(store, name, lines)
         for x in lines:
             mine = [p for p in pushes if p.customer_id == x.customer and _in(p, x)]
-            actions.append(_decide(by_name[name], x, mine, limits))
+            late = x.late
+            if late and by_name[name].emission == "aggregated":
+                late = _late_now(store, x, mine)
+            actions.append(_decide(by_name[name], x, mine, late, limits))
     return actions
+
+
+def _late_now(store: Backend, x: Line, pushes: list[Push]) -> Decimal:
+    """What of window `x`'s late corrections still stands. An aggregated bucket's late
+    record keeps the excess it found, also once usage grew back into it (the planner nets
+    later usage against it): what stands is at most the bucket's pushes (cancelled ones
+    aside) less its total now."""
+    rows = store.query(
+        """SELECT toUnixTimestamp64Milli(bucket_start), toString(value)
+           FROM stripe_corrections FINAL
+           WHERE mode = 'aggregated' AND meter = {m:String} AND customer_id = {c:String}
+             AND outcome = 'late'
+             AND bucket_start >= toDateTime64({lo:Int64}, 3, 'UTC')
+             AND bucket_start < toDateTime64({hi:Int64}, 3, 'UTC')""",
+        {"m": x.meter, "c": x.customer, "lo": x.start, "hi": x.end},
+    )
+    windows = store.query(
+        """SELECT toUnixTimestamp(window_start) * 1000, toString(sum_value)
+           FROM usage_windows FINAL
+           WHERE meter = {m:String} AND customer_id = {c:String}
+             AND window_start >= toDateTime({lo:Int64}, 'UTC')
+             AND window_start < toDateTime({hi:Int64}, 'UTC')""",
+        {"m": x.meter, "c": x.customer, "lo": x.start, "hi": x.end + 3600},
+    )
+    late = Decimal(0)
+    for bucket, value in rows:
+        b = int(bucket)
+        mine = [p for p in pushes if p.mode == "aggregated" and p.bucket_ms == b]
+        end = max((p.bucket_end_ms for p in mine), default=b + MINUTE_MS)
+        pushed = sum((p.value for p in mine if p.status != CANCELLED), Decimal(0))
+        total = sum((Decimal(v) for w, v in windows if b <= int(w) < end), Decimal(0))
+        late += min(Decimal(value), max(Decimal(0), pushed - total))
+    return late
 
 
 def apply(store: Backend, actions: Sequence[Action], now_ms: int) -> int:
@@ -121,7 +158,9 @@ def _pushes(store: Backend, meter: str, lines: Sequence[Line]) -> list[Push]:
     return [outbox.from_row(r) for r in rows]
 
 
-def _decide(meter: MeterConfig, x: Line, pushes: list[Push], limits: Limits) -> Action:
+def _decide(
+    meter: MeterConfig, x: Line, pushes: list[Push], late: Decimal, limits: Limits
+) -> Action:
     originals = [p for p in pushes if p.mode != "repair" and p.status != CANCELLED]
     repairs = [p for p in pushes if p.mode == "repair"]
     live = [p for p in repairs if p.status != CANCELLED]
@@ -140,7 +179,13 @@ def _decide(meter: MeterConfig, x: Line, pushes: list[Push], limits: Limits) -> 
         return _last(meter, x, delivered, live, going, len(repairs), limits)
     if x.drift > 0:
         return _surplus(x, originals, live, limits)
-    missing = -x.drift - in_flight
+    # Cancelled usage Stripe should still bill (a late correction) is never sent again: if
+    # Stripe lost it, it lost usage that was taken back (its cancel was then refused).
+    short = EXACT.subtract(EXACT.subtract(x.delivered, late), x.stripe)
+    if short <= 0:
+        why = "all of it is cancelled usage (late corrections): nothing to send"
+        return Action(x, COVERED, Decimal(0), why)
+    missing = short - in_flight
     if missing <= 0:
         return Action(x, IN_FLIGHT, in_flight, "repair pushes on their way cover it")
     at = _timestamp(x, delivered, limits)
@@ -152,7 +197,7 @@ def _decide(meter: MeterConfig, x: Line, pushes: list[Push], limits: Limits) -> 
             return Action(x, IN_FLIGHT, in_flight, "less than one unit is missing")
     amounts = [Decimal(1)] * int(missing) if meter.formula == "count" else [missing]
     queued = [
-        _push(meter, x, at, len(repairs) + i, amount, -x.drift) for i, amount in enumerate(amounts)
+        _push(meter, x, at, len(repairs) + i, amount, short) for i, amount in enumerate(amounts)
     ]
     why = f"Stripe lacks {_num(-x.drift)}" + (
         f"; {_num(in_flight)} already on its way" * bool(in_flight)
@@ -260,13 +305,13 @@ def format_actions(actions: Sequence[Action]) -> str:
         ]
         for a in actions
     ]
-    count = {
-        k: sum(a.kind == k for a in actions) for k in (SEND, IN_FLIGHT, SETTLING, WAITING, PERSON)
-    }
+    kinds = (SEND, IN_FLIGHT, COVERED, SETTLING, WAITING, PERSON)
+    count = {k: sum(a.kind == k for a in actions) for k in kinds}
     units = sum((a.amount for a in actions if a.kind == SEND), Decimal(0))
     verdict = (
         f"repair: queued={count[SEND]} units={_num(units)} pushes="
         f"{sum(len(a.pushes) for a in actions)} in_flight={count[IN_FLIGHT]} "
+        f"nothing_to_send={count[COVERED]} "
         f"settling={count[SETTLING]} waiting={count[WAITING]} for_a_person={count[PERSON]}"
     )
     return (format_table(header, rows) + "\n" if rows else "") + verdict

@@ -144,6 +144,36 @@ def test_repair_queues_what_stripe_lost_once_and_reports_a_surplus(rig: Rig) -> 
     assert "for_a_person=1" in repairing.format_actions(actions)
 
 
+def test_repair_never_resends_cancelled_usage_and_restores_usage_that_grew_back(
+    rig: Rig,
+) -> None:
+    """Stripe lost a push whose usage was then cancelled: the cancel is refused (no such
+    event) and recorded late; Stripe lacks it, and must go on lacking it. Stripe lost a
+    bucket whose total then fell (a late record of the excess) and grew back (a replay):
+    the whole bucket is missing, not the bucket less the stale excess."""
+    t = minute(rig.now_ms() - 2 * HOUR_MS)
+    rig.control("config", drop_rate=1.0)
+    ingest(rig, [("tokens", "cus_a", "e0", t + 1000, "5"), ("api_calls", "cus_b", "a0", t, "19")])
+    run(rig)
+    rig.control("config", drop_rate=0.0)
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    wrong_window(rig, "cus_b", t, Decimal(18))
+    run(rig)  # both cancels refused by Stripe: recorded late
+    outcomes = rig.store.query("SELECT outcome FROM stripe_corrections FINAL ORDER BY meter")
+    assert [str(o) for (o,) in outcomes] == ["late", "late"]
+    where = Where("g", "usage.events", rig.now_ms)
+    replay(rig.store, rig.settings.meters, t // 1000, t // 1000 + 3600, where)
+    run(rig)
+    rig.jump(SETTLE_MS / 1000 * 2)
+    actions, _ = repair_now(rig, reconciled(rig, t))
+    assert {(a.line.meter, a.kind, a.amount) for a in actions} == {
+        ("tokens", repairing.COVERED, Decimal(0)),
+        ("api_calls", repairing.SEND, Decimal(19)),
+    }
+    run(rig)
+    assert rig.billed() == {("api_calls", "cus_b"): Decimal(19)}  # e0 cancelled: not billed
+
+
 def test_replay_rewrites_wrong_windows_and_stripe_follows(rig: Rig) -> None:
     base = minute(rig.now_ms() - 2 * HOUR_MS)
     seed(rig, base)
