@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 import stripe
+import yaml
 
 from consumer import crash_points
+from consumer.cli import main
 from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS, DeliveryPolicy
 from consumer.emitter.truth.summaries import SummaryReader
 from consumer.local.emulator import EmulatorServer
@@ -265,6 +267,24 @@ def wrong_window(rig: Rig, customer: str, minute_ms: int, value: Decimal) -> Non
            VALUES ('api_calls', {c:String}, toDateTime({s:Int64}, 'UTC'), now64(9, 'UTC'), 0)""",
         {"c": customer, "s": minute_ms // 1000},
     )
+
+
+def test_replay_refuses_bad_arguments_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"meters": METERS}))
+    base = ["--config", str(config), "replay"]
+    assert main([*base, "--from", "0", "--to", "600", "--meter", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "usage-consumer replay: no meter 'nope' in the configuration "
+        "(meters: api_calls, tokens, storage_gb)"
+    ]
+    assert main([*base, "--from", "yesterday", "--to", "600"]) == 2
+    assert "not a time: 'yesterday'" in capsys.readouterr().err
+    assert main([*base, "--from", "600", "--to", "600"]) == 2
+    assert "--to must be after --from" in capsys.readouterr().err
 
 
 def _pending_replays(rig: Rig) -> int:
