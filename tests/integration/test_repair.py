@@ -24,12 +24,15 @@ import yaml
 
 from consumer import crash_points
 from consumer.cli import main
+from consumer.config import load_settings
 from consumer.emitter.truth.delivery import HOUR_MS, MINUTE_MS, DeliveryPolicy
 from consumer.emitter.truth.summaries import SummaryReader
 from consumer.local.emulator import EmulatorServer
 from consumer.ops import repair as repairing
 from consumer.ops.reconcile import Report, reconcile
 from consumer.ops.replay import Where, replay
+from consumer.store.chdb import ChdbBackend
+from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY
 from tests.integration.test_corrections import ingest
 from tests.integration.test_stripe_delivery import Rig, drain, minute, open_rig
@@ -267,6 +270,37 @@ def wrong_window(rig: Rig, customer: str, minute_ms: int, value: Decimal) -> Non
            VALUES ('api_calls', {c:String}, toDateTime({s:Int64}, 'UTC'), now64(9, 'UTC'), 0)""",
         {"c": customer, "s": minute_ms // 1000},
     )
+
+
+def test_replay_reads_the_hours_it_replays_not_the_history(tmp_path: Path) -> None:
+    """30 days of ledger, 1,000 events an hour, each hour one window. A replay of one hour
+    (dry run, then written) reads its hour: ClickHouse refuses to read more rows than
+    allowed (max_rows_to_read, about 1/15 of the history), so a scan would fail the test."""
+    store = ChdbBackend(tmp_path / "chdb", "usage")
+    migrate(store)
+    hours, per_hour = 30 * 24, 1_000
+    now = int(time.time()) // 3600 * 3600 * 1000
+    store.command(
+        f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                      partition, offset, record_time, ver)
+            SELECT 'api_calls', 'c', toString(number),
+                   fromUnixTimestamp64Milli({now} - intDiv(number, {per_hour}) * 3600000, 'UTC'),
+                   1, 't', 1, number, now64(3), 1
+            FROM numbers({hours * per_hour})"""
+    )
+    meters = [m for m in load_settings(meters=METERS).meters if m.name == "api_calls"]
+    hour = now // 1000 - 10 * 24 * 3600
+    where = Where("g", "t", lambda: now)
+    store.command("SET max_rows_to_read = 50000")
+    try:
+        changes, _ = replay(store, meters, hour, hour + 3600, where, dry_run=True)
+        assert [(c.start, c.old, c.new) for c in changes] == [(hour, None, Decimal(per_hour))]
+        replay(store, meters, hour, hour + 3600, where)
+        assert replay(store, meters, hour, hour + 3600, where)[0] == []
+        with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for rows"):
+            store.query("SELECT count() FROM usage_events FINAL WHERE value > 0")
+    finally:
+        store.close()
 
 
 def test_replay_refuses_bad_arguments_in_one_line(
