@@ -242,6 +242,11 @@ def _surplus(x: Line, originals: list[Push], repairs: list[Push], limits: Limits
             f"our repair pushes {ids} may be surplus (a lagging summary): cancel them "
             "within 24 h of their first send, or credit the customer"
         )
+    elif not any(p.status in DELIVERED for p in originals):
+        why = (
+            "the outbox delivered nothing here: another writer of this meter; cancel its "
+            "events within 24 h of their receipt, or credit the customer"
+        )
     elif any(p.first_attempt_ms > limits.now_ms - CANCEL_WITHIN_MS for p in originals):
         why = (
             "not an identifier of ours (each push is counted once): inside Stripe's 24 h "

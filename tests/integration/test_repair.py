@@ -129,24 +129,36 @@ def test_repair_queues_what_stripe_lost_once_and_reports_a_surplus(rig: Rig) -> 
     actions, n = repair_now(rig, after)
     assert (actions, n) == ([], 0)
 
-    # Another writer's event in a window of ours, found a day later: reported, never sent.
+    # Another writer's events, in a window of ours (one we repaired) and in one where we
+    # sent nothing: reported, never sent; a day later, past Stripe's cancellation window.
     api = stripe.StripeClient(STRIPE_KEY, base_addresses={"meter_events": rig.server.url})
     session = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": rig.server.url})
     token = session.v2.billing.meter_event_session.create().authentication_token
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((base + 5 * MINUTE_MS) / 1000))
-    event: Any = {
-        "event_name": "api_calls",
-        "identifier": "someone-else-1",
-        "timestamp": stamp,
-        "payload": {"stripe_customer_id": "cus_a", "value": "7"},
-    }
-    api.v2.billing.meter_event_stream.create({"events": [event]}, {"api_key": token})
+    events: Any = [
+        {
+            "event_name": "api_calls",
+            "identifier": f"someone-else-{c}",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at / 1000)),
+            "payload": {"stripe_customer_id": c, "value": "7"},
+        }
+        for c, at in (("cus_a", base + 5 * MINUTE_MS), ("cus_b", base + 2 * HOUR_MS))
+    ]
+    api.v2.billing.meter_event_stream.create({"events": events}, {"api_key": token})
+    rig.jump(SETTLE_MS / 1000 * 2)
+    ours, theirs = repair_now(rig, reconciled(rig, base))[0]
+    assert (ours.kind, ours.amount, theirs.kind, theirs.amount) == (
+        repairing.PERSON, Decimal(7), repairing.PERSON, Decimal(7),
+    )  # fmt: skip
+    assert ours.reason.startswith("our repair pushes uc1r_") and "within 24 h" in ours.reason
+    assert theirs.reason.startswith("the outbox delivered nothing here: another writer")
     rig.jump(25 * 3600)
     actions, n = repair_now(rig, reconciled(rig, base))
-    [surplus] = actions
-    assert (surplus.kind, surplus.amount, n) == (repairing.PERSON, Decimal(7), 0)
-    assert "past Stripe's 24 h cancellation window" in surplus.reason
-    assert "for_a_person=1" in repairing.format_actions(actions)
+    assert [(a.line.customer, a.kind, a.amount) for a in actions] == [
+        ("cus_a", repairing.PERSON, Decimal(7)),
+        ("cus_b", repairing.PERSON, Decimal(7)),
+    ]
+    assert n == 0 and "past Stripe's 24 h cancellation window" in actions[0].reason
+    assert "for_a_person=2" in repairing.format_actions(actions)
 
 
 def test_repair_never_resends_cancelled_usage_and_restores_usage_that_grew_back(
