@@ -285,32 +285,50 @@ def wrong_window(rig: Rig, customer: str, minute_ms: int, value: Decimal) -> Non
 
 
 def test_replay_reads_the_hours_it_replays_not_the_history(tmp_path: Path) -> None:
-    """30 days of ledger, 1,000 events an hour, each hour one window. A replay of one hour
-    (dry run, then written) reads its hour: ClickHouse refuses to read more rows than
-    allowed (max_rows_to_read, about 1/15 of the history), so a scan would fail the test."""
+    """10 days of ledger, 3,000 events an hour of 50 customers (720,000 rows, 72,000 minute
+    windows). A replay of one hour (dry run, then written, then again) reads that hour:
+    ClickHouse refuses to read more rows than allowed (max_rows_to_read, under either
+    table's history), so a scan of the ledger or of the windows fails the test."""
     store = ChdbBackend(tmp_path / "chdb", "usage")
     migrate(store)
-    hours, per_hour = 30 * 24, 1_000
+    hours, per_hour = 10 * 24, 3_000
     now = int(time.time()) // 3600 * 3600 * 1000
     store.command(
         f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
                                       partition, offset, record_time, ver)
-            SELECT 'api_calls', 'c', toString(number),
-                   fromUnixTimestamp64Milli({now} - intDiv(number, {per_hour}) * 3600000, 'UTC'),
+            SELECT 'api_calls', concat('c', toString(number % 50)), toString(number),
+                   fromUnixTimestamp64Milli({now} - intDiv(number, {per_hour}) * 3600000
+                                            + (number % 60) * 60000, 'UTC'),
                    1, 't', 1, number, now64(3), 1
             FROM numbers({hours * per_hour})"""
     )
     meters = [m for m in load_settings(meters=METERS).meters if m.name == "api_calls"]
-    hour = now // 1000 - 10 * 24 * 3600
     where = Where("g", "t", lambda: now)
-    store.command("SET max_rows_to_read = 50000")
+    store.command(  # the windows, as the rollup wrote them
+        """INSERT INTO usage_windows
+           SELECT meter, customer_id, toStartOfMinute(event_time), sum(value), count(),
+                  min(value), max(value), argMin(value, (event_time, event_id)),
+                  min(event_time), argMax(value, (event_time, event_id)), max(event_time),
+                  now64(9, 'UTC')
+           FROM usage_events GROUP BY meter, customer_id, toStartOfMinute(event_time)"""
+    )
+    hour = now // 1000 - 5 * 24 * 3600
+    store.command(
+        """INSERT INTO usage_windows (meter, customer_id, window_start, sum_value, event_count,
+                                      computed_at)
+           VALUES ('api_calls', 'c7', toDateTime({h:Int64}, 'UTC'), 1, 1, now64(9, 'UTC'))""",
+        {"h": hour + 7 * 60},
+    )  # a wrong window in the hour: 1 where the ledger has 10 events of 1
+    store.command("SET max_rows_to_read = 60000")
     try:
         changes, _ = replay(store, meters, hour, hour + 3600, where, dry_run=True)
-        assert [(c.start, c.old, c.new) for c in changes] == [(hour, None, Decimal(per_hour))]
-        replay(store, meters, hour, hour + 3600, where)
+        assert [(c.customer, c.start, c.old, c.new) for c in changes] == [
+            ("c7", hour + 7 * 60, Decimal(1), Decimal(10))
+        ]
+        assert replay(store, meters, hour, hour + 3600, where)[0] == changes
         assert replay(store, meters, hour, hour + 3600, where)[0] == []
         with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for rows"):
-            store.query("SELECT count() FROM usage_events FINAL WHERE value > 0")
+            store.query("SELECT count() FROM usage_windows FINAL WHERE sum_value > 0")
     finally:
         store.close()
 
