@@ -5,10 +5,12 @@ ledger's (the ground truth) at the end: lost=0 doubled=0.
 The store is seeded through the sinks with seeded random usage of three meters (aggregated
 sum, per-event sum, per-event last) and drained by the real emitter into the emulator while
 it loses a share of the events it answers 200 for; then windows are written wrong, as a
-faulty rollup would, and billed. Each command then runs as its own process
-(`tests/support/armed.py`'s hooks via `python -m tests.chaos.armed_ops`) on the embedded
-store, and after each the emitter (in this process, no lease: the store's only emitter)
-delivers what it queued. The emulator keeps no summary lag, so `--settle-seconds 0`.
+faulty rollup would, and billed. Each command then runs as its own process on the embedded
+store (`python -m tests.chaos.armed_ops`, with the hooks of `tests/support/armed.py`), and
+after each the emitter delivers what it queued (`python -m tests.chaos.drain`, no lease:
+the store's only emitter), itself SIGKILLed inside the replay's Stripe adjustments and
+between a repair push's 2xx and its mark. The emulator keeps no summary lag, so
+`--settle-seconds 0`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from tests.support.writes import accepted_batch, recompute_windows, write_effect
 
 REPLAY_POINTS = ("after_replay_job", "after_window_rows", "after_replay_windows")
 REPAIR_POINTS = ("before_repair_pushes", "after_open_names", "after_repair_pushes")
+# Where the emitter is killed while it delivers: the replay's corrections (Stripe
+# adjustments), then the repair pushes (a 2xx not yet marked).
+DRAIN_POINTS = ("after_adjustment_intent", "after_stripe_adjustment", "after_stripe_2xx")
 GROUP, TOPIC = "chaos-repair", "chaos-repair.events"
 MINUTE_MS = 60_000
 
@@ -89,9 +94,9 @@ def run_scenario(workdir: Path, seed: int, events: int = 1_500, random_kills: in
         ]  # fmt: skip
         log: list[str] = []
         kills = _until_done(replay, REPLAY_POINTS, rng, random_kills, {0}, log, break_windows)
-        _drain_at(settings)
+        kills += _drain_killed(config, DRAIN_POINTS[:2], log)  # corrections of the replay
         kills += _until_done(repair, REPAIR_POINTS, rng, random_kills, {0, 1}, log)
-        _drain_at(settings)
+        kills += _drain_killed(config, DRAIN_POINTS[2:], log)  # the repair pushes
         check = _command(repair, {})  # once more: it must find nothing to send
         got = _stripe(emu)
     finally:
@@ -202,14 +207,6 @@ def _drain(settings: Settings, store: Backend) -> None:
         emitter.close()
 
 
-def _drain_at(settings: Settings) -> None:
-    store = open_store(settings.clickhouse)
-    try:
-        _drain(settings, store)
-    finally:
-        store.close()
-
-
 def _command(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tests.chaos.armed_ops", *args],
@@ -258,6 +255,25 @@ def _until_done(
     done = _command(args, {})
     if done.returncode not in ok:
         raise AssertionError(f"{args[2]} failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    return kills
+
+
+def _drain_killed(config: Path, points: Sequence[str], log: list[str]) -> int:
+    """The emitter killed at each point (when it gets there), then run until it is idle."""
+    kills = 0
+    for point in [*points, ""]:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.chaos.drain", str(config)],
+            env={**os.environ, "USAGE_CONSUMER_FAULT": f"{point}:1" if point else ""},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode == -signal.SIGKILL:
+            kills += 1
+            log.append(f"emitter@{point}")
+        elif done.returncode != 0:
+            raise AssertionError(f"the emitter failed: {done.stderr[-2000:]}")
     return kills
 
 
