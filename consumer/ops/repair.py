@@ -194,12 +194,12 @@ def _decide(
     if meter.stripe_value_format == "whole" or meter.formula == "count":
         missing = missing.to_integral_value(ROUND_FLOOR)
         if missing <= 0:
-            return Action(x, IN_FLIGHT, in_flight, "less than one unit is missing")
+            return Action(x, COVERED, Decimal(0), "less than one whole unit is missing")
     amounts = [Decimal(1)] * int(missing) if meter.formula == "count" else [missing]
     queued = [
         _push(meter, x, at, len(repairs) + i, amount, short) for i, amount in enumerate(amounts)
     ]
-    why = f"Stripe lacks {_num(-x.drift)}" + (
+    why = f"Stripe lacks {_num(short)}" + (
         f"; {_num(in_flight)} already on its way" * bool(in_flight)
     )
     return Action(x, SEND, missing, why, queued)
