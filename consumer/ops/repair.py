@@ -90,7 +90,7 @@ def plan(
             late = x.late
             if late and by_name[name].emission == "aggregated":
                 late = _late_now(store, x, mine)
-            actions.append(_decide(by_name[name], x, mine, late, limits))
+            actions.append(decide(by_name[name], x, mine, late, limits))
     return actions
 
 
@@ -158,9 +158,11 @@ def _pushes(store: Backend, meter: str, lines: Sequence[Line]) -> list[Push]:
     return [outbox.from_row(r) for r in rows]
 
 
-def _decide(
+def decide(
     meter: MeterConfig, x: Line, pushes: list[Push], late: Decimal, limits: Limits
 ) -> Action:
+    """What to do about drifting window `x`, from every push of the window (`late`: what of
+    its late corrections still stands). No reads: the whole decision, for tests."""
     originals = [p for p in pushes if p.mode != "repair" and p.status != CANCELLED]
     repairs = [p for p in pushes if p.mode == "repair"]
     live = [p for p in repairs if p.status != CANCELLED]
