@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the CLI imports heavy modules only for the command it runs
     from consumer.clock import Clock
     from consumer.emitter.truth.standing import Undelivered
     from consumer.metrics import Metrics
+    from consumer.ops.reconcile import Report
     from consumer.store import Backend
 
 log = logging.getLogger("usage_consumer")
@@ -163,15 +164,36 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             store, summaries, settings.meters, start, end,
             window=args.window, customer=args.customer, metrics=metrics,
         )  # fmt: skip
+        print(format_report(report, args.all))
+        repaired = _repair(settings, store, report, args.settle_seconds) if args.repair else None
     except ReconcileError as exc:
         print(f"usage-consumer reconcile: {exc}", file=sys.stderr)
         return 2
     finally:
         store.close()
-    print(format_report(report, args.all))
     if args.pushgateway:
         push_result(args.pushgateway, metrics)
+    if repaired is not None:  # every drifting window queued, on its way or settling: 0
+        return repaired
     return 0 if report.within(tolerance) else 1
+
+
+def _repair(settings: Settings, store: Backend, report: Report, settle_seconds: float) -> int:
+    """`reconcile --repair`: queue what Stripe lost for the emitter (consumer/ops/repair.py);
+    1 when a window needs a person."""
+    from consumer.emitter.truth.delivery import DeliveryPolicy
+    from consumer.ops.repair import PERSON, Limits, format_actions, repair
+
+    now_ms = int(time.time() * 1000)
+    oldest = DeliveryPolicy.from_config(settings.stripe).limit_ms(now_ms)
+    limits = Limits(now_ms, int(settle_seconds * 1000), oldest)
+    actions, queued = repair(store, report, settings.meters, limits)
+    print(format_actions(actions))
+    if queued:
+        print(
+            f"repair: {queued} pushes are in the outbox; the emitter holding the lease sends them"
+        )
+    return 1 if any(a.kind == PERSON for a in actions) else 0
 
 
 def push_result(gateway: str, metrics: Metrics) -> None:
@@ -187,6 +209,17 @@ def push_result(gateway: str, metrics: Metrics) -> None:
         push_to_gateway(gateway, job="usage-consumer-reconcile", registry=registry, timeout=10)
     except OSError as exc:  # the report is printed and the exit code stands: say it loudly
         print(f"usage-consumer reconcile: could not push to {gateway}: {exc}", file=sys.stderr)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from consumer.ops.replay import ReplayError, run_replay
+
+    settings = _settings(args)
+    try:
+        return run_replay(settings, args.start, args.to, args.meter, args.customer, args.dry_run)
+    except ReplayError as exc:
+        print(f"usage-consumer replay: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_meters(args: argparse.Namespace) -> int:
@@ -277,6 +310,17 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="push the drift gauges to this Prometheus Pushgateway (host:port or URL)",
     )
+    r.add_argument(
+        "--repair",
+        action="store_true",
+        help="queue what Stripe lost for the emitter; report what it holds too much of",
+    )
+    rp = sub.add_parser("replay", help="recompute a time range's windows from the ledger")
+    rp.add_argument("--from", dest="start", required=True, help="RFC 3339 or epoch seconds")
+    rp.add_argument("--to", required=True, help="RFC 3339 or epoch seconds (exclusive)")
+    rp.add_argument("--meter", default=None, help="one meter (default: every meter)")
+    rp.add_argument("--customer", default=None)
+    rp.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     ms = sub.add_parser("meters", help="the Stripe meters the configuration bills")
     ms_sub = ms.add_subparsers(dest="meters_command", required=True)
     sync = ms_sub.add_parser("sync", help="create or verify them (idempotent)")
@@ -312,6 +356,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "totals": cmd_totals,
     "reconcile": cmd_reconcile,
+    "replay": cmd_replay,
     "meters": cmd_meters,
     "doctor": cmd_doctor,
     "stripe-emulator": cmd_emulator,

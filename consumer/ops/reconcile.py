@@ -7,7 +7,10 @@ between minute-aligned bounds; a partial first or last window is read on its own
 trailing minutes that may still be settling into Stripe's summaries are left out. Usage
 that is not billed yet, or held for a person (rejected, expired), is shown beside the drift,
 never counted as drift; so is cancelled usage Stripe still bills because it was cancelled
-too late to take back (late corrections, consumer/emitter/truth/corrections.py).
+too late to take back (late corrections, consumer/emitter/truth/corrections.py). Pushes that
+`reconcile --repair` made (mode `repair`, ops/repair.py) replace what Stripe lost of the
+pushes counted here, so they are shown apart and never added to what was delivered: once
+one lands, the window's drift is zero.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Line:
     delivered: Decimal = Decimal(0)
     unbilled: Decimal = Decimal(0)
     late: Decimal = Decimal(0)  # cancelled usage Stripe still bills
+    repaired: Decimal = Decimal(0)  # repair pushes delivered or on their way (ops/repair.py)
     stripe: Decimal = Decimal(0)
     account: str = ""
     _last_at: tuple[int, int] = (-1, -1)
@@ -127,7 +131,8 @@ def _collect(
     pushes = store.query(
         """SELECT customer_id, stripe_account, toUnixTimestamp64Milli(stripe_timestamp),
                   status_rank IN (2, 6), toString(ifNull(sent_value, value)), toString(value),
-                  toUnixTimestamp64Milli(first_attempt_at)
+                  toUnixTimestamp64Milli(first_attempt_at), mode = 'repair',
+                  status_rank IN (4, 7)
            FROM stripe_pushes FINAL
            WHERE meter = {m:String} AND ({c:String} = '' OR customer_id = {c:String})
              AND status_rank != 8
@@ -136,9 +141,13 @@ def _collect(
         params,
     )
     last = _formula(meter) == "last"
-    for c, account, ts_ms, delivered, billed, value, sent_ms in pushes:
+    for c, account, ts_ms, delivered, billed, value, sent_ms, repair, held in pushes:
         x = line(str(c), int(ts_ms) // 1000)
         x.account = x.account or str(account)
+        if repair:  # in place of what Stripe lost: never part of what was delivered
+            if not held:
+                x.repaired = EXACT.add(x.repaired, Decimal(billed if delivered else value))
+            continue
         # Stripe's last value: the newest timestamp (ms), ties to the later received
         newest = (int(ts_ms), int(sent_ms))
         if not delivered:
@@ -235,7 +244,7 @@ def format_report(report: Report, show_all: bool = False) -> str:
     shown = report.lines if show_all else [x for x in report.lines if x.drift or x.late]
     header = [
         "customer", "meter", "window", "usage", "billed", "stripe", "drift", "not billed",
-        "late corrections",
+        "late corrections", "repaired",
     ]  # fmt: skip
     rows = [
         [
@@ -248,6 +257,7 @@ def format_report(report: Report, show_all: bool = False) -> str:
             _num(x.drift),
             _num(x.unbilled),
             _num(x.late),
+            _num(x.repaired),
         ]
         for x in shown
     ]

@@ -106,6 +106,7 @@ def recompute(
             {"emptied": emptied, "pairs": _pairs(emptied)},
             {"mm": minutes_of(emptied)},
         )
+    crash_points.reached("after_window_rows")
     # Named for the emitter once their rows are written: it plans the buckets named since it
     # last planned (migration 21), so a crash before this line leaves the job pending.
     store.command_with(
@@ -130,6 +131,42 @@ _IN_MINUTES = "(meter, toStartOfMinute(event_time)) IN {mm:Array(Tuple(String, D
 _NOT_CANCELLED = """(meter, customer_id, event_id) NOT IN (
         SELECT meter, customer_id, cancelled_id FROM cancellations
         WHERE (meter, customer_id) IN (SELECT meter, customer_id FROM $pairs))"""
+
+
+def from_ledger(
+    store: Backend, meter: str, lo_s: int, hi_s: int, customer: str | None
+) -> list[tuple[Any, ...]]:
+    """The minute windows of `meter` in [lo_s, hi_s) as a recompute would write them now
+    (cancelled and superseded events left out), without writing them: (customer, window
+    start s, sum, count, min, max, first, first time ms, last, last time ms), values as
+    text. Reads the ledger's minutes there (its leading key) and the cancellations of the
+    customers found there (by key)."""
+    minutes = [(meter, t) for t in range(lo_s - lo_s % 60, hi_s, 60)]
+    in_range = """meter = {m:String} AND event_time >= toDateTime64({lo:Int64}, 3, 'UTC')
+                  AND event_time < toDateTime64({hi:Int64}, 3, 'UTC')
+                  AND ({c:String} = '' OR customer_id = {c:String})"""
+    return store.query(
+        f"""SELECT customer_id, toUnixTimestamp(toStartOfMinute(event_time)) AS ws,
+                  toString(sum(value)), count(), toString(min(value)), toString(max(value)),
+                  toString(argMin(value, (event_time, event_id))),
+                  toUnixTimestamp64Milli(min(event_time)),
+                  toString(argMax(value, (event_time, event_id))),
+                  toUnixTimestamp64Milli(max(event_time))
+           FROM usage_events FINAL
+           WHERE {in_range}
+             AND (meter, customer_id, event_id) NOT IN (
+                 SELECT meter, customer_id, cancelled_id FROM cancellations
+                 WHERE (meter, customer_id) IN (
+                     SELECT DISTINCT meter, customer_id FROM usage_events WHERE {in_range}))
+             AND {NOT_SUPERSEDED}
+           GROUP BY customer_id, ws ORDER BY customer_id, ws""",
+        {"m": meter, "lo": lo_s, "hi": hi_s, "c": customer or "", "mm": minutes},
+    )
+
+
+def window_table(rows: Sequence[tuple[str, str, int]]) -> pa.Table:
+    """(meter, customer, window start s) rows as the windows table recompute() takes."""
+    return _windows(rows)
 
 
 def touched_windows(accepted: pa.Table) -> pa.Table:
@@ -433,28 +470,32 @@ class Rollup:
         recompute(self.store, windows, cancels, self._threads, taken)
 
     def _write(self, jobs: Sequence[WindowJob], state: int) -> None:
-        now_ms = int(self._clock.now() * 1000)
-        n = len(jobs)
-        span_type = pa.list_(
-            pa.struct([("p", pa.uint32()), ("a", pa.uint64()), ("b", pa.uint64())])
-        )
-        minute_type = pa.list_(pa.struct([("m", pa.string()), ("w", _WINDOW_START)]))
-        self.store.insert_columns(
-            "window_jobs",
-            {
-                "group_id": pa.array([self.group] * n, pa.string()),
-                "topic": pa.array([self.topic] * n, pa.string()),
-                "token": pa.array([j.token for j in jobs], pa.string()),
-                "spans": pa.array(
-                    [[{"p": p, "a": a, "b": b} for p, a, b in j.spans] for j in jobs], span_type
-                ),
-                "minutes": pa.array(
-                    [[{"m": m, "w": w} for m, w in j.minutes] for j in jobs], minute_type
-                ),
-                "state": pa.array([state] * n, pa.uint8()),
-                "written_at": pa.array([now_ms] * n, TIME_MS),
-            },
-        )
+        write_jobs(self.store, self.group, self.topic, jobs, state, int(self._clock.now() * 1000))
+
+
+def write_jobs(
+    store: Backend, group: str, topic: str, jobs: Sequence[WindowJob], state: int, now_ms: int
+) -> None:
+    """Window job rows at `state` (PENDING or DONE)."""
+    n = len(jobs)
+    span_type = pa.list_(pa.struct([("p", pa.uint32()), ("a", pa.uint64()), ("b", pa.uint64())]))
+    minute_type = pa.list_(pa.struct([("m", pa.string()), ("w", _WINDOW_START)]))
+    store.insert_columns(
+        "window_jobs",
+        {
+            "group_id": pa.array([group] * n, pa.string()),
+            "topic": pa.array([topic] * n, pa.string()),
+            "token": pa.array([j.token for j in jobs], pa.string()),
+            "spans": pa.array(
+                [[{"p": p, "a": a, "b": b} for p, a, b in j.spans] for j in jobs], span_type
+            ),
+            "minutes": pa.array(
+                [[{"m": m, "w": w} for m, w in j.minutes] for j in jobs], minute_type
+            ),
+            "state": pa.array([state] * n, pa.uint8()),
+            "written_at": pa.array([now_ms] * n, TIME_MS),
+        },
+    )
 
 
 class RollupFailed(Exception):

@@ -8,6 +8,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+from tests.chaos import repair
 from tests.chaos.harness import Harness, Outcome
 from tests.chaos.scenarios import matrix
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and sc.name != args.only:
             continue
         outcome = harness.run(sc)
+        outcomes.append(outcome)
+        print(outcome.line(), flush=True)
+    if args.only in (None, "repair") and not args.ci:  # replay and reconcile --repair killed
+        outcome = repair.run_scenario(Path(args.workdir), seed)
         outcomes.append(outcome)
         print(outcome.line(), flush=True)
     return report(outcomes)

@@ -29,3 +29,10 @@ def per_event_identifier(stripe_event_name: str, event_id: str) -> str:
 def aggregated_identifier(meter: str, customer_id: str, bucket_ms: int, revision: int) -> str:
     """hash(meter, customer, bucket, revision): each revision of a bucket is one push."""
     return "uc1a_" + _digest(meter, customer_id, str(bucket_ms), str(revision))
+
+
+def repair_identifier(meter: str, customer_id: str, window_start_s: int, n: int) -> str:
+    """hash(meter, customer, reconcile window, n): the n-th push repairing what Stripe lost in
+    that window (ops/repair.py). Never an earlier push's identifier: Stripe would drop a
+    re-sent one as a duplicate for 24 hours."""
+    return "uc1r_" + _digest(meter, customer_id, str(window_start_s), str(n))

@@ -439,6 +439,7 @@ def _insert(store: Backend, pushes: Sequence[Push], ranks: list[int], now_ms: in
         return
     rows = list(zip(pushes, ranks, strict=True))
     _name(store, [(p, r, 0) for p, r in rows if r not in SETTLED])
+    crash_points.reached("after_open_names")
     _insert_pushes(store, pushes, ranks, now_ms)
     settled = [(p, r, 0) for p, r in rows if r in SETTLED]
     if not settled:
