@@ -1,0 +1,404 @@
+"""The run-path fuzz: seeded random and mutated messages (tests/fuzz/messages.py) through a real
+Tansu broker into a real `usage-consumer run` process (chDB store, the Stripe emulator, a
+schema registry stand-in serving extra writer schemas), then checked against the generator's
+own oracle (tests/fuzz/model.py):
+
+- the process stays alive until it is drained, and stops cleanly (exit 0) on SIGTERM;
+- dead letters, in the `dead_letters` table and on the dead-letter topic, are exactly the
+  bad messages by (partition, offset), each with a non-empty reason; late events exactly the
+  late ones;
+- the ledger holds exactly the accepted events, usage_hourly equals the oracle's hourly
+  totals, and the emulator holds the whole part of each sum and each newest `last` value.
+
+`python -m tests.fuzz run --messages N --seed S`; tests/integration/test_fuzz_run.py runs it
+CI-sized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import stripe
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from consumer.decode.schemas import SCHEMAS_DIR
+from consumer.local.broker import TansuBroker, free_port
+from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
+from consumer.store.chdb import ChdbBackend
+from tests.chaos.registry import Registry
+from tests.fuzz.messages import Coord, Expected, Generator, HourKey, Message, expect
+from tests.fuzz.model import METERS
+
+KEY = "sk_test_fuzz"
+TOPIC, DLQ, LATE = "fuzz.events", "fuzz.dlq", "fuzz.late"
+GROUP = "fuzz"
+HEADER = "usage-consumer."
+SHOWN = 5  # differences shown per check
+
+
+@dataclass
+class Report:
+    seed: int
+    messages: int
+    kinds: Counter[str] = field(default_factory=Counter)
+    numbers: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        n = self.numbers
+        out = [
+            f"fuzz run: seed {self.seed}, {self.messages} messages "
+            f"({', '.join(f'{k} {v}' for k, v in self.kinds.most_common())})",
+            f"  dead letters {n.get('dead', 0):.0f}, late {n.get('late', 0):.0f}, "
+            f"accepted {n.get('accepted', 0):.0f}, copies {n.get('copies', 0):.0f}; "
+            f"produced in {n.get('produce_s', 0):.1f} s, drained in {n.get('drain_s', 0):.1f} s, "
+            f"stopped in {n.get('stop_s', 0):.1f} s",
+        ]
+        out += [f"  FAIL {p}" for p in self.problems] or ["  OK"]
+        return out
+
+
+def schemas() -> dict[int, bytes]:
+    """Registry bodies beyond the packaged ids: another scale (20), an extra field the reader
+    skips (21), more digits than the reader's (22); the oracle's model.LAYOUTS."""
+    v2 = json.loads((SCHEMAS_DIR / "usage_event.v2.avsc").read_text())
+
+    def with_value(precision: int, scale: int) -> dict[str, Any]:
+        fields = [
+            {**f, "type": {**f["type"], "precision": precision, "scale": scale}}
+            if f["name"] == "value"
+            else f
+            for f in v2["fields"]
+        ]
+        return {**v2, "fields": fields}
+
+    attempt = {"name": "attempt", "type": "int"}
+    extra = {**v2, "fields": [*v2["fields"][:3], attempt, *v2["fields"][3:]]}
+    docs = {20: with_value(38, 2), 21: extra, 22: with_value(40, 9)}
+    return {k: json.dumps({"schema": json.dumps(v)}).encode() for k, v in docs.items()}
+
+
+@contextmanager
+def _services() -> Iterator[tuple[TansuBroker, EmulatorServer, Registry]]:
+    with ExitStack() as stack:
+        broker = stack.enter_context(TansuBroker())
+        emu = serve("127.0.0.1", 0, EmulatorOptions(seed=1))
+        stack.callback(emu.stop)
+        client = stripe.StripeClient(KEY, base_addresses={"api": emu.url})
+        for meter, agg in METERS.values():
+            formula = "last" if agg == "last" else "sum"
+            client.v1.billing.meters.create(
+                {
+                    "display_name": meter,
+                    "event_name": meter,
+                    "default_aggregation": {"formula": formula},
+                }
+            )
+        registry = Registry()
+        stack.callback(registry.stop)
+        registry.bodies.update(schemas())
+        yield broker, emu, registry
+
+
+def produce(bootstrap: str, messages: list[Message], record_ms: int) -> dict[int, int]:
+    """Each message to its partition with the generator's record time; sets its offset from
+    the delivery report and returns each partition's end offset."""
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20}
+    )
+    failures: list[str] = []
+
+    def delivered(m: Message) -> Callable[[Any, Any], None]:
+        def report(err: Any, msg: Any) -> None:
+            if err is not None:
+                failures.append(str(err))
+            else:
+                m.offset = int(msg.offset())
+
+        return report
+
+    for m in messages:
+        while True:
+            try:
+                producer.produce(
+                    TOPIC,
+                    value=m.value,
+                    key=m.key,
+                    partition=m.partition,
+                    timestamp=record_ms,
+                    on_delivery=delivered(m),
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    if producer.flush(60) or failures:
+        raise RuntimeError(f"produce failed: {failures[:3]}")
+    ends: dict[int, int] = {}
+    for m in messages:
+        ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+    return ends
+
+
+def _env(
+    broker: TansuBroker, emu: EmulatorServer, registry: Registry, home: Path, port: int
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "USAGE_CONSUMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "USAGE_CONSUMER_KAFKA__TOPIC": TOPIC,
+        "USAGE_CONSUMER_KAFKA__DLQ_TOPIC": DLQ,
+        "USAGE_CONSUMER_KAFKA__LATE_TOPIC": LATE,
+        "USAGE_CONSUMER_KAFKA__GROUP_ID": GROUP,
+        "USAGE_CONSUMER_KAFKA__CONSUMER_LIBRDKAFKA": json.dumps(
+            {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        ),
+        "USAGE_CONSUMER_SCHEMA__REGISTRY_URL": registry.url,
+        "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(home / "chdb"),
+        "USAGE_CONSUMER_STRIPE__API_KEY": KEY,
+        "USAGE_CONSUMER_STRIPE__API_BASE": emu.url,
+        "USAGE_CONSUMER_STRIPE__METER_EVENTS_BASE": emu.url,
+        "USAGE_CONSUMER_STRIPE__REQUESTS_PER_SECOND": "1000",
+        "USAGE_CONSUMER_STRIPE__POLL_INTERVAL_SECONDS": "0.2",
+        "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "2000",
+        "USAGE_CONSUMER_PIPELINE__METRICS_HOST": "127.0.0.1",
+        "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
+    }
+
+
+def _metric(port: int, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            body = r.read().decode()
+    except OSError:
+        return None
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _committed(bootstrap: str, ends: dict[int, int]) -> bool:
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": GROUP})
+    try:
+        got = probe.committed([TopicPartition(TOPIC, p) for p in ends], timeout=10)
+    finally:
+        probe.close()
+    return all(tp.offset == ends[tp.partition] for tp in got)
+
+
+def drain(
+    proc: subprocess.Popen[bytes], bootstrap: str, port: int, ends: dict[int, int], timeout: float
+) -> str:
+    """Wait until every offset is committed, every partition is owned and the outbox reads
+    idle three times in a row; "" then, else what went wrong."""
+    idle = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"the consumer died (exit code {proc.returncode})"
+        time.sleep(0.3)
+        owned = _metric(port, "usage_consumer_partitions_owned")
+        if owned != len(ends) or not _committed(bootstrap, ends):
+            idle = 0
+            continue
+        idle = idle + 1 if _metric(port, "usage_consumer_stripe_outbox_idle") == 1.0 else 0
+        if idle >= 3:
+            return ""
+    return f"not drained within {timeout:.0f} s"
+
+
+def _read_topic(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list[Any]:
+    """Every message of a one-partition topic, read from its start without a group commit."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"fuzz-read-{topic}",
+            "enable.auto.commit": False,
+        }
+    )
+    c.assign([TopicPartition(topic, 0, 0)])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < want and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error() is None:
+                    out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+def _diff(
+    what: str, want: set[Any], got: set[Any], show: Callable[[Any], Any] = lambda x: x
+) -> list[str]:
+    missing, extra = sorted(want - got), sorted(got - want)
+    if not missing and not extra:
+        return []
+    return [
+        f"{what}: {len(missing)} missing {[show(x) for x in missing[:SHOWN]]}, "
+        f"{len(extra)} extra {[show(x) for x in extra[:SHOWN]]}"
+    ]
+
+
+def _diff_totals(what: str, want: dict[Any, Decimal], got: dict[Any, Decimal]) -> list[str]:
+    keys = sorted(
+        k for k in set(want) | set(got) if want.get(k, Decimal(0)) != got.get(k, Decimal(0))
+    )
+    if not keys:
+        return []
+    shown = [f"{k!r}: want {want.get(k, 0)} got {got.get(k, 0)}" for k in keys[:SHOWN]]
+    return [f"{what}: {len(keys)} keys differ: {'; '.join(shown)}"]
+
+
+def check_store(home: Path, expected: Expected, by_coord: dict[Coord, Message]) -> list[str]:
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        dead = store.query(
+            "SELECT partition, offset, reason FROM dead_letters FINAL WHERE topic = {t:String}",
+            {"t": TOPIC},
+        )
+        late = store.query(
+            "SELECT partition, offset FROM late_events FINAL WHERE topic = {t:String}", {"t": TOPIC}
+        )
+        ledger = store.query(
+            """SELECT meter, event_id, customer_id, toString(value),
+                      toUnixTimestamp64Milli(event_time) FROM usage_events FINAL"""
+        )
+        hourly = store.query(
+            """SELECT customer_id, meter, toUnixTimestamp(hour), toString(sum_value),
+                      toString(last_value) FROM usage_hourly"""
+        )
+    finally:
+        store.close()
+
+    def show(coord: Coord) -> tuple[Coord, str, str, bytes | None]:
+        m = by_coord[coord]
+        return coord, m.what, m.verdict.why, None if m.value is None else m.value[:80]
+
+    problems = _diff("dead_letters", expected.dead, {(int(p), int(o)) for p, o, _ in dead}, show)
+    blank = [(int(p), int(o)) for p, o, r in dead if not str(r).strip()]
+    if blank:
+        problems.append(f"dead letters without a reason: {blank[:SHOWN]}")
+    problems += _diff("late_events", expected.late, {(int(p), int(o)) for p, o in late}, show)
+    want_ledger = {
+        (e.meter, e.event_id, e.customer_id, e.value, e.timestamp_ms)
+        for e in expected.accepted.values()
+    }
+    got_ledger = {(str(m), str(i), str(c), Decimal(v), int(t)) for m, i, c, v, t in ledger}
+    problems += _diff("ledger rows", want_ledger, got_ledger)
+    aggs = {meter: agg for meter, agg in METERS.values()}
+    got_hourly: dict[HourKey, Decimal] = {
+        (str(c), str(m), int(h)): Decimal(s if aggs[str(m)] == "sum" else last)
+        for c, m, h, s, last in hourly
+    }
+    problems += _diff_totals("usage_hourly", expected.hourly(), got_hourly)
+    return problems
+
+
+def check_dlq(bootstrap: str, expected: Expected) -> list[str]:
+    got: set[Coord] = set()
+    blank: list[Coord] = []
+    for m in _read_topic(bootstrap, DLQ, len(expected.dead)):
+        h = {k: v for k, v in m.headers() or []}
+        coord = (int(h[HEADER + "source-partition"]), int(h[HEADER + "source-offset"]))
+        got.add(coord)
+        if not (h.get(HEADER + "reason") or b"").strip():
+            blank.append(coord)
+    problems = _diff("dead-letter topic", expected.dead, got)
+    return problems + ([f"dead-letter topic: no reason for {blank[:SHOWN]}"] if blank else [])
+
+
+def check_stripe(url: str, expected: Expected) -> list[str]:
+    with urllib.request.urlopen(f"{url}/_emulator/state", timeout=10) as r:
+        state = json.loads(r.read())
+    got = {(t["customer"], t["event_name"]): Decimal(t["value"]) for t in state["totals"]}
+    return _diff_totals("Stripe", expected.stripe(), {k: v for k, v in got.items() if v})
+
+
+def run(
+    messages: int,
+    seed: int,
+    workdir: Path,
+    partitions: int = 3,
+    timeout: float = 240,
+    now_ms: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """One fuzz run in `workdir` (its store and the consumer's log); never raises for a
+    finding, returns it in the report. The record time is `now_ms`, by default the current
+    hour: mutated event times are judged against it, so (seed, now) replays a run exactly."""
+    now = now_ms if now_ms is not None else int(time.time()) // 3600 * 3_600_000
+    log(
+        f"fuzz run: seed {seed}, record time {now} (replay: python -m tests.fuzz run "
+        f"--messages {messages} --seed {seed} --now-ms {now})"
+    )
+    report = Report(seed, messages)
+    home = workdir / f"fuzz-{seed}"
+    home.mkdir(parents=True, exist_ok=False)
+    gen = Generator(seed, partitions, now, customers=max(30, messages // 300))
+    plan = gen.messages(messages)
+    report.kinds = gen.counts
+    with _services() as (broker, emu, registry):
+        broker.create_topics({TOPIC: partitions, DLQ: 1, LATE: 1})
+        started = time.monotonic()
+        ends = produce(broker.bootstrap, plan, now)
+        report.numbers["produce_s"] = time.monotonic() - started
+        expected = expect(plan)
+        report.numbers |= {
+            "dead": len(expected.dead),
+            "late": len(expected.late),
+            "accepted": len(expected.accepted),
+            "copies": expected.copies,
+        }
+        port = free_port()
+        started = time.monotonic()
+        with open(home / "consumer.log", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "consumer.cli", "run"],
+                env=_env(broker, emu, registry, home, port),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                trouble = drain(proc, broker.bootstrap, port, ends, timeout)
+                report.numbers["drain_s"] = time.monotonic() - started
+                if trouble:
+                    report.problems.append(trouble)
+                started = time.monotonic()
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+                    if proc.returncode != 0:
+                        report.problems.append(f"SIGTERM: exit code {proc.returncode}, not 0")
+                report.numbers["stop_s"] = time.monotonic() - started
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if report.problems:
+            tail = (home / "consumer.log").read_bytes()[-3000:].decode(errors="replace")
+            report.problems.append(f"the consumer's log ends:\n{tail}")
+        by_coord = {(m.partition, m.offset): m for m in plan}
+        report.problems += check_dlq(broker.bootstrap, expected)
+        report.problems += check_stripe(emu.url, expected)
+    report.problems += check_store(home, expected, by_coord)
+    return report
