@@ -272,12 +272,14 @@ class Generator:
 
     def bad(self) -> Message:
         """One bad message of a kind drawn at random; the oracle must refuse it."""
-        kind, make = self.rng.choice(list(self._bad_kinds().items()))
-        value = make()
-        msg = self._message(value, kind, self._key("api_call", "fz-bad"))
-        if msg.verdict.event is not None:
-            raise AssertionError(f"generator: the oracle accepts a {kind} message: {value!r}")
-        return msg
+        while True:
+            kind, make = self.rng.choice(list(self._bad_kinds().items()))
+            value = make()
+            msg = self._message(value, kind, self._key("api_call", "fz-bad"))
+            if msg.verdict.event is not None:
+                raise AssertionError(f"generator: the oracle accepts a {kind} message: {value!r}")
+            if not msg.verdict.beyond:  # random bytes can be anything
+                return msg
 
     def _bad_kinds(self) -> dict[str, Callable[[], bytes | None]]:
         r, now = self.rng, self.now
@@ -339,7 +341,8 @@ class Generator:
 
     def mutant(self) -> Message:
         """A valid sum-meter event with bytes flipped, inserted or removed, judged by the
-        oracle; drawn again while what it decodes to would make the outcome timing-bound."""
+        oracle; drawn again while what it decodes to would make the outcome timing-bound, or
+        while it holds an encoding the two readers differ on (model._Beyond)."""
         r = self.rng
         for _ in range(50):
             good = self.valid(r.choice(["api_call", "tokens"])).value
@@ -358,6 +361,8 @@ class Generator:
                     del b[at : at + r.randint(1, 3)]
             msg = self._message(bytes(b), "mutated", self._key("api_call", "fz-mutant"))
             e = msg.verdict.event
+            if msg.verdict.beyond:
+                continue
             if e is None:
                 return msg
             timing_bound = (

@@ -95,10 +95,17 @@ class Verdict:
 
     event: Event | None
     why: str = ""
+    beyond: bool = False  # an encoding outside what both readers agree on (see _Beyond)
 
 
 class _Refused(Exception):
     pass
+
+
+class _Beyond(_Refused):
+    """Encodings Java Avro refuses and the consumer's reference reader (fastavro) reads: a
+    varint of more than 10 bytes, an int beyond 32 bits (docs/limits.md). Neither producer
+    library writes them; the fuzz draws another mutation instead of judging one."""
 
 
 class _Reader:
@@ -119,7 +126,7 @@ class _Reader:
                 return (u >> 1) ^ -(u & 1)
             if k == 9:
                 break
-        raise _Refused("varint longer than 10 bytes")
+        raise _Beyond("varint longer than 10 bytes")
 
     def raw(self) -> bytes:
         n = self.long()
@@ -179,7 +186,7 @@ def decode(data: bytes | None) -> dict[str, object]:
         else:
             value = r.long()
             if kind == "int" and not -(2**31) <= value < 2**31:
-                raise _Refused("int out of range")
+                raise _Beyond("int out of range")
             fields[name] = value
     if r.pos != len(data):
         raise _Refused("trailing bytes")
@@ -195,7 +202,7 @@ def judge(data: bytes | None, record_ms: int) -> Verdict:
     try:
         f = decode(data)
     except _Refused as exc:
-        return Verdict(None, str(exc))
+        return Verdict(None, str(exc), isinstance(exc, _Beyond))
     e = Event(
         str(f["event_id"]),
         str(f["event_name"]),
