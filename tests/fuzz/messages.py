@@ -184,12 +184,23 @@ class Generator:
         r = self.rng
         pairs = [(f"k{r.randint(0, 3)}", r.choice(["eu", "us", "", "\u00e9"])) for _ in range(3)]
         pairs = pairs[: r.randint(0, 3)]  # repeated keys are legal: the last one wins
+        if r.random() < 0.02:  # more entries than the fast path takes, and long keys
+            pairs = [(f"k{i}-" + "k" * r.choice([0, 300]), "v") for i in range(r.randint(60, 90))]
         if not pairs:
             return b"\x00"
         body = b"".join(text(k) + text(v) for k, v in pairs)
         if r.random() < 0.3:  # a negative count carries the block's size
             return zz(-len(pairs)) + zz(len(body)) + body + b"\x00"
         return zz(len(pairs)) + body + b"\x00"
+
+    def _long(self, n: int) -> bytes:
+        """A varint, now and then padded with redundant bytes (legal up to 10 in all)."""
+        z = bytearray(zz(n))
+        pad = self.rng.choice([0] * 19 + [10 - len(z)])
+        if pad <= 0:
+            return bytes(z)
+        z[-1] |= 0x80
+        return bytes(z) + b"\x80" * (pad - 1) + b"\x00"
 
     def encode(
         self,
@@ -205,8 +216,8 @@ class Generator:
         head = blob(event_id) + blob(name) + blob(customer)
         props = self._props() if props is None else props
         if layout == 21:
-            return frame(21, head + zz(self.rng.randint(0, 9)) + value + zz(ts) + props)
-        body = head + value + zz(ts)
+            return frame(21, head + zz(self.rng.randint(0, 9)) + value + self._long(ts) + props)
+        body = head + value + self._long(ts)
         if layout >= 2:
             body += props
         if layout >= 3:
