@@ -11,7 +11,8 @@ already used, an event time outside the regular span): then another mutation is 
 
 Event times keep the outcome deterministic: regular events lie in the 20 minutes before the
 record time, so none is ever late; late events are 3 hours old and placed only after an
-original event of their meter in their partition.
+original event of their meter in their partition that has no copy in another partition
+(a copy read first would make that original a duplicate, which moves no watermark).
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ class Generator:
         self.n = 0
         self.used: set[str] = set()  # ids of every valid event made, mutants' included
         self.originals: list[Message] = []  # regular valid events, for copies
-        self.placed: set[tuple[int, str]] = set()  # (partition, meter) with an original
+        # (partition, meter) -> its first original, the anchor of its late events: never
+        # copied into another partition, so it is accepted there whatever the order in which
+        # partitions are read, and its event time is that partition's mark for the meter
+        self.anchors: dict[tuple[int, str], Message] = {}
         self.storage_s: dict[str, int] = {}  # per customer: seconds used by storage_gb
         self.counts: Counter[str] = Counter()
 
@@ -405,7 +409,7 @@ class Generator:
                 self.originals.append(msg)
                 e = msg.verdict.event
                 assert e is not None, f"generator: the oracle refuses a valid event: {msg}"
-                self.placed.add((msg.partition, e.meter))
+                self.anchors.setdefault((msg.partition, e.meter), msg)
             elif x < 0.60:
                 msg = self.copy()
             elif x < 0.62:
@@ -422,11 +426,13 @@ class Generator:
         """An earlier valid event again, byte for byte, in its partition or another."""
         src = self.rng.choice(self.originals)
         p = src.partition if self.rng.random() < 0.6 else self.rng.randrange(self.partitions)
+        if any(src is a for a in self.anchors.values()):
+            p = src.partition
         return Message(p, src.key, src.value, "copy", src.verdict)
 
     def late(self) -> Message:
         """An event three hours old behind an original of its meter in its partition."""
-        p, meter = self.rng.choice(sorted(self.placed))
+        p, meter = self.rng.choice(sorted(self.anchors))
         name = next(k for k, (m, _) in METERS.items() if m == meter)
         msg = self.valid(name, ts=self.now - LATE_MS - self.rng.randint(0, 60_000))
         msg.partition, msg.what = p, "late"

@@ -35,7 +35,7 @@ import stripe
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumer.decode.schemas import SCHEMAS_DIR
-from consumer.local.broker import TansuBroker, free_port
+from consumer.local.broker import TansuBroker, die_with_parent, free_port
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
 from consumer.store.chdb import ChdbBackend
 from tests.chaos.registry import Registry
@@ -377,6 +377,7 @@ def run(
                 env=_env(broker, emu, registry, home, port),
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # no orphan when the fuzz itself is killed
             )
             try:
                 trouble = drain(proc, broker.bootstrap, port, ends, timeout)
