@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--partitions", type=int, default=3)
     run.add_argument("--timeout", type=float, default=900.0, help="seconds to drain")
     run.add_argument("--now-ms", type=int, help="the record time to replay (default: this hour)")
+    run.add_argument("--batch", type=int, default=0, help="batch_max_messages (default: seeded)")
     run.add_argument("--workdir", type=Path, help="keeps the store and the consumer's log")
     args = parser.parse_args(argv)
     if args.what == "decoder":
@@ -37,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         workdir = args.workdir or Path(tmp)
         report = run_fuzz(
-            args.messages, args.seed, workdir, args.partitions, args.timeout, args.now_ms
+            args.messages,
+            args.seed,
+            workdir,
+            args.partitions,
+            args.timeout,
+            args.now_ms,
+            args.batch,
         )
         for line in report.lines():
             print(line, flush=True)

@@ -98,6 +98,7 @@ def expect(messages: list[Message]) -> Expected:
     behind its partition's and meter's newest accepted event time is late."""
     out = Expected()
     marks: dict[tuple[int, str], int] = {}
+    where: dict[tuple[str, str], int] = {}  # (meter, id) -> the partition of its first copy
     for m in messages:
         coord = (m.partition, m.offset)
         e = m.verdict.event
@@ -107,14 +108,19 @@ def expect(messages: list[Message]) -> Expected:
         assert not e.cancels, "the generator makes no cancels"
         key = (e.meter, e.event_id)
         if key in out.accepted:
-            assert out.accepted[key] == e, f"a copy of {key} differs from its original"
+            # a copy read first from another partition may win there: only the generator's
+            # byte-identical copies go to another partition
+            first = where[key]
+            assert first == m.partition or out.accepted[key] == e, (
+                f"{key} differs across partitions"
+            )
             out.copies += 1
             continue
         mark = marks.get((m.partition, e.meter))
         if mark is not None and e.timestamp_ms < mark - LATENESS_MS:
             out.late.add(coord)
             continue
-        out.accepted[key] = e
+        out.accepted[key], where[key] = e, m.partition
         marks[(m.partition, e.meter)] = max(mark or e.timestamp_ms, e.timestamp_ms)
     return out
 
@@ -130,6 +136,7 @@ class Generator:
         self.customers = [f"cus_fz_{i:03d}" for i in range(customers)]
         self.n = 0
         self.used: set[str] = set()  # ids of every valid event made, mutants' included
+        self.pairs: set[tuple[str, str]] = set()  # (meter, id) of the generated valid events
         self.originals: list[Message] = []  # regular valid events, for copies
         # (partition, meter) -> its first original, the anchor of its late events: never
         # copied into another partition, so it is accepted there whatever the order in which
@@ -230,11 +237,19 @@ class Generator:
             body += cancels
         return frame(layout, body)
 
-    def valid(self, name: str | None = None, ts: int | None = None) -> Message:
+    def valid(
+        self,
+        name: str | None = None,
+        ts: int | None = None,
+        event_id: str | None = None,
+        what: str = "valid",
+    ) -> Message:
         r = self.rng
         if name is None:
             name = r.choices(list(METERS), [0.55, 0.3, 0.15])[0]
-        event_id, customer = self._id(), self._customer()
+        if event_id is None:
+            event_id = self._id() if r.random() < 0.97 else self._id_of_another_meter(name)
+        customer = self._customer()
         value = self._value(name)
         ts = self._time(name, customer) if ts is None else ts
         unscaled = int(value.scaleb(9))
@@ -242,7 +257,18 @@ class Generator:
         layout = r.choice([1, 2, 3, 4, 21])
         body = self.encode(layout, (event_id.encode(), name.encode(), customer.encode(), raw, ts))
         self.used.add(event_id)
-        return self._message(body, "valid", self._key(name, event_id))
+        self.pairs.add((METERS[name][0], event_id))
+        return self._message(body, what, self._key(name, event_id))
+
+    def _id_of_another_meter(self, name: str) -> str:
+        """An id an original of another meter has: (meter, id) is the event, so this one
+        is an event of its own."""
+        meter = METERS[name][0]
+        for _ in range(5):
+            other = self.rng.choice(self.originals).verdict.event if self.originals else None
+            if other is not None and (meter, other.event_id) not in self.pairs:
+                return other.event_id
+        return self._id()
 
     def _key(self, name: str, event_id: str) -> bytes | None:
         r = self.rng.random()
@@ -423,8 +449,16 @@ class Generator:
         return out
 
     def copy(self) -> Message:
-        """An earlier valid event again, byte for byte, in its partition or another."""
+        """An earlier valid event again, byte for byte, in its partition or another; or, in
+        its own partition, a conflicting copy: the same meter and id with another customer,
+        value and time (the first by offset counts)."""
         src = self.rng.choice(self.originals)
+        e = src.verdict.event
+        assert e is not None
+        if self.rng.random() < 0.25:
+            msg = self.valid(e.event_name, event_id=e.event_id, what="conflicting copy")
+            msg.partition = src.partition
+            return msg
         p = src.partition if self.rng.random() < 0.6 else self.rng.randrange(self.partitions)
         if any(src is a for a in self.anchors.values()):
             p = src.partition

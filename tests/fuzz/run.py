@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -64,7 +65,8 @@ class Report:
     def lines(self) -> list[str]:
         n = self.numbers
         out = [
-            f"fuzz run: seed {self.seed}, {self.messages} messages "
+            f"fuzz run: seed {self.seed}, {self.messages} messages, batches of "
+            f"{self.numbers.get('batch', 0):.0f} "
             f"({', '.join(f'{k} {v}' for k, v in self.kinds.most_common())})",
             f"  dead letters {n.get('dead', 0):.0f}, late {n.get('late', 0):.0f}, "
             f"accepted {n.get('accepted', 0):.0f}, copies {n.get('copies', 0):.0f}; "
@@ -158,7 +160,7 @@ def produce(bootstrap: str, messages: list[Message], record_ms: int) -> dict[int
 
 
 def _env(
-    broker: TansuBroker, emu: EmulatorServer, registry: Registry, home: Path, port: int
+    broker: TansuBroker, emu: EmulatorServer, registry: Registry, home: Path, port: int, batch: int
 ) -> dict[str, str]:
     return {
         **os.environ,
@@ -177,7 +179,7 @@ def _env(
         "USAGE_CONSUMER_STRIPE__METER_EVENTS_BASE": emu.url,
         "USAGE_CONSUMER_STRIPE__REQUESTS_PER_SECOND": "1000",
         "USAGE_CONSUMER_STRIPE__POLL_INTERVAL_SECONDS": "0.2",
-        "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": "2000",
+        "USAGE_CONSUMER_PIPELINE__BATCH_MAX_MESSAGES": str(batch),
         "USAGE_CONSUMER_PIPELINE__METRICS_HOST": "127.0.0.1",
         "USAGE_CONSUMER_PIPELINE__METRICS_PORT": str(port),
     }
@@ -341,15 +343,20 @@ def run(
     partitions: int = 3,
     timeout: float = 240,
     now_ms: int | None = None,
+    batch: int = 0,
     log: Callable[[str], None] = print,
 ) -> Report:
     """One fuzz run in `workdir` (its store and the consumer's log); never raises for a
     finding, returns it in the report. The record time is `now_ms`, by default the current
-    hour: mutated event times are judged against it, so (seed, now) replays a run exactly."""
+    hour: mutated event times are judged against it, so (seed, now) replays a run exactly.
+    `batch`: pipeline.batch_max_messages, by default 300 or 2000 as the seed draws."""
     now = now_ms if now_ms is not None else int(time.time()) // 3600 * 3_600_000
+    # small batches make ranges of a few messages, several to a batch, copies across them
+    batch = batch or random.Random(seed + 1).choice([300, 2000])
     log(
         f"fuzz run: seed {seed}, record time {now} (replay: python -m tests.fuzz run "
-        f"--messages {messages} --seed {seed} --now-ms {now})"
+        f"--messages {messages} --seed {seed} --now-ms {now} --partitions {partitions} "
+        f"--batch {batch})"
     )
     report = Report(seed, messages)
     home = workdir / f"fuzz-{seed}"
@@ -364,6 +371,7 @@ def run(
         report.numbers["produce_s"] = time.monotonic() - started
         expected = expect(plan)
         report.numbers |= {
+            "batch": batch,
             "dead": len(expected.dead),
             "late": len(expected.late),
             "accepted": len(expected.accepted),
@@ -374,7 +382,7 @@ def run(
         with open(home / "consumer.log", "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "consumer.cli", "run"],
-                env=_env(broker, emu, registry, home, port),
+                env=_env(broker, emu, registry, home, port, batch),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,  # no orphan when the fuzz itself is killed
