@@ -168,7 +168,7 @@ class Generator:
         if self.rng.random() < 0.97:
             return self.rng.choice(self.customers)
         odd = ["cus_\u00fcn\u00efc\u00f8d\u00e9", "cus fz spaced", "c" * 200, "cus_o'brien",
-               'cus_"q"', "cus_back\\slash", "cus_\u2028\xa0"]  # fmt: skip
+               'cus_"q"', "cus_back\\slash", "cus_\u2028\xa0", "cus_nul\x00"]  # fmt: skip
         return self.rng.choice(odd)
 
     def _value(self, name: str) -> Decimal:
@@ -193,7 +193,8 @@ class Generator:
 
     def _props(self) -> bytes:
         r = self.rng
-        pairs = [(f"k{r.randint(0, 3)}", r.choice(["eu", "us", "", "\u00e9"])) for _ in range(3)]
+        values = ["eu", "us", "", "\u00e9", "o'k", '"q"', "\\", "\x00"]
+        pairs = [(f"k{r.randint(0, 3)}", r.choice(values)) for _ in range(3)]
         pairs = pairs[: r.randint(0, 3)]  # repeated keys are legal: the last one wins
         if r.random() < 0.02:  # more entries than the fast path takes, and long keys
             pairs = [(f"k{i}-" + "k" * r.choice([0, 300]), "v") for i in range(r.randint(60, 90))]
