@@ -3,7 +3,8 @@ Tansu broker into a real `usage-consumer run` process (chDB store, the Stripe em
 schema registry stand-in serving extra writer schemas), then checked against the generator's
 own oracle (tests/fuzz/model.py):
 
-- the process stays alive until it is drained, and stops cleanly (exit 0) on SIGTERM;
+- the process, stopped by SIGTERM once it has committed a range and started again, stays
+  alive until it is drained, and each stop is clean (exit 0);
 - dead letters, in the `dead_letters` table and on the dead-letter topic, are exactly the
   bad messages by (partition, offset), each with a non-empty reason; late events exactly the
   late ones;
@@ -30,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import stripe
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -206,11 +207,62 @@ def _committed(bootstrap: str, ends: dict[int, int]) -> bool:
     return all(tp.offset == ends[tp.partition] for tp in got)
 
 
+def _consume(
+    env: dict[str, str],
+    out: IO[bytes],
+    until: Callable[[subprocess.Popen[bytes]], str],
+    report: Report,
+) -> str:
+    """`usage-consumer run` until `until` returns ("" when it got there, else what went
+    wrong), then SIGTERM: it must exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumer.cli", "run"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,  # no orphan when the fuzz itself is killed
+    )
+    try:
+        trouble = until(proc)
+        started = time.monotonic()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            if proc.returncode != 0 and not trouble:
+                trouble = f"SIGTERM: exit code {proc.returncode}, not 0"
+        report.numbers["stop_s"] = max(report.numbers.get("stop_s", 0), time.monotonic() - started)
+        return trouble
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _until_committed(
+    proc: subprocess.Popen[bytes], env: dict[str, str], timeout: float = 60
+) -> str:
+    """Until the process has committed a range (so the SIGTERM meets work in flight)."""
+    port = int(env["USAGE_CONSUMER_PIPELINE__METRICS_PORT"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"the consumer died (exit code {proc.returncode})"
+        if (_metric(port, "usage_consumer_ranges_committed_total") or 0) >= 1:
+            return ""
+        time.sleep(0.1)
+    return f"no range committed within {timeout:.0f} s"
+
+
 def drain(
-    proc: subprocess.Popen[bytes], bootstrap: str, port: int, ends: dict[int, int], timeout: float
+    proc: subprocess.Popen[bytes],
+    env: dict[str, str],
+    bootstrap: str,
+    ends: dict[int, int],
+    timeout: float,
 ) -> str:
     """Wait until every offset is committed, every partition is owned and the outbox reads
     idle three times in a row; "" then, else what went wrong."""
+    port = int(env["USAGE_CONSUMER_PIPELINE__METRICS_PORT"])
     idle = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -377,32 +429,18 @@ def run(
             "accepted": len(expected.accepted),
             "copies": expected.copies,
         }
-        port = free_port()
         started = time.monotonic()
+        env = _env(broker, emu, registry, home, free_port(), batch)
         with open(home / "consumer.log", "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer.cli", "run"],
-                env=_env(broker, emu, registry, home, port, batch),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,  # no orphan when the fuzz itself is killed
-            )
-            try:
-                trouble = drain(proc, broker.bootstrap, port, ends, timeout)
-                report.numbers["drain_s"] = time.monotonic() - started
-                if trouble:
-                    report.problems.append(trouble)
-                started = time.monotonic()
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=60)
-                    if proc.returncode != 0:
-                        report.problems.append(f"SIGTERM: exit code {proc.returncode}, not 0")
-                report.numbers["stop_s"] = time.monotonic() - started
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            # the first process is stopped mid-stream, once a range is committed
+            trouble = _consume(env, out, lambda p: _until_committed(p, env), report)
+            if not trouble:
+                again = _env(broker, emu, registry, home, free_port(), batch)
+                until = lambda p: drain(p, again, broker.bootstrap, ends, timeout)  # noqa: E731
+                trouble = _consume(again, out, until, report)
+            report.numbers["drain_s"] = time.monotonic() - started
+            if trouble:
+                report.problems.append(trouble)
         if report.problems:
             tail = (home / "consumer.log").read_bytes()[-3000:].decode(errors="replace")
             report.problems.append(f"the consumer's log ends:\n{tail}")
