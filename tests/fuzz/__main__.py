@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, default=900.0, help="seconds to drain")
     run.add_argument("--now-ms", type=int, help="the record time to replay (default: this hour)")
     run.add_argument("--batch", type=int, default=0, help="batch_max_messages (default: seeded)")
+    run.add_argument("--decoder", choices=["fast", "reference"], help="default: seeded")
     run.add_argument("--workdir", type=Path, help="keeps the store and the consumer's log")
     args = parser.parse_args(argv)
     if args.what == "decoder":
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout,
             args.now_ms,
             args.batch,
+            None if args.decoder is None else args.decoder == "fast",
         )
         for line in report.lines():
             print(line, flush=True)

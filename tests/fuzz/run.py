@@ -67,7 +67,7 @@ class Report:
         n = self.numbers
         out = [
             f"fuzz run: seed {self.seed}, {self.messages} messages, batches of "
-            f"{self.numbers.get('batch', 0):.0f} "
+            f"{n.get('batch', 0):.0f}, {'the C decoder' if n.get('fast') else 'fastavro only'} "
             f"({', '.join(f'{k} {v}' for k, v in self.kinds.most_common())})",
             f"  dead letters {n.get('dead', 0):.0f}, late {n.get('late', 0):.0f}, "
             f"accepted {n.get('accepted', 0):.0f}, copies {n.get('copies', 0):.0f}; "
@@ -161,7 +161,13 @@ def produce(bootstrap: str, messages: list[Message], record_ms: int) -> dict[int
 
 
 def _env(
-    broker: TansuBroker, emu: EmulatorServer, registry: Registry, home: Path, port: int, batch: int
+    broker: TansuBroker,
+    emu: EmulatorServer,
+    registry: Registry,
+    home: Path,
+    port: int,
+    batch: int,
+    fast: bool,
 ) -> dict[str, str]:
     return {
         **os.environ,
@@ -174,6 +180,7 @@ def _env(
             {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
         ),
         "USAGE_CONSUMER_SCHEMA__REGISTRY_URL": registry.url,
+        "USAGE_CONSUMER_SCHEMA__FAST_DECODER": str(fast).lower(),
         "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(home / "chdb"),
         "USAGE_CONSUMER_STRIPE__API_KEY": KEY,
         "USAGE_CONSUMER_STRIPE__API_BASE": emu.url,
@@ -396,19 +403,22 @@ def run(
     timeout: float = 240,
     now_ms: int | None = None,
     batch: int = 0,
+    fast: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
     """One fuzz run in `workdir` (its store and the consumer's log); never raises for a
     finding, returns it in the report. The record time is `now_ms`, by default the current
     hour: mutated event times are judged against it, so (seed, now) replays a run exactly.
-    `batch`: pipeline.batch_max_messages, by default 300 or 2000 as the seed draws."""
+    `batch`: pipeline.batch_max_messages, by default 300 or 2000 as the seed draws; `fast`:
+    the C decoder on, or fastavro only, by default on in three runs of four."""
     now = now_ms if now_ms is not None else int(time.time()) // 3600 * 3_600_000
     # small batches make ranges of a few messages, several to a batch, copies across them
     batch = batch or random.Random(seed + 1).choice([300, 2000])
+    fast = fast if fast is not None else random.Random(seed + 2).random() < 0.75
     log(
         f"fuzz run: seed {seed}, record time {now} (replay: python -m tests.fuzz run "
         f"--messages {messages} --seed {seed} --now-ms {now} --partitions {partitions} "
-        f"--batch {batch})"
+        f"--batch {batch} --decoder {'fast' if fast else 'reference'})"
     )
     report = Report(seed, messages)
     home = workdir / f"fuzz-{seed}"
@@ -424,18 +434,19 @@ def run(
         expected = expect(plan)
         report.numbers |= {
             "batch": batch,
+            "fast": fast,
             "dead": len(expected.dead),
             "late": len(expected.late),
             "accepted": len(expected.accepted),
             "copies": expected.copies,
         }
         started = time.monotonic()
-        env = _env(broker, emu, registry, home, free_port(), batch)
+        env = _env(broker, emu, registry, home, free_port(), batch, fast)
         with open(home / "consumer.log", "wb") as out:
             # the first process is stopped mid-stream, once a range is committed
             trouble = _consume(env, out, lambda p: _until_committed(p, env), report)
             if not trouble:
-                again = _env(broker, emu, registry, home, free_port(), batch)
+                again = _env(broker, emu, registry, home, free_port(), batch, fast)
                 until = lambda p: drain(p, again, broker.bootstrap, ends, timeout)  # noqa: E731
                 trouble = _consume(again, out, until, report)
             report.numbers["drain_s"] = time.monotonic() - started
