@@ -332,12 +332,13 @@ rd_str(Cur *c, const uint8_t **s, size_t *len)
 }
 
 /* Bytes holding a two's-complement big-endian unscaled integer -> 16 bytes little-endian,
- * as Arrow's decimal128 stores it. Slow when |x| >= 10**38 (the reference rejects it). */
+ * as Arrow's decimal128 stores it. Slow when |x| >= 10**38 or when there are no bytes at all
+ * (Java Avro refuses an empty decimal; the reference rejects both). */
 static int
 rd_decimal(Cur *c, uint8_t out[16])
 {
     size_t len;
-    if (rd_len(c, &len))
+    if (rd_len(c, &len) || len == 0)
         return -1;
     const uint8_t *q = c->p;
     c->p += len;
@@ -348,11 +349,10 @@ rd_decimal(Cur *c, uint8_t out[16])
     }
     if (len > 16)
         return -1;
-    int neg = len > 0 && (q[0] & 0x80);
+    int neg = q[0] & 0x80;
     uint8_t be[16];
     memset(be, neg ? 0xFF : 0x00, sizeof be);
-    if (len)
-        memcpy(be + 16 - len, q, len);
+    memcpy(be + 16 - len, q, len);
     uint64_t hi = 0, lo = 0;
     for (int k = 0; k < 8; k++) {
         hi = hi << 8 | be[k];

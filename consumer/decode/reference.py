@@ -253,7 +253,10 @@ class Decoder:
         )
 
     def _decimal(self, raw: bytes) -> Decimal:
-        """Two's-complement big-endian unscaled integer -> Decimal, exactly."""
+        """Two's-complement big-endian unscaled integer -> Decimal, exactly. No bytes at all
+        is no number: Java Avro refuses it, so a producer's bug is not billed as zero."""
+        if not raw:
+            raise DecodeError("avro_decode_error", "value is a decimal of zero bytes")
         unscaled = int.from_bytes(raw, "big", signed=True)
         if not -self._limit < unscaled < self._limit:
             raise DecodeError("wrong_type", f"value has more than {self._reader.precision} digits")

@@ -187,13 +187,20 @@ def _holder(path: Path) -> int | None:
 
 
 def _quote(v: Any) -> str:
+    """A ClickHouse literal. Tuples are written element by element: Python's repr of a tuple
+    quotes a string holding ' with " and writes \\u escapes, which ClickHouse reads as
+    another string or refuses (a customer id with an apostrophe stopped every emitter cycle)."""
     if isinstance(v, str):
         return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(v, tuple):
+        return "(" + ",".join(_quote(x) for x in v) + ")"
+    if isinstance(v, list):
+        return "[" + ",".join(_quote(x) for x in v) + "]"
     return str(v)
 
 
 def _param_text(v: Any) -> Any:
     """chDB takes parameters as text: arrays must be ClickHouse array literals."""
     if isinstance(v, list | tuple):
-        return "[" + ",".join(_quote(x) for x in v) + "]"
+        return _quote(list(v))
     return v

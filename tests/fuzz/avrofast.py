@@ -1,7 +1,7 @@
 """A long differential fuzz of consumer.decode._avrofast, optionally under AddressSanitizer and
 UndefinedBehaviorSanitizer. Not collected by pytest; run by hand:
 
-    .venv/bin/python -m tests.fuzz.avrofast --seconds 300 --asan
+    .venv/bin/python -m tests.fuzz decoder --seconds 300 --asan
 
 With --asan the extension is rebuilt with -fsanitize=address,undefined (any finding
 aborts), each message and program is copied into an allocation of its exact size (so a
@@ -55,7 +55,7 @@ def _build_sanitized(out_dir: Path) -> Path:
         "-fPIC",
         "-shared",
         f"-I{sysconfig.get_paths()['include']}",
-        str(ROOT / "consumer" / "_avrofast.c"),
+        str(ROOT / "consumer" / "decode" / "_avrofast.c"),
         "-o",
         str(target),
     ]
@@ -511,12 +511,12 @@ def run(seconds: float, seed: int) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--asan", action="store_true", help="rebuild with sanitizers first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"seed {args.seed}", flush=True)
     if args.asan and _SO_ENV not in os.environ:
         return _relaunch_sanitized(["--seconds", str(args.seconds), "--seed", str(args.seed)])

@@ -52,6 +52,22 @@ def test_inputs_of_every_type_and_parameters_together(store: ChdbBackend) -> Non
         store.query_with("SELECT * FROM $nowhere", {})
 
 
+ODD = ["cus_o'brien", 'say "hi"', "back\\slash", "tab\tnew\nline", "nul\x00", "\u2028\xa0\u00e9",
+       "\U0001f600", "'", "", "\\'"]  # fmt: skip
+
+
+def test_array_parameters_round_trip_any_string(store: ChdbBackend) -> None:
+    """Array(String) and Array(Tuple(String, String)) parameters arrive as sent, whatever
+    the strings hold (the run-path fuzz met a customer id with an apostrophe: every emitter
+    cycle failed on the (meter, customer) pairs it asks about)."""
+    pairs = [("m", s) for s in ODD] + [(s, "c") for s in ODD]
+    rows = store.query(
+        "SELECT {a:Array(String)}, {p:Array(Tuple(String, String))}", {"a": ODD, "p": pairs}
+    )
+    assert rows[0][0] == ODD
+    assert [tuple(x) for x in rows[0][1]] == pairs
+
+
 T = 1_790_000_000_000  # ms, a minute boundary
 H = 6 * 3_600_000  # the dedup horizon these tests ask with
 

@@ -534,7 +534,7 @@ CRAFTED: dict[str, tuple[bytes, bool]] = {  # (message, fast?)
     "truncated varint": (v2_body(ts=b"\xff\xff", props=b""), False),
     "sign-padded decimal": (v2_body(value=s(b"\x00" * 20 + b"\x05")), True),
     "sign-padded negative decimal": (v2_body(value=s(b"\xff" * 20 + b"\x85")), True),
-    "empty decimal": (v2_body(value=s(b"")), True),
+    "empty decimal": (v2_body(value=s(b"")), False),
     "17-byte decimal": (v2_body(value=s(b"\x01" + b"\x00" * 16)), False),
     "decimal 10**38 - 1": (v2_body(value=s(decimal_bytes(LIMIT - 1))), True),
     "decimal 10**38": (v2_body(value=s(decimal_bytes(LIMIT))), False),
@@ -557,6 +557,16 @@ def test_crafted(case: tuple[bytes, bool]) -> None:
     message, fast = case
     batch, _ = check([message], VERSIONS)
     assert bool(batch.slow[0]) != fast
+
+
+def test_zero_length_decimal_is_slow_and_refused() -> None:
+    """A decimal of zero bytes is no number (Java Avro refuses it): the C side leaves the row
+    to the reference, which dead-letters it, instead of reading it as 0."""
+    message = v2_body(value=s(b""))
+    batch = decode_batch([message, v2_body()], programs_for(VERSIONS))
+    assert batch.slow.tolist() == [True, False]
+    _, wants = check([message], VERSIONS)
+    assert wants == [None]
 
 
 EXTRA = {"type": "record", "name": "UsageEvent", "namespace": "io.usageconsumer"}

@@ -187,6 +187,20 @@ def test_garbage_avro(decoder: Decoder, body: bytes) -> None:
     assert len(err.value.detail) < 300
 
 
+@pytest.mark.parametrize("schema_id", [1, 2, 3, 4])
+def test_zero_length_decimal_is_refused(decoder: Decoder, schema_id: int) -> None:
+    """Java Avro refuses a decimal of zero bytes; reading it as 0 would hide a producer bug."""
+    good = encode_confluent(for_writer(schema_id, record(value=Decimal(0))), WRITERS[schema_id], 0)
+    good = frame_confluent(schema_id, good[5:])
+    assert decoder.decode(good).value == 0
+    at = 5 + len(b"\x0aevt-1\x10api_call\x0ecus_123")
+    assert good[at : at + 2] == b"\x02\x00"  # a zero is one byte, 0x00
+    with pytest.raises(DecodeError) as err:
+        decoder.decode(good[:at] + b"\x00" + good[at + 2 :])
+    assert err.value.reason == "avro_decode_error"
+    assert "zero bytes" in err.value.detail
+
+
 def test_trailing_bytes(decoder: Decoder) -> None:
     with pytest.raises(DecodeError) as err:
         decoder.decode(encode_confluent(record(), V2, 2) + b"\x00")
