@@ -330,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     add_filters(dr)
     dr.add_argument("--dry-run", action="store_true", help="say what would happen, send nothing")
     dr.add_argument("--again", action="store_true", help="also those re-driven before")
+    dr.add_argument("--batch-size", type=int, default=500, help="copies a recorded batch")
     de = dq_sub.add_parser("release", help="let a range through the dead-letter flood stop")
     de.add_argument("--partition", type=int, required=True)
     de.add_argument("--from", dest="first", type=int, required=True, help="first offset")

@@ -292,3 +292,18 @@ def test_a_flood_stops_with_one_line_and_a_release_lets_exactly_that_range_throu
         store.close()
     assert offsets == list(range(120))  # exactly the released range, not one offset more
     assert who[0][1] == "a producer wrote text"
+    # Re-driven copies that fail again are not a flood: the consumer dead-letters them and
+    # carries on (the second range released too, every dead letter re-driven while the
+    # messages are still broken).
+    code, _, _ = dlq(capsys, conf, "release", "--partition", "0", "--from", "120", "--to", "239")
+    code, out, _ = dlq(capsys, conf, "redrive", "--reason", "avro_decode_error")
+    assert code == 0 and "120  still invalid: avro_decode_error" in out
+    run_until_drained(settings, copy_ends(settings), timeout=60, quiet=True)
+    store = open_store(settings.clickhouse)
+    try:
+        dead = store.query(
+            "SELECT count(), countIf(indexOf(header_keys, 'usage-consumer.redrive-of') > 0) FROM dead_letters FINAL"
+        )
+    finally:
+        store.close()
+    assert [int(x) for x in dead[0]] == [360, 120]  # 0-239 as released, 120 copies

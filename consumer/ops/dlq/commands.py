@@ -91,6 +91,8 @@ def redrive_(
     producer: Callable[[], Producer],
     out: TextIO = sys.stdout,
 ) -> int:
+    if args.batch_size < 1:
+        raise DlqError("--batch-size must be 1 or more")
     f = filters(args, settings, clock)
     rows, _ = find(store, f, decode, None)
     if "poison" not in f.reasons:  # a message that crashed the consumer: only when asked

@@ -182,6 +182,7 @@ def send(
     redrive: str,
     now_ms: Callable[[], int],
     progress: Progress,
+    chunk: int = CHUNK,
     flush_timeout: float = 30.0,
 ) -> int:
     """Produce each row's original message again, recorded before and after; returns how
@@ -189,15 +190,15 @@ def send(
     (what was recorded as sent is skipped)."""
     who = operator()
     done = 0
-    for start in range(0, len(rows), CHUNK):
-        chunk = rows[start : start + CHUNK]
-        _record(store, chunk, redrive, INTENDED, {}, who, now_ms())
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        _record(store, part, redrive, INTENDED, {}, who, now_ms())
         crash_points.reached("redrive_after_intent")
-        where = _produce(producer, chunk, redrive, flush_timeout)
+        where = _produce(producer, part, redrive, flush_timeout)
         crash_points.reached("redrive_after_produce")
-        _record(store, chunk, redrive, SENT, where, who, now_ms())
+        _record(store, part, redrive, SENT, where, who, now_ms())
         crash_points.reached("redrive_after_record")
-        done += len(chunk)
+        done += len(part)
         progress(done)
     return done
 
