@@ -302,7 +302,8 @@ def test_a_flood_stops_with_one_line_and_a_release_lets_exactly_that_range_throu
     store = open_store(settings.clickhouse)
     try:
         dead = store.query(
-            "SELECT count(), countIf(indexOf(header_keys, 'usage-consumer.redrive-of') > 0) FROM dead_letters FINAL"
+            "SELECT count(), countIf(indexOf(header_keys, 'usage-consumer.redrive-of') > 0) "
+            "FROM dead_letters FINAL"
         )
     finally:
         store.close()
