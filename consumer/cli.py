@@ -256,6 +256,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     settings = _settings(args)
     clock = SystemClock()
     store = open_store(settings.clickhouse)
+    if not args.verbose:  # which decoder runs is the consumer's news, not an operator's
+        logging.getLogger("consumer.app").setLevel(logging.WARNING)
     try:
         decode = decoder_of(build_decoder(settings.schema_).decode)
         if args.dlq_command == "list":

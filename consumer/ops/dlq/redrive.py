@@ -199,7 +199,8 @@ def send(
         _record(store, part, redrive, SENT, where, who, now_ms())
         crash_points.reached("redrive_after_record")
         done += len(part)
-        progress(done)
+        if done < len(rows):  # the caller draws the last
+            progress(done)
     return done
 
 
