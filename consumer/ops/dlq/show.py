@@ -29,12 +29,20 @@ def redrive_text(d: DeadLetterRow) -> str:
     """Where this dead letter's re-drives went, or what it is a copy of."""
     parts = []
     if d.redrive_of:
-        parts.append(f"copy of {d.redrive_of}")
+        parts.append(f"copy of {_which(d.redrive_of, d.topic)}")
     for _, state, p, o in d.redrives[-1:]:
         parts.append(f"sent as {p}:{o}" if o >= 0 else STATES[state])
     if len(d.redrives) > 1:
         parts.append(f"({len(d.redrives)} runs)")
     return " ".join(parts)
+
+
+def _which(link: str, topic: str) -> str:
+    """A REDRIVE_OF link (topic/partition/offset) as `dlq show` takes it."""
+    parts = link.rsplit("/", 2)
+    if len(parts) == 3:
+        return f"{parts[1]}:{parts[2]}" if parts[0] == topic else ":".join(parts)
+    return link
 
 
 def _record(d: DeadLetterRow) -> dict[str, Any]:
@@ -73,12 +81,17 @@ def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def hexdump(data: bytes, width: int = 16) -> list[str]:
+HEX_LIMIT = 4096  # bytes dumped; a dead letter may be as large as the topic allows
+
+
+def hexdump(data: bytes, width: int = 16, limit: int = HEX_LIMIT) -> list[str]:
     lines = []
-    for at in range(0, len(data), width):
+    for at in range(0, min(len(data), limit), width):
         chunk = data[at : at + width]
         text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
         lines.append(f"  {at:08x}  {chunk.hex(' '):<{width * 3}} {text}")
+    if len(data) > limit:
+        lines.append(f"  ... {len(data) - limit} more bytes")
     return lines
 
 
@@ -96,7 +109,7 @@ def format_one(d: DeadLetterRow) -> str:
         *(f"  {k} = {v.decode(errors='replace')!r}" for k, v in d.headers),
     ]
     if d.redrive_of:
-        out.append(f"re-driven from {d.redrive_of}")
+        out.append(f"re-driven from {_which(d.redrive_of, d.topic)}")
     for rid, state, p, o in d.redrives:
         where = f" as partition {p} offset {o}" if o >= 0 else ""
         out.append(f"re-drive     {rid}: {STATES[state]}{where}")
