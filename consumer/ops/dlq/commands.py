@@ -18,6 +18,7 @@ from consumer.ops.dlq.select import (
     Decode,
     DlqError,
     Filters,
+    copy_outcomes,
     find,
     one,
     parse_when,
@@ -78,7 +79,8 @@ def show(args: argparse.Namespace, settings: Settings, store: Backend, decode: D
     topic, partition, offset = parse_which(args.which, settings.kafka.topic)
     d = one(store, topic, partition, offset, decode)
     with_redrives(store, [d])
-    print(format_one(d))
+    copies = [(p, o) for _, _, p, o in d.redrives if o >= 0]
+    print(format_one(d, copy_outcomes(store, topic, copies)))
     return 0
 
 

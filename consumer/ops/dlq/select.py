@@ -233,3 +233,19 @@ def with_redrives(store: Backend, rows: list[DeadLetterRow]) -> None:
         d = by_key.get((str(t), int(p), int(o)))
         if d is not None:
             d.redrives.append((str(rid), int(state), int(cp), int(co)))
+
+
+def copy_outcomes(store: Backend, topic: str, copies: list[tuple[int, int]]) -> dict[int, str]:
+    """What became of re-driven copies (partition, offset) -> by offset: a dead letter
+    again (its reason) or a late event; keyed reads of both tables."""
+    out: dict[int, str] = {}
+    for p, o in copies:
+        params = {"t": topic, "p": p, "o": o}
+        where = "topic = {t:String} AND partition = {p:UInt32} AND offset = {o:UInt64}"
+        dead = store.query(f"SELECT reason FROM dead_letters FINAL WHERE {where}", params)
+        late = store.query(f"SELECT meter FROM late_events FINAL WHERE {where}", params)
+        if dead:
+            out[o] = f"a dead letter again ({dead[0][0]})"
+        elif late:
+            out[o] = f"a late event of {late[0][0]} (not in the totals)"
+    return out

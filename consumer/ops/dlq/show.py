@@ -95,7 +95,7 @@ def hexdump(data: bytes, width: int = 16, limit: int = HEX_LIMIT) -> list[str]:
     return lines
 
 
-def format_one(d: DeadLetterRow) -> str:
+def format_one(d: DeadLetterRow, outcomes: dict[int, str] | None = None) -> str:
     """Coordinates, reason, headers, re-drives, and the original bytes decoded where they
     decode (a hex dump where they do not)."""
     out = [
@@ -112,6 +112,13 @@ def format_one(d: DeadLetterRow) -> str:
         out.append(f"re-driven from {_which(d.redrive_of, d.topic)}")
     for rid, state, p, o in d.redrives:
         where = f" as partition {p} offset {o}" if o >= 0 else ""
+        became = (outcomes or {}).get(o) if o >= 0 else None
+        if o >= 0:  # what the consumer made of it, where a keyed read can tell
+            where += (
+                f": {became}"
+                if became
+                else ": counted, or a duplicate of a counted copy (once consumed)"
+            )
         out.append(f"re-drive     {rid}: {STATES[state]}{where}")
     sid = header_schema_id(d.payload)
     if sid is not None:
