@@ -74,7 +74,7 @@ def format_list(rows: Sequence[DeadLetterRow], fmt: str) -> str:
         w.writerows(records)
         return buf.getvalue().rstrip("\n")
     table = [[_cut(str(r[c]), 60) for c in LIST_COLUMNS] for r in records]
-    return format_table(LIST_COLUMNS, table)
+    return "\n".join(line.rstrip() for line in format_table(LIST_COLUMNS, table).splitlines())
 
 
 def _cut(text: str, n: int) -> str:
