@@ -49,7 +49,7 @@ def config(
             "dlq_topic": f"{name}.dlq",
             "late_topic": f"{name}.late",
             "group_id": name,
-            "consumer_librdkafka": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"},
+            "consumer_librdkafka": {"session.timeout.ms": "3000", "heartbeat.interval.ms": "500"},
         },
         "clickhouse": {"chdb_path": str(tmp / "chdb")},
         "stripe": {

@@ -91,8 +91,9 @@ def redrive_(
     decode: Decode,
     clock: Clock,
     producer: Callable[[], Producer],
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
+    out = out or sys.stdout  # looked up per call: the caller may have replaced it
     if args.batch_size < 1:
         raise DlqError("--batch-size must be 1 or more")
     f = filters(args, settings, clock)
