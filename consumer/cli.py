@@ -318,21 +318,25 @@ def parser() -> argparse.ArgumentParser:
         help="serve the Stripe meter APIs locally (--help: its options)",
         add_help=False,
     )
-    from consumer.ops.dlq.commands import DEFAULT_LIMIT, add_filters
-
     dq = sub.add_parser("dlq", help="list, show, re-drive and release dead letters")
     dq_sub = dq.add_subparsers(dest="dlq_command", required=True)
     dl = dq_sub.add_parser("list", help="dead letters by reason, time, partition and meter")
-    add_filters(dl)
-    dl.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="default %(default)s")
+    dl.add_argument("--limit", type=int, default=50, help="default %(default)s")
     dl.add_argument("--format", choices=["table", "json", "csv"], default="table")
     dw = dq_sub.add_parser("show", help="one dead letter in full, its bytes decoded")
     dw.add_argument("which", help="PARTITION:OFFSET as `dlq list` prints it")
     dr = dq_sub.add_parser("redrive", help="send dead letters back once their cause is fixed")
-    add_filters(dr)
     dr.add_argument("--dry-run", action="store_true", help="say what would happen, send nothing")
     dr.add_argument("--again", action="store_true", help="also those re-driven before")
     dr.add_argument("--batch-size", type=int, default=500, help="copies a recorded batch")
+    for f in (dl, dr):  # the filters both take
+        f.add_argument("--reason", action="append", default=[], help="a reason (repeatable)")
+        f.add_argument("--since", default="7d", help="RFC 3339, epoch s or an age (default 7d)")
+        f.add_argument("--until", default=None, help="RFC 3339, epoch s or an age (default now)")
+        f.add_argument("--partition", type=int, action="append", default=[], help="(repeatable)")
+        f.add_argument(
+            "--meter", action="append", default=[], help="meter or event name (repeatable)"
+        )
     de = dq_sub.add_parser("release", help="let a range through the dead-letter flood stop")
     de.add_argument("--partition", type=int, required=True)
     de.add_argument("--from", dest="first", type=int, required=True, help="first offset")

@@ -14,7 +14,6 @@ from consumer.config import Settings
 from consumer.decode.validate import DAY_MS, Limits
 from consumer.ops.dlq import redrive
 from consumer.ops.dlq.select import (
-    DEFAULT_SINCE,
     Decode,
     DlqError,
     Filters,
@@ -29,20 +28,6 @@ from consumer.ops.dlq.show import format_list, format_one
 from consumer.ops.progress import Progress
 from consumer.store import releases
 from consumer.store.backend import Backend
-
-DEFAULT_LIMIT = 50
-
-
-def add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reason", action="append", default=[], help="a reason (repeatable)")
-    p.add_argument(
-        "--since", default=DEFAULT_SINCE, help="RFC 3339, epoch s or an age (default 7d)"
-    )
-    p.add_argument("--until", default=None, help="RFC 3339, epoch s or an age (default now)")
-    p.add_argument("--partition", type=int, action="append", default=[], help="(repeatable)")
-    p.add_argument(
-        "--meter", action="append", default=[], help="a meter or event name (repeatable)"
-    )
 
 
 def filters(args: argparse.Namespace, settings: Settings, clock: Clock) -> Filters:

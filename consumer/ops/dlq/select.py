@@ -20,7 +20,6 @@ from consumer.decode.schemas import SchemaSourceUnavailable
 from consumer.ops.dlq.links import REDRIVE_OF
 from consumer.store.backend import Backend
 
-DEFAULT_SINCE = "7d"
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # event name -> decoded event, or None where the payload does not decode
