@@ -1,5 +1,5 @@
-"""`usage-consumer`: run, produce, migrate, totals, reconcile, meters sync, doctor,
-stripe-emulator, demo."""
+"""`usage-consumer`: run, produce, migrate, totals, reconcile, replay, meters sync, doctor,
+dlq, stripe-emulator, demo."""
 
 from __future__ import annotations
 
@@ -37,8 +37,19 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from consumer.clock import SystemClock
+    from consumer.ingest.ranges import DeadLetterFlood
 
-    return serve(_settings(args), SystemClock())
+    try:
+        return serve(_settings(args), SystemClock())
+    except DeadLetterFlood as exc:  # waits for an operator: one line naming what to run
+        config = f" --config {args.config}" if args.config else ""
+        print(
+            f"usage-consumer: {exc}. If they are garbage, dead-letter exactly these offsets "
+            f"and carry on: usage-consumer{config} dlq release --partition {exc.partition} "
+            f"--from {exc.start} --to {exc.end - 1} --reason '...'",
+            file=sys.stderr,
+        )
+        return 4
 
 
 def serve(settings: Settings, clock: Clock, store: Backend | None = None) -> int:
@@ -276,6 +287,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(Path(args.workdir), args.events, args.customers, args.partitions, args.seed)
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+
+    from consumer.app import build_decoder
+    from consumer.clock import SystemClock
+    from consumer.ingest.kafka import producer_config
+    from consumer.ops.dlq import commands
+    from consumer.ops.dlq.select import DlqError, decoder_of
+    from consumer.store import open_store
+
+    settings = _settings(args)
+    clock = SystemClock()
+    store = open_store(settings.clickhouse)
+    if not args.verbose:  # which decoder runs is the consumer's news, not an operator's
+        logging.getLogger("consumer.app").setLevel(logging.WARNING)
+    try:
+        decode = decoder_of(build_decoder(settings.schema_).decode)
+        if args.dlq_command == "list":
+            return commands.list_(args, settings, store, decode, clock)
+        if args.dlq_command == "show":
+            return commands.show(args, settings, store, decode)
+        if args.dlq_command == "redrive":
+            make = lambda: Producer(producer_config(settings.kafka))  # noqa: E731
+            return commands.redrive_(args, settings, store, decode, clock, make)
+        return commands.release(args, settings, store, clock)
+    except DlqError as exc:
+        print(f"usage-consumer dlq: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="usage-consumer", description=__doc__)
     ap.add_argument(
@@ -341,6 +384,30 @@ def parser() -> argparse.ArgumentParser:
         help="serve the Stripe meter APIs locally (--help: its options)",
         add_help=False,
     )
+    dq = sub.add_parser("dlq", help="list, show, re-drive and release dead letters")
+    dq_sub = dq.add_subparsers(dest="dlq_command", required=True)
+    dl = dq_sub.add_parser("list", help="dead letters by reason, time, partition and meter")
+    dl.add_argument("--limit", type=int, default=50, help="default %(default)s")
+    dl.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    dw = dq_sub.add_parser("show", help="one dead letter in full, its bytes decoded")
+    dw.add_argument("which", help="PARTITION:OFFSET as `dlq list` prints it")
+    dr = dq_sub.add_parser("redrive", help="send dead letters back once their cause is fixed")
+    dr.add_argument("--dry-run", action="store_true", help="say what would happen, send nothing")
+    dr.add_argument("--again", action="store_true", help="also those re-driven before")
+    dr.add_argument("--batch-size", type=int, default=500, help="copies a recorded batch")
+    for f in (dl, dr):  # the filters both take
+        f.add_argument("--reason", action="append", default=[], help="a reason (repeatable)")
+        f.add_argument("--since", default="7d", help="RFC 3339, epoch s or an age (default 7d)")
+        f.add_argument("--until", default=None, help="RFC 3339, epoch s or an age (default now)")
+        f.add_argument("--partition", type=int, action="append", default=[], help="(repeatable)")
+        f.add_argument(
+            "--meter", action="append", default=[], help="meter or event name (repeatable)"
+        )
+    de = dq_sub.add_parser("release", help="let a range through the dead-letter flood stop")
+    de.add_argument("--partition", type=int, required=True)
+    de.add_argument("--from", dest="first", type=int, required=True, help="first offset")
+    de.add_argument("--to", dest="last", type=int, required=True, help="last offset (included)")
+    de.add_argument("--reason", default=None, help="why, recorded with the release")
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--events", type=int, default=100_000)
@@ -361,6 +428,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
+    "dlq": cmd_dlq,
 }
 
 

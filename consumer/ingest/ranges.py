@@ -21,6 +21,8 @@ from consumer.ingest.context import TRANSIENT, IngestContext, OnTransient
 from consumer.intent.forming import Formed, form
 from consumer.intent.tracks import Track
 from consumer.sinks.ledger import RangeWrite, ledger_lookup
+from consumer.sinks.side_outputs import redriven
+from consumer.store import releases
 from consumer.store.backend import StoreError
 from consumer.store.config_versions import load_config
 
@@ -33,7 +35,12 @@ class UnknownConfiguration(Exception):
 
 class DeadLetterFlood(Exception):
     """Most of a large range is invalid: a producer or schema is broken. Stop loudly rather
-    than dead-letter everything; nothing of the range is written or committed."""
+    than dead-letter everything; nothing of the range is written or committed. An operator
+    lets exactly this range through with `usage-consumer dlq release` (store/releases.py)."""
+
+    def __init__(self, message: str, partition: int, start: int, end: int) -> None:
+        super().__init__(message)
+        self.partition, self.start, self.end = partition, start, end
 
 
 class RangeMaker:
@@ -88,7 +95,11 @@ class RangeMaker:
             return []
         ranges = []
         for f, cl in zip(batch, classified, strict=True):
-            self._check_flood(f, cl)
+            try:
+                self._check_flood(f, cl)
+            except StoreError as exc:  # asking for a release, or withdrawing the attempt
+                transient("flood check", exc, [f.partition])
+                return []
             if (f.attempt > 1 or f.snapshot.suspect is not None) and not f.quarantine:
                 try:  # a suspect range goes alone, so this is the batch's only write
                     c.commits.withdraw(f, now_ms)
@@ -168,18 +179,38 @@ class RangeMaker:
         return [out[f.partition] for f in batch]
 
     def _check_flood(self, f: Formed, classified: Classified) -> None:
+        """Stops on a range that is mostly invalid, unless an operator released it. Re-driven
+        copies (`dlq redrive`) that fail again are not a broken producer: they do not count."""
         c = self.ctx
-        bad, n = len(classified.invalid), len(f.inp)
+        bad = sum(1 for d in classified.invalid if not redriven(d.record))
+        n = len(f.inp)
         if n < c.flood_min_messages or bad <= c.max_invalid_ratio * n:
+            return
+        released = releases.covering(c.store, c.topic, f.partition, f.start, f.end - 1)
+        if released is not None:
+            log.warning(
+                "partition %d offsets %d-%d: %d of %d messages invalid; dead-lettering them, "
+                "released by %s (%s)",
+                f.partition,
+                f.start,
+                f.end - 1,
+                bad,
+                n,
+                released.who or "?",
+                released.reason or "no reason given",
+            )
             return
         # A deliberate stop, not a crash: withdraw this attempt so that restarts waiting
         # for an operator never count towards splitting the range as poison (P7).
         c.commits.withdraw(f, int(c.clock.now() * 1000))
         reasons = sorted({d.reason for d in classified.invalid})
         raise DeadLetterFlood(
-            f"partition {f.partition} offsets [{f.start}, {f.end}): {bad} of {n} "
-            f"messages invalid ({', '.join(reasons)}); stopping instead of dead-lettering "
-            "them all (pipeline.max_invalid_ratio)"
+            f"partition {f.partition} offsets {f.start}-{f.end - 1}: {bad} of {n} "
+            f"messages invalid ({', '.join(reasons)}); stopped instead of dead-lettering "
+            "them all (pipeline.max_invalid_ratio)",
+            f.partition,
+            f.start,
+            f.end,
         )
 
     def _classifier_for(self, config_hash: str, partition: int) -> Classifier:

@@ -22,10 +22,10 @@ from consumer.app import build_pipeline
 from consumer.clock import SystemClock
 from consumer.config import Settings, load_settings
 from consumer.local.broker import TansuBroker
-from consumer.local.progress import Progress
 from consumer.local.sample import Message, Sample, generate
 from consumer.metrics import Metrics
 from consumer.ops.health import Health
+from consumer.ops.progress import Progress
 from consumer.ops.totals import (
     Totals,
     clickhouse_totals,

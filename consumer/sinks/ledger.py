@@ -195,6 +195,13 @@ def _write_dead_letters(
             "detail": pa.array([d.detail for d in dead]),
             "key": pa.array([d.record.key or b"" for d in dead], pa.binary()),
             "payload": pa.array([d.record.value or b"" for d in dead], pa.binary()),
+            # a re-driven copy's link to its original is among them (side_outputs.REDRIVE_OF)
+            "header_keys": pa.array(
+                [[k for k, _ in d.record.headers] for d in dead], pa.list_(pa.string())
+            ),
+            "header_values": pa.array(
+                [[v for _, v in d.record.headers] for d in dead], pa.list_(pa.binary())
+            ),
             "written_at": pa.array([now_ms] * len(dead), TIME_MS),
         },
         token=token,

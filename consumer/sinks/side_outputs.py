@@ -17,6 +17,21 @@ from consumer.records import Record
 
 log = logging.getLogger(__name__)
 HEADER = "usage-consumer."
+# On a copy `dlq redrive` produced: the dead letter it came from (topic/partition/offset),
+# and the re-drive run that produced it.
+REDRIVE_OF = HEADER + "redrive-of"
+REDRIVE_ID = HEADER + "redrive-id"
+
+
+def redriven(rec: Record) -> bool:
+    """A copy of a dead letter, produced again by `dlq redrive`."""
+    return any(k == REDRIVE_OF for k, _ in rec.headers)
+
+
+def _own_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
+    """The message's own headers, so a dead letter keeps them (a re-driven copy's link to
+    its original among them); ours of an earlier pass are written afresh."""
+    return [(k, v) for k, v in rec.headers if not k.startswith(HEADER) or k in _LINKS]
 
 
 def _source_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
@@ -27,6 +42,9 @@ def _source_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
         (HEADER + "source-offset", str(rec.offset).encode()),
         (HEADER + "source-timestamp", str(rec.timestamp_ms).encode()),
     ]
+
+
+_LINKS = (REDRIVE_OF, REDRIVE_ID)
 
 
 class SideOutputError(Exception):
@@ -83,6 +101,7 @@ class SideOutputs:
 
         for d in dead:
             headers = [
+                *_own_headers(d.record),
                 *_source_headers(d.record),
                 (HEADER + "reason", d.reason.encode()),
                 (HEADER + "detail", d.detail.encode()[:1000]),

@@ -49,10 +49,10 @@ from consumer.decode.validate import Limits
 from consumer.ingest.kafka import consumer_config
 from consumer.local.broker import TansuBroker
 from consumer.local.demo import produce_messages
-from consumer.local.progress import Progress
 from consumer.local.sample import generate
 from consumer.metrics import Metrics
 from consumer.ops.health import Health
+from consumer.ops.progress import Progress
 from consumer.ops.totals import clickhouse_totals
 from consumer.producer import UsageProducer
 from consumer.records import RangeInput

@@ -26,6 +26,7 @@ from typing import Any
 import stripe
 from confluent_kafka import Consumer, TopicPartition
 
+from consumer.config import default_meters
 from consumer.local.broker import TansuBroker, free_port
 from consumer.local.demo import produce_messages
 from consumer.local.emulator import EmulatorOptions, EmulatorServer, serve
@@ -53,6 +54,9 @@ POINTS = (
     "after_stripe_adjustment",
     "session_refresh",
 )
+# Where `dlq redrive` stops for good: its record of a chunk, the chunk's copies produced
+# and confirmed, the copies' offsets recorded.
+REDRIVE_POINTS = ("redrive_after_intent", "redrive_after_produce", "redrive_after_record")
 KEY = "sk_test_chaos"
 MAX_POLL_MS = 6000  # a zombie is stopped past this and the session timeout (3 s)
 FAULT_SECONDS = 8.0  # how long a zombie stays stopped, a partition cut
@@ -92,6 +96,10 @@ class Scenario:
     # (a zombie), or cut the replica in a network namespace off from the broker, the store
     # and Stripe, and heal it (netns.py; skipped with the reason where it cannot run).
     replica_faults: bool = False
+    # A meter left out of the configuration while the data is consumed (its events become
+    # dead letters), then configured and `dlq redrive` run: killed at each kill point and at
+    # random, the consumer run and killed between, until a run completes.
+    redrive: str = ""
 
 
 @dataclass
@@ -177,7 +185,12 @@ class Harness:
                     endpoint = served.enter_context(running(home / "chdb", host=host))
                 run = _Run(sc, home, broker, emu, sample, self.rng, endpoint, link)
                 with run.dependency_faults():
-                    kills = run.kill_cycles() if sc.processes == 1 else run.kill_processes()
+                    if sc.redrive:
+                        kills = run.redrive_cycles()
+                    elif sc.processes == 1:
+                        kills = run.kill_cycles()
+                    else:
+                        kills = run.kill_processes()
                     drained = run.drain(300 + 60 * sc.poison)  # each poison costs restarts
                     kills += run.crashes
             # the endpoint is stopped: the store is read directly from here on
@@ -189,7 +202,7 @@ class Harness:
             clickhouse = _clickhouse_hourly(home)
             lost, doubled, wrong = compare(sample, clickhouse, stripe)
             differences = differ(sample, clickhouse=clickhouse, stripe=stripe)
-            side = _side_outputs(home, sample, sc.poison)
+            side = _redriven(home) if sc.redrive else _side_outputs(home, sample, sc.poison)
         return Outcome(
             sc.name,
             kills,
@@ -268,6 +281,7 @@ class _Run:
         self.waves = [sample.messages[i : i + size] for i in range(0, len(sample.messages), size)]
         self.group = f"{sc.name}-group"
         self.log = open(home / "consumer.log", "a")  # noqa: SIM115 - closed in drain()
+        self.meters: str | None = None  # a meters configuration (JSON) instead of the default
 
     def env(self, fault: str = "", guest: bool = False) -> tuple[dict[str, str], int]:
         port = free_port()
@@ -304,6 +318,8 @@ class _Run:
             ),
             **sc.env,
         }
+        if self.meters is not None:
+            env["USAGE_CONSUMER_METERS"] = self.meters
         if self.endpoint is not None:
             env |= {
                 "USAGE_CONSUMER_CLICKHOUSE__BACKEND": "server",
@@ -364,6 +380,68 @@ class _Run:
             if self.sc.between_kills:
                 store_sql(self.home, self.sc.between_kills)
         return kills
+
+    def redrive_cycles(self) -> int:
+        """Scenario.redrive: every wave consumed with that meter left out (its events dead
+        letters, reason unknown_meter); then, the meter configured, `dlq redrive` is
+        killed at each kill point (its 1st-3rd occurrence: once per chunk of copies) and at
+        random moments, the consumer runs a random while between (killed too, mid-way
+        through the copies), until a redrive completes. The drain then counts the copies."""
+        kept = [m for m in default_meters() if m.name != self.sc.redrive]
+        self.meters = json.dumps([m.model_dump(mode="json") for m in kept])
+        while self.waves:
+            self.produce_wave()
+        if not self._drained(120):
+            raise RuntimeError("the first pass (the meter left out) did not drain")
+        self.meters = None
+        kills = 0
+        plan: list[str | None] = [*self.sc.kill_points, *[None] * self.sc.random_kills]
+        for point in plan:
+            fault = f"{point}:{self.rng.randint(1, 3)}" if point else ""
+            proc = self.start_redrive(fault)
+            try:
+                proc.wait(timeout=60 if point else self.rng.uniform(0.5, 3.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+            kills += proc.returncode == -signal.SIGKILL
+            if point:
+                self.fired[point] = self.fired.get(point, 0) + self._fired(fault)
+            consumer, _ = self.start()
+            try:
+                consumer.wait(timeout=self.rng.uniform(1.0, 6.0))
+            except subprocess.TimeoutExpired:
+                consumer.send_signal(signal.SIGKILL)
+                consumer.wait()
+            kills += consumer.returncode == -signal.SIGKILL
+        last = self.start_redrive("")
+        if last.wait(timeout=120) != 0:
+            self.exited.append(last.returncode)
+        for p, end in _copy_ends(self.home).items():
+            self.ends[p] = max(self.ends.get(p, 0), end)
+        return kills
+
+    def start_redrive(self, fault: str) -> subprocess.Popen[bytes]:
+        env, _ = self.env(fault)
+        self.log.write(f"--- start redrive fault={fault or '-'}\n")
+        self.log.flush()
+        command = [sys.executable, "-m", "tests.support.armed", "dlq", "redrive"]
+        command += ["--reason", "unknown_meter", "--batch-size", "100"]
+        return subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
+
+    def _drained(self, timeout: float) -> bool:
+        """Run one unfaulted process until everything produced is committed and the
+        outbox is idle, then stop it cleanly."""
+        proc, port = self.start()
+        try:
+            if self._wait_drained(proc, port, time.monotonic() + timeout):
+                proc.send_signal(signal.SIGTERM)
+                return proc.wait(timeout=60) == 0
+            return False
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def kill_processes(self) -> int:
         """`processes` consumer processes at once: each cycle brings them back up to that
@@ -628,6 +706,54 @@ def store_sql(home: Path, statements: tuple[str, ...]) -> None:
             store.command(sql)
     finally:
         store.close()
+
+
+def _copy_ends(home: Path) -> dict[int, int]:
+    """Per partition, the end of the copies `dlq redrive` recorded as sent (a copy a killed
+    run produced unrecorded was sent again, and recorded, later)."""
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        rows = store.query(
+            "SELECT copy_partition, max(copy_offset) + 1 FROM dlq_redrives WHERE state = 2 "
+            "GROUP BY 1"
+        )
+    finally:
+        store.close()
+    return {int(p): int(o) for p, o in rows}
+
+
+def _redriven(home: Path) -> str:
+    """Every unknown_meter dead letter was re-driven (recorded as sent), and every copy that
+    failed again (the meter's invalid events, now refused for their own reason; events
+    naming no meter at all, still unknown_meter) is a dead letter naming one of them: what
+    differs, or ""."""
+    store = ChdbBackend(home / "chdb", "usage")
+    try:
+        link = "header_values[indexOf(header_keys, 'usage-consumer.redrive-of')]"
+        unsent = store.query(
+            """SELECT count() FROM dead_letters FINAL
+               WHERE reason = 'unknown_meter' AND indexOf(header_keys,
+                     'usage-consumer.redrive-of') = 0
+                 AND (topic, partition, offset) NOT IN
+                     (SELECT topic, partition, offset FROM dlq_redrives WHERE state = 2)"""
+        )[0][0]
+        copies = store.query(
+            f"""SELECT count(), countIf(reason = 'unknown_meter'),
+                       countIf({link} NOT IN (SELECT concat(topic, '/', toString(partition),
+                               '/', toString(offset)) FROM dead_letters FINAL
+                               WHERE reason = 'unknown_meter'))
+                FROM dead_letters FINAL WHERE indexOf(header_keys,
+                     'usage-consumer.redrive-of') > 0"""
+        )[0]
+    finally:
+        store.close()
+    failed, still_unknown, unlinked = (int(x) for x in copies)
+    if int(unsent) or unlinked or not failed or still_unknown == failed:
+        return (
+            f"unknown_meter dead letters never re-driven: {unsent}; copies failed again: "
+            f"{failed} ({still_unknown} still unknown_meter, {unlinked} naming no original)"
+        )
+    return ""
 
 
 def _late_corrections_hourly(home: Path) -> dict[Key, Decimal]:

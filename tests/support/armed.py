@@ -1,6 +1,7 @@
 """The consumer as the crash harness runs it: `usage-consumer run` with its faults armed.
 
-    python -m tests.support.armed
+    python -m tests.support.armed                  # run
+    python -m tests.support.armed dlq redrive ...  # another command, its points armed
 
 Arms, from the harness's environment (the production `run` reads none of these):
 USAGE_CONSUMER_FAULT="<point>:<n>[,...]" SIGKILLs the process the n-th time the write
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from consumer import crash_points
+from consumer.cli import main as cli_main
 from consumer.cli import serve
 from consumer.clock import SystemClock
 from consumer.config import ClickHouseConfig, load_settings
@@ -83,9 +85,12 @@ def arm(env: Mapping[str, str] = os.environ) -> Armed:
     return Armed(SystemClock(skew), env.get("USAGE_CONSUMER_STORE_FAULTS", ""))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     armed = arm()
+    if argv:  # a command other than run (`dlq redrive`), killed at its own points
+        return cli_main(argv)
     settings = load_settings()
     store = armed.open_store(settings.clickhouse)
     try:

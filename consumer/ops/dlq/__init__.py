@@ -1,0 +1,1 @@
+"""`usage-consumer dlq`: list, show, re-drive and release dead letters."""
