@@ -100,6 +100,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
     from consumer.emitter.truth.standing import undelivered
     from consumer.ops.totals import clickhouse_totals, format_table
     from consumer.store import open_store
+    from consumer.store.errors import UNKNOWN_TABLE
 
     settings = _settings(args)
     store = open_store(settings.clickhouse)
@@ -107,7 +108,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
         totals = clickhouse_totals(store, settings.meters, args.customer)
         held = [u for u in undelivered(store) if args.customer in (None, u.customer_id)]
     except StoreError as exc:
-        if "UNKNOWN_TABLE" in str(exc):
+        if exc.code == UNKNOWN_TABLE:
             raise StoreError("the store has no schema yet: run `usage-consumer migrate`") from None
         raise
     finally:

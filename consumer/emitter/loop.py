@@ -52,7 +52,7 @@ from consumer.emitter.truth.too_old import Limits
 from consumer.emitter.truth.verify import Verifier
 from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 
 __all__ = ["Emitter", "MarksBlocked"]
 log = logging.getLogger(__name__)
@@ -310,10 +310,11 @@ class Emitter:
                 self._metrics.stripe_idle.set(0)
                 stop.wait(self._poll)
                 continue
-            except (SendFailed, StoreError, LeaseUnavailable) as exc:
+            except (SendFailed, StoreUnavailable, LeaseUnavailable) as exc:
+                # A StoreBug (and any other error) ends the thread, and the process with it.
                 log.warning("emitter cycle failed, retrying: %s", exc)
                 self._metrics.emitter_failures.labels(type(exc).__name__).inc()
-                if isinstance(exc, StoreError):
+                if isinstance(exc, StoreUnavailable):
                     self._metrics.clickhouse_errors.labels("emitter").inc()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

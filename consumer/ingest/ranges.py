@@ -21,7 +21,7 @@ from consumer.ingest.context import TRANSIENT, IngestContext, OnTransient
 from consumer.intent.forming import Formed, form
 from consumer.intent.tracks import Track
 from consumer.sinks.ledger import RangeWrite, ledger_lookup
-from consumer.store.backend import StoreError
+from consumer.store.backend import StoreUnavailable
 from consumer.store.config_versions import load_config
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class RangeMaker:
             if (f.attempt > 1 or f.snapshot.suspect is not None) and not f.quarantine:
                 try:  # a suspect range goes alone, so this is the batch's only write
                     c.commits.withdraw(f, now_ms)
-                except StoreError as exc:
+                except StoreUnavailable as exc:
                     transient("intent", exc, [f.partition])
                     return []
             ranges.append(
@@ -123,7 +123,7 @@ class RangeMaker:
             return True
         try:
             self.ctx.commits.intend(new, now_ms)
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             transient("intent", exc, list(self.tracks))
             return False
         for f in new:
