@@ -313,7 +313,9 @@ class Emitter:
             except (SendFailed, StoreUnavailable, LeaseUnavailable) as exc:
                 # A StoreBug (and any other error) ends the thread, and the process with it.
                 log.warning("emitter cycle failed, retrying: %s", exc)
-                self._metrics.emitter_failures.labels(type(exc).__name__).inc()
+                # one label for ClickHouse as before the kinds: dashboards and docs name it
+                kind = "StoreError" if type(exc) is StoreUnavailable else type(exc).__name__
+                self._metrics.emitter_failures.labels(kind).inc()
                 if isinstance(exc, StoreUnavailable):
                     self._metrics.clickhouse_errors.labels("emitter").inc()
                 stop.wait(backoff)
