@@ -222,6 +222,7 @@ def build_emitter(
         upstream=upstream,
         lease=lease,
         heartbeat=heartbeat,
+        crash_limit=settings.pipeline.poison_after_attempts,
     )
 
 
