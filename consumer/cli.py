@@ -119,6 +119,10 @@ def cmd_totals(args: argparse.Namespace) -> int:
     if held:
         print(f"\nnot billed by Stripe ({len(held)} pushes held for a person):")
         print(format_table(["customer", "meter", "status", "value", "reason"], _held_rows(held)))
+    quarantined = [u.identifier for u in held if u.status == "quarantined"]
+    if quarantined:
+        print("\nquarantined (`usage-consumer release IDENTIFIER` once the cause is fixed):")
+        print("\n".join(quarantined))
     return 0
 
 
@@ -233,6 +237,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(Path(args.workdir), args.events, args.customers, args.partitions, args.seed)
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from consumer.clock import SystemClock
+    from consumer.ops.release import NotQuarantined, release
+    from consumer.store import open_store
+
+    store = open_store(_settings(args).clickhouse)
+    try:
+        push = release(store, args.identifier, int(SystemClock().now() * 1000))
+    except NotQuarantined as exc:
+        print(f"usage-consumer: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"released {push.identifier} ({push.meter}, customer {push.customer_id}, value "
+        f"{format(push.value.normalize(), 'f')}): the emitter sends it again"
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="usage-consumer", description=__doc__)
     ap.add_argument(
@@ -276,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
         help="serve the Stripe meter APIs locally (--help: its options)",
         add_help=False,
     )
+    rel = sub.add_parser("release", help="send a quarantined Stripe push again (its cause fixed)")
+    rel.add_argument("identifier", help="the push's identifier (usage-consumer totals lists it)")
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--events", type=int, default=100_000)
@@ -294,6 +320,7 @@ COMMANDS = {
     "meters": cmd_meters,
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
+    "release": cmd_release,
 }
 
 

@@ -13,9 +13,11 @@ import time
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from consumer.config import Settings
 from consumer.emitter.plan.identifiers import per_event_identifier
 from consumer.local.broker import TansuBroker, free_port
 from consumer.local.demo import stripe_totals
@@ -72,27 +74,35 @@ def test_a_push_that_crashes_the_emitter_is_quarantined_and_the_rest_billed(
     }
     kills = 0
     log = tmp_path / "runs.log"
-    # A bound on restarts, not a timing: a crash-loop without quarantine never settles.
-    for _start in range(CRASH_LIMIT + 4):
+
+    def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "tests.support.armed"], env=env, cwd=ROOT,
                 stdout=out, stderr=out,
             )  # fmt: skip
+
+    def until(proc: subprocess.Popen[bytes], rejected: float) -> bool:
+        """Run until the outbox is idle with `rejected` pushes held, then stop it."""
         settled = False
         deadline = time.monotonic() + 90  # a bound on one process's run
         while proc.poll() is None and time.monotonic() < deadline:
             idle = _metric(port, "usage_consumer_stripe_outbox_idle")
-            aside = _metric(port, 'usage_consumer_stripe_pushes_held{status="rejected"}')
-            if idle == 1 and aside:
+            held = _metric(port, 'usage_consumer_stripe_pushes_held{status="rejected"}')
+            if idle == 1 and held == rejected:
                 settled = True
                 break
             time.sleep(0.2)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-        if proc.returncode == -signal.SIGKILL:
-            kills += 1
+        return settled
+
+    # A bound on restarts, not a timing: a crash-loop without quarantine never settles.
+    for _start in range(CRASH_LIMIT + 4):
+        proc = start(env)
+        settled = until(proc, rejected=1)
+        kills += proc.returncode == -signal.SIGKILL
         if settled:
             break
     tail = log.read_text()[-3000:]
@@ -115,11 +125,36 @@ def test_a_push_that_crashes_the_emitter_is_quarantined_and_the_rest_billed(
     finally:
         store.close()
     ((customer, value, status, reason),) = held
-    assert status == "rejected" and reason.startswith("quarantined: the emitter crashed 2 times")
+    assert status == "rejected" and reason.startswith("quarantined: 2 sends got no answer")
     assert others == [(1,)]  # only the quarantined push is not billed
     expected = dict(sample.truth)
     expected[(customer, "tokens")] -= Decimal(value)
-    billed = stripe_totals(run.settings, emulator.url)
-    assert {key: v for key, v in billed.items() if key[0].startswith(run.prefix)} == {
-        key: v for key, v in expected.items() if v
+    assert billed(run.settings, emulator, run.prefix) == {k: v for k, v in expected.items() if v}
+
+    # A person sees it, releases it (its cause fixed: no poison armed), and it is billed.
+    cli_env = {k: v for k, v in env.items() if k != "USAGE_CONSUMER_POISON_PUSH"}
+    totals = cli("totals", env=cli_env)
+    assert f"once the cause is fixed):\n{poison_id}\n" in totals.stdout, totals.stdout
+    row = next(line for line in totals.stdout.splitlines() if "quarantined: " in line)
+    assert customer in row and " quarantined " in row and value.rstrip("0").rstrip(".") in row
+    released = cli("release", poison_id, env=cli_env)
+    assert released.returncode == 0 and "the emitter sends it again" in released.stdout, released
+    again = cli("release", poison_id, env=cli_env)
+    assert again.returncode == 1 and "not a quarantined push" in again.stderr
+    assert until(start(cli_env), rejected=0), log.read_text()[-3000:]
+    assert billed(run.settings, emulator, run.prefix) == {
+        k: v for k, v in sample.truth.items() if v
     }
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer.cli", *args], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def billed(settings: Settings, emulator: EmulatorServer, prefix: str) -> dict[Any, Decimal]:
+    """What the emulator bills this test's customers."""
+    totals = stripe_totals(settings, emulator.url)
+    return {key: v for key, v in totals.items() if key[0].startswith(prefix)}

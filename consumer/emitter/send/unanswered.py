@@ -121,8 +121,8 @@ class Suspects:
         held = [
             with_count(p, 0).moved(
                 REJECTED,
-                reason=f"{QUARANTINED}: the emitter crashed {unanswered(p)} times sending "
-                "it alone; held for a person (usage-consumer release)",
+                reason=f"{QUARANTINED}: {unanswered(p)} sends got no answer (the emitter "
+                "crashed sending it); held for a person (usage-consumer release)",
             )
             for p in pushes
         ]
@@ -130,8 +130,8 @@ class Suspects:
         self._metrics.stripe_quarantined.inc(len(held))
         for p in pushes:
             log.error(
-                "push %s (meter %s, customer %s, bucket %d) crashed the emitter %d times: "
-                "quarantined, held for a person; every other push is still sent",
+                "push %s (meter %s, customer %s, bucket %d): %d sends got no answer (the "
+                "emitter crashed): quarantined, held for a person; every other push is sent",
                 p.identifier,
                 p.meter,
                 p.customer_id,
