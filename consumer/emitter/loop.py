@@ -127,6 +127,7 @@ class Emitter:
         # Attempted pushes a dead sender left are sent alone; `crash_limit` crashes set one aside.
         self._suspects = Suspects(store, metrics, crash_limit)
         self._alone: list[Push] = []  # this cycle's suspects
+        self._again: list[Push] = []  # what a dead sender left in flight, counted once
         self._corrector = Corrector(
             store, sender, meters, metrics, self._anchor, self._period, lookback_days
         )
@@ -200,7 +201,11 @@ class Emitter:
             self._metrics.stripe_idle.set(0)
         try:
             work += self._send_alone(now_ms)  # 8: suspects first, each by itself
-            work += self._send(to_send)  # 8
+            try:
+                work += self._send(to_send)  # 8
+            except RETRIED:  # an answer, no crash: what a dead sender left is counted back
+                self._suspects.answered(self._again, self._now_ms())
+                raise
             outbox.tidy(self._store)  # 9: the open work stays the open work
             if taken.names:  # only a cycle that planned names adds planned ones
                 queue.tidy(self._store)
@@ -252,7 +257,7 @@ class Emitter:
         screened = self._suspects.screen(batch, now_ms)
         if screened.aside:  # held pushes move carries: read them afresh
             self._assigner.forget()
-        self._alone = screened.alone
+        self._alone, self._again = screened.alone, screened.again
         if self._alone:  # nothing else starts while a suspect may crash the process
             return []
         batch = screened.rest

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.outbox import REJECTED, Push
 from consumer.metrics import Metrics
-from consumer.store.backend import Backend
+from consumer.store.backend import Backend, StoreUnavailable
 
 log = logging.getLogger("consumer.emitter.loop")
 
@@ -116,6 +116,16 @@ class Suspects:
         except answered:
             outbox.write_moved(self._store, [with_count(p, n)], now_ms)
             raise
+
+    def answered(self, pushes: list[Push], now_ms: int) -> None:
+        """A batch holding `pushes` (counted once) failed with an answer: no crash, so the
+        count goes back (best effort: left standing, they are only sent alone later)."""
+        if not pushes:
+            return
+        try:
+            outbox.write_moved(self._store, [with_count(p, 0) for p in pushes], now_ms)
+        except StoreUnavailable as exc:
+            log.warning("%d unanswered-send counts stay up: %s", len(pushes), exc)
 
     def _set_aside(self, pushes: list[Push], now_ms: int) -> None:
         held = [
