@@ -16,7 +16,10 @@ A cycle, in order (each concern in its own module; this one only orders them):
   7. record first_attempt_at, and the amount each will send (units.py), for pushes about to
      be sent for the first time
   8. send, keeping requests in flight and topping the queue up with never-sent pushes
-     (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest
+     (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest.
+     After a restart, what the dead sender left in flight is counted and sent again, and
+     a push counted twice is sent alone, or set aside once it crashed too often
+     (unanswered.py)
   9. record in the open-work table what was settled, and delete it there now and then
      (outbox.tidy): every read above selects only the pushes it names
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
