@@ -51,6 +51,7 @@ from consumer.records import Record
 from consumer.sinks.rollup import Rollup
 from consumer.sinks.side_outputs import Fallback, SideOutputs, log_fallback
 from consumer.store import Backend, open_store, tenants
+from consumer.store.backend import StoreBug
 from consumer.store.cluster import cluster_of, sync_replicas
 from consumer.store.config_versions import record_config
 from consumer.store.prepare import prepare_store
@@ -102,6 +103,8 @@ class Pipeline:
                     # A bug (or an answer Stripe never documents) stopped the emitter: exit
                     # loudly rather than ingest on while the outbox silently grows.
                     cause = failures[0] if failures else None
+                    if isinstance(cause, StoreBug):  # the statement and its code, in one line
+                        raise cause
                     raise EmitterFailed(f"the Stripe emitter stopped: {cause!r}") from cause
                 self.ingestor.step()
                 self.rollup.check()
@@ -219,6 +222,7 @@ def build_emitter(
         upstream=upstream,
         lease=lease,
         heartbeat=heartbeat,
+        crash_limit=settings.pipeline.poison_after_attempts,
     )
 
 

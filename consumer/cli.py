@@ -112,6 +112,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
     from consumer.emitter.truth.standing import undelivered
     from consumer.ops.totals import clickhouse_totals, format_table
     from consumer.store import open_store
+    from consumer.store.errors import UNKNOWN_TABLE
 
     settings = _settings(args)
     store = open_store(settings.clickhouse)
@@ -119,7 +120,7 @@ def cmd_totals(args: argparse.Namespace) -> int:
         totals = clickhouse_totals(store, settings.meters, args.customer)
         held = [u for u in undelivered(store) if args.customer in (None, u.customer_id)]
     except StoreError as exc:
-        if "UNKNOWN_TABLE" in str(exc):
+        if exc.code == UNKNOWN_TABLE:
             raise StoreError("the store has no schema yet: run `usage-consumer migrate`") from None
         raise
     finally:
@@ -130,6 +131,10 @@ def cmd_totals(args: argparse.Namespace) -> int:
     if held:
         print(f"\nnot billed by Stripe ({len(held)} pushes held for a person):")
         print(format_table(["customer", "meter", "status", "value", "reason"], _held_rows(held)))
+    quarantined = [u.identifier for u in held if u.status == "quarantined"]
+    if quarantined:
+        print("\nquarantined (`usage-consumer push release IDENTIFIER` once the cause is fixed):")
+        print("\n".join(quarantined))
     return 0
 
 
@@ -319,6 +324,26 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         store.close()
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from consumer.clock import SystemClock
+    from consumer.ops.release import NotQuarantined, release
+    from consumer.store import open_store
+
+    store = open_store(_settings(args).clickhouse)
+    try:
+        push = release(store, args.identifier, int(SystemClock().now() * 1000))
+    except NotQuarantined as exc:
+        print(f"usage-consumer: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"released {push.identifier} ({push.meter}, customer {push.customer_id}, value "
+        f"{format(push.value.normalize(), 'f')}): the emitter sends it again"
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="usage-consumer", description=__doc__)
     ap.add_argument(
@@ -408,6 +433,10 @@ def parser() -> argparse.ArgumentParser:
     de.add_argument("--from", dest="first", type=int, required=True, help="first offset")
     de.add_argument("--to", dest="last", type=int, required=True, help="last offset (included)")
     de.add_argument("--reason", default=None, help="why, recorded with the release")
+    pu = sub.add_parser("push", help="a Stripe push held for a person")
+    pu_sub = pu.add_subparsers(dest="push_command", required=True)
+    rel = pu_sub.add_parser("release", help="send a quarantined push again (its cause fixed)")
+    rel.add_argument("identifier", help="the push's identifier (usage-consumer totals lists it)")
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default, checked")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--events", type=int, default=100_000)
@@ -429,6 +458,7 @@ COMMANDS = {
     "stripe-emulator": cmd_emulator,
     "demo": cmd_demo,
     "dlq": cmd_dlq,
+    "push": cmd_push,
 }
 
 

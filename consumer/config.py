@@ -310,7 +310,10 @@ class PipelineConfig(_Frozen):
     invalid_ratio_min_messages: int = Field(1000, ge=1, description="...of a range this large")
     max_past_days: int = Field(35, ge=1)
     poison_after_attempts: int = Field(
-        3, ge=2, description="crashes on one range before it is split to find a poison message"
+        3,
+        ge=2,
+        description="crashes on one range before it is split to find a poison message; "
+        "unanswered sends of one Stripe push before it is quarantined",
     )
     rollup_threads: int = Field(
         1,

@@ -2,8 +2,8 @@
 
 Production installs nothing, so a point costs one check of a module attribute. The crash
 harness runs the consumer through a test-only entry point (`tests/support/armed.py`) that
-installs a hook killing the process at a chosen occurrence of a point, or when a chosen
-poison message is classified (P7).
+installs a hook killing the process at a chosen occurrence of a point, when a chosen
+poison message is classified (P7), or when a chosen push is sent (unanswered.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable
 
 PointHook = Callable[[str], None]
 MessagesHook = Callable[[Iterable[bytes | None]], None]
+PushesHook = Callable[[Iterable[str]], None]
 
 _point: PointHook | None = None
 _messages: MessagesHook | None = None
+_pushes: PushesHook | None = None
 
 
 def reached(name: str) -> None:
@@ -29,7 +31,17 @@ def classifying(values: Iterable[bytes | None]) -> None:
         _messages(values)
 
 
-def install(point: PointHook | None = None, messages: MessagesHook | None = None) -> None:
+def sending(identifiers: Iterable[str]) -> None:
+    """The pushes with these identifiers are about to be encoded and sent to Stripe."""
+    if _pushes is not None:
+        _pushes(identifiers)
+
+
+def install(
+    point: PointHook | None = None,
+    messages: MessagesHook | None = None,
+    pushes: PushesHook | None = None,
+) -> None:
     """Install (or, with no arguments, remove) the hooks; tests only."""
-    global _point, _messages
-    _point, _messages = point, messages
+    global _point, _messages, _pushes
+    _point, _messages, _pushes = point, messages, pushes

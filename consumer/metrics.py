@@ -192,6 +192,12 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        # Pushes set aside because sending them alone crashed the emitter (unanswered.py).
+        self.stripe_quarantined = Counter(
+            p + "stripe_pushes_quarantined",
+            "Pushes quarantined after crashing the emitter.",
+            registry=r,
+        )
         # Pushes that are not billed and wait for a person: rejected, expired, unverifiable.
         self.stripe_held = Gauge(
             p + "stripe_pushes_held", "Pushes held out of billing.", ["status"], registry=r

@@ -16,7 +16,10 @@ A cycle, in order (each concern in its own module; this one only orders them):
   7. record first_attempt_at, and the amount each will send (units.py), for pushes about to
      be sent for the first time
   8. send, keeping requests in flight and topping the queue up with never-sent pushes
-     (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest
+     (dispatch.py); mark each request's rows after its 2xx; a failed mark stops the rest.
+     After a restart, what the dead sender left in flight is counted and sent again, and
+     a push counted twice is sent alone, or set aside once it crashed too often
+     (unanswered.py)
   9. record in the open-work table what was settled, and delete it there now and then
      (outbox.tidy): every read above selects only the pushes it names
 The backlog gauges and the near-limit alert are reported around the send (alerts.py).
@@ -43,6 +46,7 @@ from consumer.emitter.plan.units import Assigner, rules_for
 from consumer.emitter.send.dispatch import TOP_UP_FOR, Dispatch
 from consumer.emitter.send.marks import Marks, MarksBlocked
 from consumer.emitter.send.sender import Sender, SendFailed
+from consumer.emitter.send.unanswered import Suspects, with_count
 from consumer.emitter.truth.alerts import BacklogAlerts
 from consumer.emitter.truth.corrections import Corrector
 from consumer.emitter.truth.delivery import DAY_MS, DeliveryPolicy
@@ -52,11 +56,14 @@ from consumer.emitter.truth.too_old import Limits
 from consumer.emitter.truth.verify import Verifier
 from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 
 __all__ = ["Emitter", "MarksBlocked"]
 log = logging.getLogger(__name__)
 READ_AHEAD_MAX = 50_000  # never-sent pushes held in memory for top-ups (about 20 MB)
+# What a cycle retries: Stripe failing, ClickHouse away, the lease unknown. Anything else
+# ends the emitter thread, and the process with it.
+RETRIED = (SendFailed, StoreUnavailable, LeaseUnavailable, Deposed)
 
 
 class Upstream(Protocol):
@@ -89,6 +96,7 @@ class Emitter:
         upstream: Upstream | None = None,
         lease: EmitterLease | None = None,
         heartbeat: Heartbeat | None = None,
+        crash_limit: int = 3,
     ) -> None:
         self._store = store
         # Beats every turn of run() and every top-up of a send (/healthz: stuck or not).
@@ -119,6 +127,10 @@ class Emitter:
         self._verifier = Verifier(store, summaries, policy, metrics, self._limits)
         self._alerts = BacklogAlerts(store, policy, metrics)
         self._marks = Marks(store, clock, metrics)
+        # Attempted pushes a dead sender left are sent alone; `crash_limit` crashes set one aside.
+        self._suspects = Suspects(store, metrics, crash_limit)
+        self._alone: list[Push] = []  # this cycle's suspects
+        self._again: list[Push] = []  # what a dead sender left in flight, counted once
         self._corrector = Corrector(
             store, sender, meters, metrics, self._anchor, self._period, lookback_days
         )
@@ -191,7 +203,12 @@ class Emitter:
         if work:  # not idle any more, already while the requests go out
             self._metrics.stripe_idle.set(0)
         try:
-            work += self._send(to_send)  # 8
+            work += self._send_alone(now_ms)  # 8: suspects first, each by itself
+            try:
+                work += self._send(to_send)  # 8
+            except RETRIED:  # an answer, no crash: what a dead sender left is counted back
+                self._suspects.answered(self._again, self._now_ms())
+                raise
             outbox.tidy(self._store)  # 9: the open work stays the open work
             if taken.names:  # only a cycle that planned names adds planned ones
                 queue.tidy(self._store)
@@ -239,13 +256,23 @@ class Emitter:
             self._policy.blind_after_ms(now_ms),
             limit,
         )
+        # What a dead sender left in flight is counted, and suspects go alone (unanswered.py).
+        screened = self._suspects.screen(batch, now_ms)
+        if screened.aside:  # held pushes move carries: read them afresh
+            self._assigner.forget()
+        self._alone, self._again = screened.alone, screened.again
+        if self._alone:  # nothing else starts while a suspect may crash the process
+            return []
+        batch = screened.rest
         # The amount each sends is fixed in the same insert (units.py): a re-send repeats it.
         fresh = self._assigner.assign([p for p in batch if not p.attempted], ATTEMPTED, now_ms)
-        if batch:
+        if batch or screened.again:
             self._fence()
-        outbox.write_moved(self._store, fresh, now_ms)  # first_attempt_at, before sending
+        # first_attempt_at, and the count of what a dead sender left, before sending
+        outbox.write_moved(self._store, [*fresh, *screened.again], now_ms)
         recorded = {p.identifier: p for p in fresh}
-        return [recorded.get(p.identifier, p) for p in batch]
+        again = [with_count(p, 0) for p in screened.again]  # its mark carries no count
+        return [*again, *(recorded.get(p.identifier, p) for p in batch)]
 
     # -- 8: send and mark ------------------------------------------------------------------
 
@@ -272,6 +299,23 @@ class Emitter:
             if attempted or not fresh:
                 return attempted
         return []
+
+    def _send_alone(self, now_ms: int) -> int:
+        """Send each suspect by itself, its unanswered send counted first (unanswered.py)."""
+        suspects, self._alone = self._alone, []
+        if suspects:
+            log.warning("sending %d pushes left attempted by a stopped sender alone", len(suspects))
+        for p in suspects:
+            if self.stopping.is_set():
+                break
+            self._beat()
+            self._fence()
+            self._suspects.send_alone(p, self._deliver_one, now_ms, RETRIED)
+        return len(suspects)
+
+    def _deliver_one(self, p: Push) -> None:
+        if not self._marks.write(self._sender.send([p])):
+            self._marks.raise_if_kept()
 
     def _send(self, batch: list[Push]) -> int:
         self._dispatch.stopping = self.stopping
@@ -301,6 +345,7 @@ class Emitter:
                     continue
                 if epoch != held:  # another process may have emitted meanwhile
                     self._corrector.held_anew()
+                    self._suspects.held_anew()
                     self._assigner.forget()
                     held = epoch
                 worked = self.run_once()
@@ -310,10 +355,13 @@ class Emitter:
                 self._metrics.stripe_idle.set(0)
                 stop.wait(self._poll)
                 continue
-            except (SendFailed, StoreError, LeaseUnavailable) as exc:
+            except (SendFailed, StoreUnavailable, LeaseUnavailable) as exc:  # RETRIED
+                # A StoreBug (and any other error) ends the thread, and the process with it.
                 log.warning("emitter cycle failed, retrying: %s", exc)
-                self._metrics.emitter_failures.labels(type(exc).__name__).inc()
-                if isinstance(exc, StoreError):
+                # one label for ClickHouse as before the kinds: dashboards and docs name it
+                kind = "StoreError" if type(exc) is StoreUnavailable else type(exc).__name__
+                self._metrics.emitter_failures.labels(kind).inc()
+                if isinstance(exc, StoreUnavailable):
                     self._metrics.clickhouse_errors.labels("emitter").inc()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

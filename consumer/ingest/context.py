@@ -15,10 +15,11 @@ from consumer.ingest.kafka import TopicIdUnavailable
 from consumer.intent.commit import CommitSequence
 from consumer.metrics import Metrics
 from consumer.sinks.side_outputs import SideOutputError
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 
-TRANSIENT = (StoreError, SchemaSourceUnavailable, SideOutputError)
-UNREADY = (StoreError, TopicIdUnavailable)  # what keeps an assignment paused
+# A StoreBug (the store refused a statement itself) is in neither: it stops the process.
+TRANSIENT = (StoreUnavailable, SchemaSourceUnavailable, SideOutputError)
+UNREADY = (StoreUnavailable, TopicIdUnavailable)  # what keeps an assignment paused
 # (what failed, the failure, partitions to pause): pause, keep the data, back off
 OnTransient = Callable[[str, Exception, list[int]], None]
 

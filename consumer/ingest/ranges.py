@@ -23,7 +23,7 @@ from consumer.intent.tracks import Track
 from consumer.sinks.ledger import RangeWrite, ledger_lookup
 from consumer.sinks.side_outputs import redriven
 from consumer.store import releases
-from consumer.store.backend import StoreError
+from consumer.store.backend import StoreUnavailable
 from consumer.store.config_versions import load_config
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,13 @@ class RangeMaker:
         for f, cl in zip(batch, classified, strict=True):
             try:
                 self._check_flood(f, cl)
-            except StoreError as exc:  # asking for a release, or withdrawing the attempt
+            except StoreUnavailable as exc:  # asking for a release, or withdrawing the attempt
                 transient("flood check", exc, [f.partition])
                 return []
             if (f.attempt > 1 or f.snapshot.suspect is not None) and not f.quarantine:
                 try:  # a suspect range goes alone, so this is the batch's only write
                     c.commits.withdraw(f, now_ms)
-                except StoreError as exc:
+                except StoreUnavailable as exc:
                     transient("intent", exc, [f.partition])
                     return []
             ranges.append(
@@ -134,7 +134,7 @@ class RangeMaker:
             return True
         try:
             self.ctx.commits.intend(new, now_ms)
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             transient("intent", exc, list(self.tracks))
             return False
         for f in new:

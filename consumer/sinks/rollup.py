@@ -31,7 +31,7 @@ from consumer.liveness import Heartbeat
 from consumer.metrics import Metrics
 from consumer.records import TIME_MS
 from consumer.sinks.copies import NOT_SUPERSEDED, Span, at_positions, settle_copies
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreBug, StoreUnavailable
 
 log = logging.getLogger(__name__)
 Cancel = tuple[str, str, str, int]  # (meter, customer, cancelled event id, cancel's time ms)
@@ -408,6 +408,8 @@ class Rollup:
         self.check()
 
     def check(self) -> None:
+        if isinstance(self.failure, StoreBug):  # the statement and its code, in one line
+            raise self.failure
         if self.failure is not None:
             raise RollupFailed(f"the window rollup stopped: {self.failure!r}") from self.failure
 
@@ -449,7 +451,7 @@ class Rollup:
                 for p, _, end in job.spans:
                     self.visible[p] = max(self.visible.get(p, 0), end)
                 return
-            except StoreError as exc:  # transient: the job stays, nothing moves on without it
+            except StoreUnavailable as exc:  # the job stays, nothing moves on without it
                 self._beat()  # retrying is not stuck
                 failures += 1
                 self.healthy = False

@@ -18,7 +18,22 @@ Row = tuple[Any, ...]
 
 
 class StoreError(Exception):
-    """A ClickHouse failure (transient or not); the message never carries a password."""
+    """A ClickHouse failure; the message never carries a password. The backends raise one of
+    the two kinds below (errors.py tells them apart by ClickHouse's exception code)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # ClickHouse's exception code, None when the failure had none
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot do it now (unreachable, timed out, overloaded, a replica or Keeper
+    away): pause and retry, nothing is lost."""
+
+
+class StoreBug(StoreError):
+    """The store refused the statement itself (syntax, a missing table or column, a type):
+    a retry repeats it forever, so it stops the process, loudly."""
 
 
 class StoreLocked(StoreError):

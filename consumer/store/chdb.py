@@ -24,6 +24,7 @@ from consumer.store.backend import (
     StoreLocked,
     inputs_in,
 )
+from consumer.store.errors import classified, code_in
 
 _CONNECTIONS = 3
 
@@ -89,8 +90,8 @@ class ChdbBackend:
                 text = {k: _param_text(v) for k, v in params.items()}
                 return conn.query(sql, fmt, params=text)
             return conn.query(sql, fmt)
-        except Exception as exc:
-            raise StoreError(str(exc)) from exc
+        except Exception as exc:  # chDB's text starts `Code: NN. DB::Exception: ...`
+            raise classified(str(exc), code_in(str(exc)), sql) from exc
         finally:
             self._idle.put(conn)
 

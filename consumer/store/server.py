@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from consumer.store.backend import INPUT, Row, StoreError, inputs_in
+from consumer.store.errors import classified, code_in
+
+# A proxy or load balancer in front of ClickHouse answering for a server that is away:
+# no ClickHouse code, and worth a retry.
+_GATEWAY = re.compile(r"HTTP status (502|503|504)\b")
 
 
 class ServerBackend:
@@ -44,7 +50,7 @@ class ServerBackend:
                 autogenerate_session_id=False,
             )
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), password)) from None
+            raise _failure(exc, f"CREATE DATABASE IF NOT EXISTS {database}", password) from None
         self._password = password
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -54,7 +60,7 @@ class ServerBackend:
         try:
             self._client.raw_query(sql, parameters=dict(params or {}))
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), self._password)) from exc
+            raise _failure(exc, sql, self._password) from exc
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         try:
@@ -62,7 +68,7 @@ class ServerBackend:
                 sql, parameters=dict(params or {})
             ).result_rows
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), self._password)) from exc
+            raise _failure(exc, sql, self._password) from exc
         return [tuple(r) for r in rows]
 
     def insert_columns(self, table: str, columns: Mapping[str, pa.Array], token: str = "") -> None:
@@ -72,7 +78,8 @@ class ServerBackend:
         try:
             self._client.insert_arrow(table, pa.table(dict(columns)), settings=settings)
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), self._password)) from exc
+            statement = f"INSERT INTO {table} ({', '.join(columns)})"
+            raise _failure(exc, statement, self._password) from exc
 
     def query_with(
         self, sql: str, inputs: Mapping[str, pa.Table], params: Mapping[str, Any] | None = None
@@ -83,7 +90,7 @@ class ServerBackend:
                 text, parameters=dict(params or {}), external_data=data
             ).result_rows
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), self._password)) from exc
+            raise _failure(exc, sql, self._password) from exc
         return [tuple(r) for r in rows]
 
     def command_with(
@@ -93,7 +100,7 @@ class ServerBackend:
         try:
             self._client.raw_query(text, parameters=dict(params or {}), external_data=data)
         except Exception as exc:
-            raise StoreError(_scrub(str(exc), self._password)) from exc
+            raise _failure(exc, sql, self._password) from exc
 
     @staticmethod
     def _external(sql: str, inputs: Mapping[str, pa.Table]) -> tuple[str, Any]:
@@ -127,6 +134,23 @@ def clickhouse_type(t: pa.DataType) -> str:
         sign = "Int" if pa.types.is_signed_integer(t) else "UInt"
         return f"{sign}{t.bit_width}"
     raise ValueError(f"no ClickHouse type for Arrow {t}")
+
+
+def _failure(exc: Exception, sql: str, password: str) -> StoreError:
+    """clickhouse-connect's error as a StoreError of its kind (errors.py): the server's
+    code from the exception (its X-ClickHouse-Exception-Code header) or its text; with
+    none, no answer at all (OperationalError: refused, reset, timed out) or a gateway's
+    5xx is worth a retry."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    message = _scrub(str(exc), password)
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):
+        code = code_in(message)
+    unreachable = code is None and (
+        isinstance(exc, OperationalError | OSError) or _GATEWAY.search(message) is not None
+    )
+    return classified(message, code, sql, reachable=not unreachable)
 
 
 def _scrub(message: str, secret: str) -> str:

@@ -25,7 +25,7 @@ from consumer.metrics import Metrics
 from consumer.ops import health as health_http
 from consumer.ops.health import Health
 from consumer.producer import UsageProducer
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 from tests.integration.conftest import wait_for
 from tests.integration.store_wrap import Passthrough
 
@@ -222,7 +222,7 @@ class OutageStore(Passthrough):
             self.failed += 1
             if "FROM ingest_state" in text or "FROM ingest_latest" in text:
                 self.failed_state_reads += 1
-        raise StoreError("injected outage: ClickHouse unreachable")
+        raise StoreUnavailable("injected outage: ClickHouse unreachable")
 
 
 class PartsWatch(Passthrough):

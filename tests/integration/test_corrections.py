@@ -31,7 +31,7 @@ from consumer.sinks.ledger import (
     batch_id,
     cancels_of,
 )
-from consumer.store.backend import StoreError
+from consumer.store.backend import StoreError, StoreUnavailable
 from tests.integration.conftest import METERS
 from tests.integration.test_stripe_delivery import (
     MarkFailingStore,
@@ -63,7 +63,7 @@ class CancelMarkFailingStore(MarkFailingStore):
         final = table == "stripe_corrections" and "adjusting" not in columns["outcome"].to_pylist()
         if (self.failing and cancels) or (self.failing_records and final):
             self.refused += 1
-            raise StoreError("injected: the cancelled marks or the record failed")
+            raise StoreUnavailable("injected: the cancelled marks or the record failed")
         self.inner.insert_columns(table, columns, token)
 
 

@@ -15,7 +15,7 @@ from consumer.clock import SystemClock
 from consumer.metrics import Metrics
 from consumer.sinks.ledger import accepted_table, batch_id, cancels_of
 from consumer.sinks.rollup import Rollup, RollupFailed, WindowJob
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 from consumer.store.chdb import ChdbBackend
 from consumer.store.migrations import migrate
 from tests.integration.test_windows_clickhouse import (
@@ -109,7 +109,7 @@ class Failing:
                 raise KeyError("a bug")
             if self.transient:
                 self.transient -= 1
-                raise StoreError("injected: ClickHouse unreachable")
+                raise StoreUnavailable("injected: ClickHouse unreachable")
         self.inner.command_with(sql, inputs, params)
 
     def __getattr__(self, name: str) -> Any:

@@ -42,7 +42,7 @@ from consumer.metrics import Metrics
 from consumer.records import DECIMAL, TIME_MS
 from consumer.sinks.rollup import Rollup, WindowJob
 from consumer.store import open_store
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreError, StoreUnavailable
 from consumer.store.migrations import migrate
 from tests.integration.conftest import METERS, STRIPE_KEY
 from tests.integration.store_wrap import Passthrough
@@ -85,7 +85,7 @@ class MarkFailingStore(Passthrough):
         marks = table == "stripe_pushes" and set(columns["status_rank"].to_pylist()) == {SENT}
         if self.failing and marks:
             self.refused += 1
-            raise StoreError("injected: the mark write failed")
+            raise StoreUnavailable("injected: the mark write failed")
         self.inner.insert_columns(table, columns, token)
 
 

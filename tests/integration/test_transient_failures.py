@@ -12,7 +12,8 @@ from consumer.local.demo import run_until_drained, stripe_totals
 from consumer.local.emulator import EmulatorServer
 from consumer.metrics import Metrics
 from consumer.ops.totals import clickhouse_totals, side_counts
-from consumer.store import Backend, StoreError, open_store
+from consumer.store import Backend, open_store
+from consumer.store.backend import StoreUnavailable
 from consumer.store.migrations import migrate
 from tests.integration.conftest import produce_sample
 from tests.integration.store_wrap import Passthrough
@@ -36,7 +37,7 @@ class FlakyStore(Passthrough):
             if n and table in text:
                 self.left[table] = n - 1
                 self.injected += 1
-                raise StoreError(f"injected failure on {table}")
+                raise StoreUnavailable(f"injected failure on {table}")
 
 
 def test_clickhouse_errors_mid_sequence_are_retried_without_loss(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from consumer.store.backend import Backend, Row, StoreError
+from consumer.store.backend import Backend, Row, StoreUnavailable
 
 
 class FaultyBackend:
@@ -29,9 +29,9 @@ class FaultyBackend:
         r = self._rng.random()
         if r < self._timeout:
             time.sleep(2.0)
-            raise StoreError(f"injected timeout in {what}")
+            raise StoreUnavailable(f"injected timeout in {what}")
         if r < self._rate:
-            raise StoreError(f"injected error in {what}")
+            raise StoreUnavailable(f"injected error in {what}")
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         if not sql.lstrip().startswith(("CREATE", "INSERT INTO schema_migrations")):

@@ -48,7 +48,7 @@ from consumer.config import MeterConfig
 from consumer.emitter.plan.buckets import bucket_sql
 from consumer.emitter.plan.identifiers import aggregated_identifier
 from consumer.records import DECIMAL, TIME_MS
-from consumer.store.backend import Backend, Row, StoreError
+from consumer.store.backend import Backend, Row, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def _insert(store: Backend, pushes: Sequence[Push], ranks: list[int], now_ms: in
     crash_points.reached("after_settled_marks")
     try:
         _name(store, settled)
-    except StoreError as exc:  # the marks are written; tidy() finds these settled later
+    except StoreUnavailable as exc:  # the marks are written; tidy() finds these settled later
         log.warning("settled pushes not yet recorded in stripe_open: %s", exc)
 
 

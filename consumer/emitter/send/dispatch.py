@@ -92,9 +92,11 @@ class Dispatch:
 
         def mark() -> None:
             nonlocal answered, last_mark
-            if answered and not self._marks.write(answered):
+            # Taken before writing: a mark the store refuses (StoreBug) is not written again
+            # on the way out; one it cannot take now is kept by Marks for the next cycle.
+            marks, answered, last_mark = answered, [], self._clock.monotonic()
+            if marks and not self._marks.write(marks):
                 self.halt.set()
-            answered, last_mark = [], self._clock.monotonic()
 
         submit(batch)
         try:

@@ -16,13 +16,13 @@ from consumer.clock import Clock
 from consumer.emitter.plan import outbox
 from consumer.emitter.plan.outbox import SENT, Push
 from consumer.metrics import Metrics
-from consumer.store.backend import Backend, StoreError
+from consumer.store.backend import Backend, StoreUnavailable
 
 # The emitter's messages keep one logger name: log settings and alerts select on it.
 log = logging.getLogger("consumer.emitter.loop")
 
 
-class MarksBlocked(StoreError):
+class MarksBlocked(StoreUnavailable):
     """Delivered pushes could not be marked; nothing is sent until their marks are written."""
 
 
@@ -39,7 +39,7 @@ class Marks:
             return
         try:
             outbox.write(self._store, self._unmarked, SENT, now_ms)
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             self._metrics.stripe_mark_failures.inc()
             log.error(
                 "still cannot write %d Stripe delivery marks; sending stays paused: %s",
@@ -60,7 +60,7 @@ class Marks:
                 outbox.write(self._store, marks, SENT, int(self._clock.now() * 1000))
                 self._count_emitted(marks)
                 return True
-            except StoreError as exc:
+            except StoreUnavailable as exc:
                 self._metrics.stripe_mark_failures.inc()
                 self._metrics.stripe_sends_paused.set(1)
                 log.error(

@@ -27,6 +27,7 @@ from typing import Any
 
 import stripe
 
+from consumer import crash_points
 from consumer.clock import Clock
 from consumer.emitter.plan.outbox import Push
 from consumer.emitter.plan.units import billed, part_count, parts
@@ -200,6 +201,7 @@ class Sender:
         if len(accounts) > 1:
             raise ValueError(f"one request goes to one account, got {sorted(accounts)}")
         account = accounts.pop() if accounts else ""
+        crash_points.sending(p.identifier for p in pushes)
         owners: dict[str, Push] = {}
         events: list[dict[str, Any]] = []
         for p in pushes:

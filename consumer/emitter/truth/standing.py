@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from consumer.emitter.send.unanswered import QUARANTINED
 from consumer.store.backend import Backend
 
 
@@ -53,7 +54,7 @@ class Undelivered:
 
 
 def undelivered(store: Backend) -> list[Undelivered]:
-    """Every rejected or expired push with its reason: usage that was not billed."""
+    """Every rejected, quarantined or expired push with its reason: usage not billed."""
     rows = store.query(
         """SELECT identifier, meter, customer_id, toUnixTimestamp64Milli(bucket_start),
                   toString(value), status, reason
@@ -61,9 +62,14 @@ def undelivered(store: Backend) -> list[Undelivered]:
            ORDER BY bucket_start, identifier"""
     )
     return [
-        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), str(s), str(r))
+        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), _status(str(s), str(r)), str(r))
         for i, m, c, b, v, s, r in rows
     ]
+
+
+def _status(status: str, reason: str) -> str:
+    """A push that crashed the emitter is held as rejected; a person sees it as quarantined."""
+    return QUARANTINED if status == "rejected" and reason.startswith(QUARANTINED) else status
 
 
 def status_totals(store: Backend) -> dict[tuple[str, str, str], Decimal]:
