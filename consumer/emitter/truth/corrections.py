@@ -532,7 +532,7 @@ class Corrector:
 
 def _absent_why(absent: Sequence[Push]) -> str:
     ids = ", ".join(p.identifier for p in absent)
-    return f"Stripe had no meter event for {ids} (lost after its 200): it never billed them"
+    return f"Stripe has no meter event {ids} (lost after its 200): none of it was billed"
 
 
 def _key(r: Record) -> tuple[str, str, int, str]:
