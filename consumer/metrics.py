@@ -207,7 +207,8 @@ class Metrics:
             p + "stripe_pushes_near_limit", "Pending pushes near the 35-day limit.", registry=r
         )
         # Cancelled usage taken back from Stripe: adjusted (cancelled there), unsent (never
-        # sent), or late (Stripe keeps billing it: past 24 hours, or refused; a person decides).
+        # sent), absent (Stripe had lost the event: never billed), or late (Stripe keeps
+        # billing it: past 24 hours, or refused; a person decides).
         self.stripe_corrections = Counter(
             p + "stripe_corrections",
             "Cancelled usage taken back from Stripe, by outcome.",

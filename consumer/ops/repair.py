@@ -98,7 +98,8 @@ def _late_now(store: Backend, x: Line, pushes: list[Push]) -> Decimal:
     """What of window `x`'s late corrections still stands. An aggregated bucket's late
     record keeps the excess it found, also once usage grew back into it (the planner nets
     later usage against it): what stands is at most the bucket's pushes (cancelled ones
-    aside) less its total now."""
+    aside) less its total now. Stripe may have lost the pushes a late record counts: past
+    its 24 hours no cancel asks."""
     rows = store.query(
         """SELECT toUnixTimestamp64Milli(bucket_start), toString(value)
            FROM stripe_corrections FINAL
@@ -181,8 +182,10 @@ def decide(
         return _last(meter, x, delivered, live, going, len(repairs), limits)
     if x.drift > 0:
         return _surplus(x, originals, live, limits)
-    # Cancelled usage Stripe should still bill (a late correction) is never sent again: if
-    # Stripe lost it, it lost usage that was taken back (its cancel was then refused).
+    # Cancelled usage recorded as still billed (a late correction) is never sent again: if
+    # Stripe lost it, it lost usage that was taken back. Its cancel came past Stripe's 24
+    # hours, so none was tried and nothing told the corrections of the loss (a cancel within
+    # them finds it: outcome `absent`, the push marked cancelled, no drift left here).
     short = EXACT.subtract(EXACT.subtract(x.delivered, late), x.stripe)
     if short <= 0:
         why = "all of it is cancelled usage (late corrections): nothing to send"

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from consumer import crash_points
 from consumer.classify.classifier import Accepted, Classified
 from consumer.classify.snapshot import Snapshot
 from consumer.config import MeterConfig
@@ -512,3 +513,117 @@ def test_a_cancellation_moves_the_carry_an_emitter_keeps(
     finally:
         emitter.close()
         whole.store.close()
+
+
+def lost_by_stripe(rig: Rig, *events: Ev) -> None:
+    """`events` ingested and sent while the emulator answers 200 and loses every event."""
+    rig.control("config", drop_rate=1.0)
+    ingest(rig, events)
+    run(rig)
+    rig.control("config", drop_rate=0.0)
+
+
+def test_a_cancel_of_an_event_stripe_lost_is_recorded_absent_not_late(rig: Rig) -> None:
+    """Stripe answered 200 for e0 and lost it, so it refuses the cancel (no such event):
+    nothing of e0 is billed, so nothing is over-billed either."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    lost_by_stripe(rig, ("tokens", "cus_a", "e0", t, "5"))
+    ingest(rig, [("tokens", "cus_a", "e1", t + 1, "7")])
+    ingest(rig, cancels=[("tokens", "cus_a", "e0")])
+    run(rig)
+    assert corrections(rig) == {("e0", "cus_a"): ("absent", Decimal(5))}
+    assert status(rig, "tokens", "e0") == "cancelled"
+    assert rig.metric("usage_consumer_stripe_late_corrections_value", meter="tokens") == 0
+    assert (
+        rig.metric("usage_consumer_stripe_corrections_total", meter="tokens", outcome="absent") == 1
+    )
+    assert stripe_total(rig, "tokens", "cus_a") == 7 == clickhouse_total(rig, "tokens", "cus_a")
+    report = reconcile_now(rig, t)
+    assert report.corrected_late == [] and report.drifting == []
+    rows = correction_rows(rig)
+    run(rig)  # settled: nothing is done twice
+    assert correction_rows(rig) == rows
+
+
+def lost_middle_revision(rig: Rig, t: int) -> None:
+    """A bucket of three sent revisions (4, 6, 2), the second lost by Stripe; then the 4 is
+    cancelled: the bucket falls to 8 while 12 was pushed."""
+    ingest(rig, [("api_calls", "cus_a", "a1", t + 1, "4")])
+    run(rig)
+    lost_by_stripe(rig, ("api_calls", "cus_a", "a2", t + 2, "6"))
+    ingest(rig, [("api_calls", "cus_a", "a3", t + 3, "2")])
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 6  # 4 + 2: the 6 was lost
+    ingest(rig, cancels=[("api_calls", "cus_a", "a1")])
+
+
+def test_a_bucket_with_a_revision_stripe_lost_is_cancelled_whole_and_pushed_afresh(
+    rig: Rig,
+) -> None:
+    """Every revision is cancelled and marked, the lost one included (Stripe bills none of
+    it), whatever its place among them; the planner then pushes the bucket's total."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    lost_middle_revision(rig, t)
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 8
+    assert clickhouse_total(rig, "api_calls", "cus_a") == 8
+    statuses = sorted(s for s, _, _ in rig.statuses().values())
+    assert statuses == ["cancelled", "cancelled", "cancelled", "sent"]
+    assert corrections(rig) == {(str(t), "cus_a"): ("absent", Decimal(4))}
+    assert rig.metric("usage_consumer_stripe_late_corrections_value", meter="api_calls") == 0
+    report = reconcile_now(rig, t)
+    assert report.corrected_late == [] and report.drifting == []
+
+
+@pytest.mark.parametrize("switch", ["failing", "failing_records"], ids=["marks", "record"])
+def test_a_crash_in_a_bucket_with_a_lost_revision_cancels_each_once(rig: Rig, switch: str) -> None:
+    """Killed after Stripe's answers (before the marks, or before the final record): the
+    restart finishes the decision, and the bucket ends as without the crash."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    lost_middle_revision(rig, t)
+    dies_in_one_cycle(rig, StoreError, switch)
+    assert stripe_total(rig, "api_calls", "cus_a") == 0  # both held revisions cancelled
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 8
+    assert corrections(rig) == {(str(t), "cus_a"): ("absent", Decimal(4))}
+    assert sorted(s for s, _, _ in rig.statuses().values()) == 3 * ["cancelled"] + ["sent"]
+
+
+class _Killed(Exception):
+    """The process dies at a crash point."""
+
+
+def test_a_revision_stripe_refuses_never_stops_the_others(rig: Rig) -> None:
+    """A decision to adjust, killed before its first request, is finished a day later:
+    Stripe refuses the revision it received over 24 hours ago (it bills it) and still
+    cancels the newer one, which is marked; what stays billed is the usage, so nothing is
+    recorded as over-billed."""
+    t = minute(rig.now_ms() - HOUR_MS)
+    ingest(rig, [("api_calls", "cus_a", "a1", t + 1, "4")])
+    run(rig)
+    rig.jump(2 * 3600)
+    ingest(rig, [("api_calls", "cus_a", "a2", t + 2, "6")])
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 10  # revisions 1 (4) and 2 (6)
+    ingest(rig, cancels=[("api_calls", "cus_a", "a2")])
+
+    def killed(point: str) -> None:
+        if point == "after_adjustment_intent":
+            raise _Killed(point)
+
+    emitter = rig.emitter()
+    crash_points.install(killed)
+    try:
+        with pytest.raises(_Killed):
+            emitter.run_once()
+    finally:
+        crash_points.install()
+        emitter.close()
+    rig.jump(22.5 * 3600)  # Stripe received revision 1 24.5 hours ago, revision 2 22.5
+    run(rig)
+    assert stripe_total(rig, "api_calls", "cus_a") == 4
+    assert clickhouse_total(rig, "api_calls", "cus_a") == 4
+    outcome, value = corrections(rig)[str(t), "cus_a"]
+    assert (outcome, value) == ("adjusted", Decimal(6))
+    assert sorted(s for s, _, _ in rig.statuses().values()) == ["cancelled", "sent"]
+    assert rig.metric("usage_consumer_stripe_late_corrections_value", meter="api_calls") == 0

@@ -161,21 +161,29 @@ def test_repair_queues_what_stripe_lost_once_and_reports_a_surplus(rig: Rig) -> 
     assert "for_a_person=2" in repairing.format_actions(actions)
 
 
-def test_repair_never_resends_cancelled_usage_and_restores_usage_that_grew_back(
-    rig: Rig,
-) -> None:
-    """Stripe lost a push whose usage was then cancelled: the cancel is refused (no such
-    event) and recorded late; Stripe lacks it, and must go on lacking it. Stripe lost a
-    bucket whose total then fell (a late record of the excess) and grew back (a replay):
-    the whole bucket is missing, not the bucket less the stale excess."""
-    t = minute(rig.now_ms() - 2 * HOUR_MS)
+def lost_then_cancelled(rig: Rig, t: int, hours_later: float) -> None:
+    """Stripe loses e0 (tokens, 5) and cus_b's bucket (api_calls, 19) after its 200s; then
+    `hours_later` e0 is cancelled and the bucket falls to 18, both taken back (or recorded)
+    by the emitter."""
     rig.control("config", drop_rate=1.0)
     ingest(rig, [("tokens", "cus_a", "e0", t + 1000, "5"), ("api_calls", "cus_b", "a0", t, "19")])
     run(rig)
     rig.control("config", drop_rate=0.0)
+    rig.jump(hours_later * 3600)
     ingest(rig, cancels=[("tokens", "cus_a", "e0")])
     wrong_window(rig, "cus_b", t, Decimal(18))
-    run(rig)  # both cancels refused by Stripe: recorded late
+    run(rig)
+
+
+def test_repair_never_resends_cancelled_usage_and_restores_usage_that_grew_back(
+    rig: Rig,
+) -> None:
+    """Stripe lost a push whose usage was cancelled past its 24 hours: no cancel is tried,
+    the correction is recorded late; Stripe lacks it, and must go on lacking it. Stripe lost
+    a bucket whose total then fell (a late record of the excess) and grew back (a replay):
+    the whole bucket is missing, not the bucket less the stale excess."""
+    t = minute(rig.now_ms() - 2 * HOUR_MS)
+    lost_then_cancelled(rig, t, 24)
     outcomes = rig.store.query("SELECT outcome FROM stripe_corrections FINAL ORDER BY meter")
     assert [str(o) for (o,) in outcomes] == ["late", "late"]
     where = Where("g", "usage.events", rig.now_ms)
@@ -189,6 +197,26 @@ def test_repair_never_resends_cancelled_usage_and_restores_usage_that_grew_back(
     }
     run(rig)
     assert rig.billed() == {("api_calls", "cus_b"): Decimal(19)}  # e0 cancelled: not billed
+
+
+def test_usage_stripe_lost_and_cancelled_within_24_hours_needs_no_repair(rig: Rig) -> None:
+    """Within its 24 hours Stripe refuses those cancels for want of the events: nothing of
+    them was billed (outcome `absent`, never `late`), their pushes are marked cancelled, and
+    the planner pushes the bucket afresh; the replay's growth follows, and reconcile finds
+    nothing to repair."""
+    t = minute(rig.now_ms() - 2 * HOUR_MS)
+    lost_then_cancelled(rig, t, 0)
+    outcomes = rig.store.query("SELECT outcome FROM stripe_corrections FINAL ORDER BY meter")
+    assert [str(o) for (o,) in outcomes] == ["absent", "absent"]
+    assert rig.billed() == {("api_calls", "cus_b"): Decimal(18)}
+    where = Where("g", "usage.events", rig.now_ms)
+    replay(rig.store, rig.settings.meters, t // 1000, t // 1000 + 3600, where)
+    run(rig)
+    assert rig.billed() == {("api_calls", "cus_b"): Decimal(19)}
+    rig.jump(SETTLE_MS / 1000 * 2)
+    report = reconciled(rig, t)
+    assert report.drifting == [] and report.corrected_late == []
+    assert repair_now(rig, report) == ([], 0)
 
 
 def test_replay_rewrites_wrong_windows_and_stripe_follows(rig: Rig) -> None:

@@ -57,7 +57,17 @@ class SendFailed(Exception):
 
 
 class CannotCancel(Exception):
-    """Stripe refused to cancel a meter event (past its 24 hours, or unknown to it)."""
+    """Stripe refused to cancel a meter event (past its 24 hours, for one): it bills it."""
+
+
+class NoSuchEvent(CannotCancel):
+    """Stripe has no meter event by an identifier of the push (it lost it after its 200):
+    that part was never billed, and the push's other parts were cancelled."""
+
+
+# Stripe's answer to a cancel naming an identifier it does not hold (the emulator's too),
+# and the code Stripe gives any object it does not hold.
+_NO_SUCH_EVENT, _MISSING_CODE = "No meter event", "resource_missing"
 
 
 def rfc3339(ms: int) -> str:
@@ -222,9 +232,12 @@ class Sender:
 
     def cancel(self, push: Push) -> None:
         """Cancel every meter event that sent `push`, one adjustment each (idempotent: a
-        cancelled event may be cancelled again). Raises CannotCancel or SendFailed."""
+        cancelled event may be cancelled again). Raises NoSuchEvent once every part was
+        tried when Stripe held none of some (nothing of the push is billed then),
+        CannotCancel when it refused otherwise (it bills that part), or SendFailed."""
         options: Any = {"stripe_account": push.account} if push.account else None
         adjustments = self.api.v2.billing.meter_event_adjustments
+        absent: list[str] = []
         for event in to_events(push, self._keys):
             params: Any = {
                 "event_name": push.stripe_event_name,
@@ -243,10 +256,16 @@ class Sender:
                     break
                 except stripe.InvalidRequestError as exc:
                     self._metrics.stripe_requests.labels(str(exc.http_status or 400)).inc()
-                    raise CannotCancel(exc.user_message or str(exc)) from exc
+                    message = exc.user_message or str(exc)
+                    if not (message.startswith(_NO_SUCH_EVENT) or exc.code == _MISSING_CODE):
+                        raise CannotCancel(message) from exc
+                    absent.append(event["identifier"])
+                    break
                 except (stripe.RateLimitError, stripe.APIError, stripe.APIConnectionError) as exc:
                     attempt += 1
                     self._retry_or_fail(exc, attempt)
+        if absent:
+            raise NoSuchEvent(f"Stripe has no meter event {', '.join(absent)}")
 
     def _retry_or_fail(self, exc: stripe.StripeError, attempt: int) -> None:
         """Count a transient failure and back off before the next attempt, or give up."""

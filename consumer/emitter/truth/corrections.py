@@ -9,11 +9,17 @@ Per-event meters: a cancellation names one push.
   never sent, rejected or expired        -> CANCELLED without a request           (unsent)
   sent with nothing whole (no request)   -> CANCELLED                             (unsent)
   sent, first attempt within 23 hours    -> one adjustment per event, CANCELLED   (adjusted)
+    ... and Stripe has no such event     -> CANCELLED: Stripe lost it after its 200, so
+                                            never billed it                       (absent)
   sent earlier, or Stripe refuses        -> recorded: Stripe still bills it        (late)
   attempted with the outcome unknown     -> waits until it settles
 Aggregated meters: a bucket whose total fell below what was pushed for it.
   every sent revision within 23 hours    -> each adjusted, all CANCELLED; the planner then
                                             pushes the bucket's total afresh      (adjusted)
+    ... Stripe has no event for some     -> those CANCELLED as well, every other revision
+                                            still adjusted                        (absent)
+    ... Stripe refuses one otherwise     -> the others CANCELLED; what the refused ones
+                                            bill beyond the usage is recorded     (late)
   a sent revision older                  -> revisions never sent are CANCELLED; what
                                             Stripe still bills beyond the usage is recorded,
                                             later usage in the bucket nets against it (the
@@ -21,13 +27,19 @@ Aggregated meters: a bucket whose total fell below what was pushed for it.
   only rejected or expired revisions     -> recorded; nothing is billed           (held)
 Rejected and expired revisions stay as they are: their usage is held for a person.
 
+Stripe answers "no such event" for an identifier it does not hold: it answered 200 and lost
+the event (reconcile's negative drift), so the cancel has nothing to take back, and the push
+is marked CANCELLED like an adjusted one (reason `cancelled (absent at Stripe)`); the
+bucket's total then goes afresh under a new identifier, which replaces what was lost.
+
 Order: the decision to adjust is recorded first (outcome `adjusting`, naming the pushes),
-then the adjustments, the CANCELLED marks, and the final record. A decision is taken once:
-a crash anywhere after it is finished by the next cycle of any process, which repeats the
-adjustments (cancelling a cancelled event is accepted) and the marks whatever its own clock
-reads. Deciding afresh would not do: a process whose clock jumped a day would find too late
-to cancel what Stripe already had cancelled, and record it as still billed. Nothing is
-billed twice and no correction is lost. A record replacing another gets a later version
+then the adjustments (all of them, whatever Stripe answers for one), the CANCELLED marks in
+one write, and the final record. A decision is taken once: a crash anywhere after it is
+finished by the next cycle of any process, which repeats the adjustments (cancelling a
+cancelled event is accepted, one Stripe lacks is lacked again) and the marks whatever its
+own clock reads. Deciding afresh would not do: a process whose clock jumped a day would find
+too late to cancel what Stripe already had cancelled, and record it as still billed. Nothing
+is billed twice and no correction is lost. A record replacing another gets a later version
 than it even if this clock is behind the writer's (`_write`). Late corrections are counted
 (`usage_consumer_stripe_corrections_total{outcome="late"}`), logged, and listed by
 `reconcile`.
@@ -50,7 +62,7 @@ from consumer.emitter.plan.buckets import anchors
 from consumer.emitter.plan.identifiers import per_event_identifier
 from consumer.emitter.plan.outbox import CANCELLED, DELIVERED, EXPIRED, REJECTED, Push
 from consumer.emitter.plan.units import billed
-from consumer.emitter.send.sender import CannotCancel, Sender
+from consumer.emitter.send.sender import CannotCancel, NoSuchEvent, Sender
 from consumer.emitter.truth.delivery import DAY_MS, HOUR_MS
 from consumer.metrics import Metrics
 from consumer.records import DECIMAL, TIME_MS
@@ -65,6 +77,8 @@ RETRY_WHY = (
     " usage in Stripe before crediting)"
 )
 ADJUSTING = "adjusting"  # the decision to adjust, recorded before the first request
+ABSENT = "absent"  # Stripe had no event to cancel: it never billed the push
+ABSENT_MARK = "cancelled (absent at Stripe)"  # such a push's reason, once marked
 
 
 @dataclass
@@ -76,7 +90,7 @@ class Record:
     bucket_ms: int
     cancelled_id: str  # "" for an aggregated bucket
     mode: str
-    outcome: str  # adjusted | unsent | late | held
+    outcome: str  # adjusted | unsent | absent | late | held
     value: Decimal
     identifiers: list[str] = field(default_factory=list)
     reason: str = ""
@@ -341,10 +355,9 @@ class Corrector:
         d = _decide(pushes, now_ms, begun)
         if d.waiting:
             return None
-        if begun and not (d.adjust or d.cancel):
-            record.outcome = "adjusted"  # the marks landed; only this record did not
-            self._metrics.stripe_corrections.labels(record.meter, "adjusted").inc()
-            return record
+        if begun and not (d.adjust or d.cancel):  # the marks landed; only this record did not
+            marked = [p for p in pushes if p.status == CANCELLED]
+            return self._done(record, marked, [p for p in marked if p.reason == ABSENT_MARK])
         if not (d.late or d.adjust or d.cancel):
             record.outcome = "held"  # in rejected or expired pushes: nothing is billed
             record.reason = "the cancelled usage is in pushes held for a person"
@@ -369,22 +382,60 @@ class Corrector:
             intent.identifiers = [p.identifier for p in d.adjust + d.cancel]
             self._write([intent], now_ms)
             crash_points.reached("after_adjustment_intent")
-        for p in d.adjust:
+        absent: list[Push] = []  # Stripe never held them: nothing of them is billed
+        refused: list[tuple[Push, str]] = []  # Stripe refused otherwise: it bills them
+        for p in d.adjust:  # every revision, whatever Stripe answers for the others
             try:
                 self._sender.cancel(p)
+            except NoSuchEvent:
+                absent.append(p)
             except CannotCancel as exc:
-                record.outcome, record.reason = "late", f"Stripe refused to cancel: {exc}"
+                refused.append((p, str(exc)))
+        crash_points.reached("after_stripe_adjustment")
+        kept = {p.identifier for p, _ in refused}
+        lacking = {p.identifier for p in absent}
+        adjusted = [p for p in d.adjust if p.identifier not in kept | lacking]
+        marks = [p.moved(CANCELLED, reason="cancelled (adjusted)") for p in adjusted]
+        marks += [p.moved(CANCELLED, reason=ABSENT_MARK) for p in absent]
+        marks += [p.moved(CANCELLED, reason="cancelled (unsent)") for p in d.cancel]
+        if marks:
+            outbox.write_moved(self._store, marks, now_ms)
+        gone = adjusted + absent + d.cancel
+        if refused:
+            # Stripe bills the refused pushes: what of them the usage does not cover is
+            # what the record's pushes left standing once those cancelled (now, or by the
+            # interrupted cycle whose decision this finishes) are taken off.
+            before = [p for p in pushes if begun and p.status == CANCELLED]
+            excess = record.value - sum((p.value for p in gone + before), Decimal(0))
+            if excess > 0:
+                record.outcome, record.value = "late", excess
+                record.reason = "Stripe refused to cancel: " + "; ".join(w for _, w in refused)
                 if begun:
                     record.reason += RETRY_WHY
-                record.identifiers = [p.identifier]
+                if absent:
+                    record.reason += f"; {_absent_why(absent)}"
+                record.identifiers = [p.identifier for p, _ in refused]
                 return self._late(record)
-        crash_points.reached("after_stripe_adjustment")
-        gone = d.adjust + d.cancel
-        why = "adjusted" if d.adjust else "unsent"
-        self._unsend(gone, now_ms, why)
-        record.outcome = why
+            record.reason = "Stripe refused to cancel some, and the usage covers what it bills"
+        return self._done(record, gone, absent, "adjusted" if d.adjust else "unsent")
+
+    def _done(
+        self, record: Record, gone: Sequence[Push], absent: Sequence[Push], why: str = "adjusted"
+    ) -> Record:
+        """`record` of a correction whose pushes are cancelled (`gone`), at Stripe or never
+        sent; `absent` among them Stripe did not hold, so it billed none of them."""
+        record.outcome = ABSENT if absent else why
         record.identifiers = [p.identifier for p in gone]
-        self._metrics.stripe_corrections.labels(record.meter, why).inc()
+        if absent:
+            record.reason = "; ".join(w for w in (record.reason, _absent_why(absent)) if w)
+            log.warning(
+                "cancelled usage of %s for %s (%s): %s",
+                record.meter,
+                record.customer_id,
+                record.cancelled_id or f"bucket at {record.bucket_ms}",
+                record.reason,
+            )
+        self._metrics.stripe_corrections.labels(record.meter, record.outcome).inc()
         return record
 
     def _unsend(self, pushes: Sequence[Push], now_ms: int, why: str = "unsent") -> None:
@@ -477,6 +528,11 @@ class Corrector:
                 self._overbilled[r.meter] = self._overbilled.get(r.meter, Decimal(0)) + now - was
         for meter, value in self._overbilled.items():
             self._metrics.stripe_overbilled.labels(meter).set(float(value))
+
+
+def _absent_why(absent: Sequence[Push]) -> str:
+    ids = ", ".join(p.identifier for p in absent)
+    return f"Stripe has no meter event {ids} (lost after its 200): none of it was billed"
 
 
 def _key(r: Record) -> tuple[str, str, int, str]:
