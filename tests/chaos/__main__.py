@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = harness.run(sc)
         outcomes.append(outcome)
         print(outcome.line(), flush=True)
-    if args.only in (None, "repair") and not args.ci:  # replay and reconcile --repair killed
+    if args.only in (None, "repair"):  # replay and reconcile --repair killed
         outcome = repair.run_scenario(Path(args.workdir), seed)
         outcomes.append(outcome)
         print(outcome.line(), flush=True)

@@ -106,7 +106,8 @@ def redrive_(
     rid = redrive.run_id(int(clock.now() * 1000), plan.send)
     bar = Progress("redrive", len(plan.send))
     client = producer()
-    sent = redrive.send(store, client, plan.send, rid, lambda: int(clock.now() * 1000), bar.update)
+    now_ms = lambda: int(clock.now() * 1000)  # noqa: E731
+    sent = redrive.send(store, client, plan.send, rid, now_ms, bar.update, args.batch_size)
     bar.done(sent)
     print(
         f"re-drove {sent} dead letters to {settings.kafka.topic} (run {rid}); the consumer "
