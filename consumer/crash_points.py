@@ -3,7 +3,7 @@
 Production installs nothing, so a point costs one check of a module attribute. The crash
 harness runs the consumer through a test-only entry point (`tests/support/armed.py`) that
 installs a hook killing the process at a chosen occurrence of a point, or when a chosen
-poison message is classified (P7).
+poison message is classified or has its header parsed (P7).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ MessagesHook = Callable[[Iterable[bytes | None]], None]
 
 _point: PointHook | None = None
 _messages: MessagesHook | None = None
+_headers: MessagesHook | None = None
 
 
 def reached(name: str) -> None:
@@ -29,7 +30,17 @@ def classifying(values: Iterable[bytes | None]) -> None:
         _messages(values)
 
 
-def install(point: PointHook | None = None, messages: MessagesHook | None = None) -> None:
+def reading_headers(values: Iterable[bytes | None]) -> None:
+    """The C decoder is about to parse these message values' headers (untrusted bytes)."""
+    if _headers is not None:
+        _headers(values)
+
+
+def install(
+    point: PointHook | None = None,
+    messages: MessagesHook | None = None,
+    headers: MessagesHook | None = None,
+) -> None:
     """Install (or, with no arguments, remove) the hooks; tests only."""
-    global _point, _messages
-    _point, _messages = point, messages
+    global _point, _messages, _headers
+    _point, _messages, _headers = point, messages, headers

@@ -116,6 +116,7 @@ class Classified:
     # earlier attempt of this range wrote may need settling (sinks/copies.py)
     held_minutes: set[tuple[str, int]] = field(default_factory=set)
     watermarks_after: dict[str, int] = field(default_factory=dict)
+    schema_ids: list[int] = field(default_factory=list)  # named by the range's headers
 
 
 # The candidates of a batch of ranges (CANDIDATE_SCHEMA: one row per distinct (meter, event
@@ -257,7 +258,7 @@ class Classifier:
         self, job: Job, ev: Events, d: _Dedup, found: npt.NDArray[np.int64]
     ) -> tuple[Classified, npt.NDArray[np.intp]]:
         """The range's outcome, and the rows it accepted."""
-        out = Classified()
+        out = Classified(schema_ids=ev.schema_ids)
         inp, table = job.inp, ev.meters
         # duplicates: later copies in the range, and first occurrences the ledger holds
         held = found >= 0

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 class Snapshot:
     """Everything classification depends on besides the records, frozen at range start.
 
-    `schema_ids` records which writer schemas the range's messages name (for audits and for
-    a re-form whose registry is down); `suspect` is the span a poison search is narrowing
-    (P7, consumer/intent/poison.py)."""
+    `schema_ids` records which writer schemas the range's messages name, for audits: only in
+    the done row, as the headers are parsed after the intent (P7); `suspect` is the span a
+    poison search is narrowing (P7, consumer/intent/poison.py)."""
 
     watermarks: dict[str, int]
     config_hash: str

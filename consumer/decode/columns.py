@@ -101,6 +101,7 @@ class Events:
     key: Keys
     dead: dict[int, tuple[str, str]]  # row -> (reason, detail)
     slow: dict[int, DecodedEvent]  # valid rows the reference decoded
+    schema_ids: list[int]  # the writer schema ids the messages' headers name, sorted
 
     def event(self, i: int) -> DecodedEvent:
         """Row i as the reference decoder returns it (for the few rows that leave as objects)."""
@@ -197,7 +198,8 @@ class RangeDecoder:
         """Raises SchemaSourceUnavailable (transient) when a writer schema cannot be fetched."""
         values = inp.values
         crash_points.classifying(values)  # a crash test's hook; none in production
-        programs = self.decoder.programs(avrofast.schema_ids(values))
+        named = avrofast.schema_ids(values)
+        programs = self.decoder.programs(named)
         fast = avrofast.decode_batch(values, programs)
         n, t, lim = len(values), self.table, self.limits
         meter = _meter_positions(fast.event_name, t.event_names)
@@ -231,6 +233,7 @@ class RangeDecoder:
             keys_of(fast.id_hash, t.salts[at]),
             {},
             {},
+            named,
         )
         for i in np.flatnonzero(odd | refused).tolist():
             self._by_reference(ev, i, must_refuse=not odd[i])
