@@ -131,6 +131,7 @@ CANDIDATE_SCHEMA = pa.schema(
         ("event_id", pa.string()),
         ("event_time", pa.int64()),  # ms
         ("topic", pa.string()),
+        ("topic_id", pa.string()),
         ("partition", pa.uint32()),
         ("range_start", pa.uint64()),
         ("range_end", pa.uint64()),
@@ -234,6 +235,7 @@ class Classifier:
                         event_id,
                         pa.array(ev.ts[d.first], pa.int64()),
                         pa.array([j.inp.topic] * n, pa.string()),
+                        pa.array([j.inp.topic_id] * n, pa.string()),
                         pa.array(np.full(n, j.inp.partition, np.uint32)),
                         pa.array(np.full(n, j.start, np.uint64)),
                         pa.array(np.full(n, j.end, np.uint64)),

@@ -49,6 +49,7 @@ LEDGER_SCHEMA = pa.schema(
         ("offset", pa.uint64()),
         ("record_time", TIME_MS),
         ("ver", pa.uint64()),
+        ("topic_id", pa.string()),  # the topic's incarnation (migration 27)
     ]
 )
 
@@ -149,6 +150,7 @@ class Events:
                 "offset": pa.array(self.inp.offsets[rows].astype(np.uint64)),
                 "record_time": pa.array(record_ms, TIME_MS),
                 "ver": pa.array((VER_BASE - record_ms).astype(np.uint64)),
+                "topic_id": pa.array([self.inp.topic_id] * n, pa.string()),
             },
             schema=LEDGER_SCHEMA,
         )

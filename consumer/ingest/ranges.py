@@ -69,6 +69,7 @@ class RangeMaker:
                     c.config_hash,
                     now_ms,
                     c.poison_after_attempts,
+                    c.commits.topic_id,
                 )
                 if f is None:
                     continue

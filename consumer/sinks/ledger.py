@@ -48,7 +48,10 @@ def batch_id(ranges: Sequence[RangeWrite]) -> str:
 
 def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
     """Which candidates the ledger already holds, ignoring each candidate's own range (P2):
-    one query for a whole batch of ranges, the candidates sent as a table.
+    one query for a whole batch of ranges, the candidates sent as a table. A range is its
+    topic's incarnation too: a row of a deleted topic at the same partition and offset is
+    a copy like any other, and so is a row written before incarnations were recorded
+    (migration 27: its topic_id matches none).
 
     A copy counts when its event time is within `horizon_ms` of the candidate's, so the
     question reads the ledger's minutes around the batch's event times (the ledger is keyed
@@ -66,12 +69,13 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
         )
         rows = store.query_with(
             f"""SELECT c.ci, min(u.partition) FROM (
-                       SELECT meter, event_id, event_time, topic, partition, offset
+                       SELECT meter, event_id, event_time, topic, topic_id, partition, offset
                        FROM usage_events
                    PREWHERE meter IN (SELECT meter FROM $candidates) AND ({near})
                         AND id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
                INNER JOIN $candidates AS c ON u.meter = c.meter AND u.event_id = c.event_id
-               WHERE NOT (u.topic = c.topic AND u.partition = c.partition
+               WHERE NOT (u.topic = c.topic AND u.topic_id = c.topic_id
+                          AND u.partition = c.partition
                           AND u.offset >= c.range_start AND u.offset < c.range_end)
                  AND abs(toUnixTimestamp64Milli(u.event_time) - c.event_time) <= {horizon_ms}
                GROUP BY c.ci""",

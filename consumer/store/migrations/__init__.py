@@ -18,7 +18,9 @@ from consumer.store.migrations._sql import Step, table_property
 
 def _load() -> list[tuple[int, str, list[Step]]]:
     """Every mNN_*.py module of this package, in order; each names its own NUMBER, which
-    must be its file's and follow the one before (a gap or a twin is a bug, raised here)."""
+    must be its file's. A twin is a bug, raised here; a gap is a number handed out to work
+    not merged yet (or never needing a migration), so it is allowed: applied migrations are
+    recorded by number, and one filling a gap later is applied when it arrives."""
     found = []
     for info in pkgutil.iter_modules(__path__):
         match = re.fullmatch(r"m(\d+)_\w+", info.name)
@@ -26,9 +28,11 @@ def _load() -> list[tuple[int, str, list[Step]]]:
             module = importlib.import_module(f"{__name__}.{info.name}")
             found.append((int(match.group(1)), module))
     found.sort(key=lambda x: x[0])
-    for expected, (number, module) in enumerate(found, start=1):
-        if number != expected or number != module.NUMBER:
-            raise RuntimeError(f"migration {module.__name__}: expected number {expected}")
+    previous = 0
+    for number, module in found:
+        if number <= previous or number != module.NUMBER:
+            raise RuntimeError(f"migration {module.__name__}: number {number} taken or wrong")
+        previous = number
     return [(m.NUMBER, m.NAME, m.STEPS) for _, m in found]
 
 
