@@ -22,6 +22,7 @@ from consumer.sinks.horizon import spans
 from consumer.sinks.rollup import Cancel
 from consumer.store import tenants
 from consumer.store.backend import Backend
+from consumer.store.migrations.m27_ledger_topic_id import UNRECORDED
 
 PENDING = 1
 Timer = Callable[[str], object]
@@ -84,6 +85,25 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
         return {int(r[0]): int(r[1]) for r in rows}
 
     return lookup
+
+
+def partitions_with_rows(
+    store: Backend, topic: str, topic_id: str, partitions: Sequence[int]
+) -> set[int]:
+    """Of `partitions` of `topic`'s incarnation `topic_id`, those the ledger holds rows of
+    (rows written before incarnations were recorded count too). Asked on assignment, and
+    only of partitions without ingest state: their state was lost while their ledger rows
+    stayed (a host crash without fsync_after_insert), so Kafka's committed offset cannot be
+    trusted. A scan of three small columns of the ledger, never on a batch's path."""
+    if not partitions:
+        return set()
+    rows = store.query(
+        """SELECT DISTINCT partition FROM usage_events
+           WHERE topic = {t:String} AND partition IN {p:Array(UInt32)}
+             AND topic_id IN ({id:String}, {unrecorded:String})""",
+        {"t": topic, "p": list(partitions), "id": topic_id, "unrecorded": UNRECORDED},
+    )
+    return {int(r[0]) for r in rows}
 
 
 def write_ledger(
