@@ -56,10 +56,10 @@ def kill_at(armed: Mapping[str, int]) -> crash_points.PointHook:
     return point
 
 
-def kill_on(poison: bytes) -> crash_points.MessagesHook:
+def kill_on(poison: bytes, what: str = "poison message") -> crash_points.MessagesHook:
     def messages(values: Iterable[bytes | None]) -> None:
         if any(v is not None and poison in v for v in values):
-            die("poison message")
+            die(what)
 
     return messages
 
@@ -80,7 +80,7 @@ def arm(env: Mapping[str, str] = os.environ) -> Armed:
     crash_points.install(
         kill_at(parse_points(env.get("USAGE_CONSUMER_FAULT", ""))),
         kill_on(poison) if poison else None,
-        kill_on(in_headers) if in_headers else None,
+        kill_on(in_headers, "poison message's header") if in_headers else None,
     )
     skew = float(env.get("USAGE_CONSUMER_CLOCK_SKEW_SECONDS", "") or 0)
     return Armed(SystemClock(skew), env.get("USAGE_CONSUMER_STORE_FAULTS", ""))
