@@ -186,8 +186,8 @@ class ClickHouseConfig(_Frozen):
     fsync_after_insert: bool = Field(
         True,
         description="fsync each insert's part and directory before the insert returns "
-        "(durable through a host crash; a few ms more per insert, one insert per table a "
-        "batch: docs/limits.md); set on every MergeTree table at start",
+        "(durable through a host crash; slower inserts, one per table a batch: "
+        "docs/operations.md); set on every MergeTree table at start",
     )
     cluster: str | None = Field(
         None,
