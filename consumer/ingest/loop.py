@@ -61,6 +61,8 @@ class Ingestor:
             loaded = self._load([int(tp.partition or 0) for tp in ours])
         except UNREADY as exc:
             log.error("cannot read ingest state on assignment, pausing: %s", exc)
+            if isinstance(exc, StoreError):  # counted like every retried ClickHouse failure
+                self.ctx.metrics.clickhouse_errors.labels("ingest").inc()
             consumer.incremental_assign(partitions)
             consumer.pause(ours)
             self.unready.update(int(tp.partition or 0) for tp in ours)
