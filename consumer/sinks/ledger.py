@@ -94,16 +94,19 @@ def partitions_with_rows(
     (rows written before incarnations were recorded count too). Asked on assignment, and
     only of partitions without ingest state: their state was lost while their ledger rows
     stayed (a host crash without fsync_after_insert), so Kafka's committed offset cannot be
-    trusted. A scan of three small columns of the ledger, never on a batch's path."""
-    if not partitions:
-        return set()
-    rows = store.query(
-        """SELECT DISTINCT partition FROM usage_events
-           WHERE topic = {t:String} AND partition IN {p:Array(UInt32)}
-             AND topic_id IN ({id:String}, {unrecorded:String})""",
-        {"t": topic, "p": list(partitions), "id": topic_id, "unrecorded": UNRECORDED},
-    )
-    return {int(r[0]) for r in rows}
+    trusted. One question a partition, which stops at its first row; a partition with none
+    costs a scan of the ledger's partition column (a few ms at 10 million rows)."""
+    found = set()
+    for partition in sorted(set(partitions)):
+        rows = store.query(
+            """SELECT 1 FROM usage_events PREWHERE partition = {p:UInt32}
+               WHERE topic = {t:String} AND topic_id IN ({id:String}, {unrecorded:String})
+               LIMIT 1""",
+            {"t": topic, "p": partition, "id": topic_id, "unrecorded": UNRECORDED},
+        )
+        if rows:
+            found.add(partition)
+    return found
 
 
 def write_ledger(
