@@ -93,7 +93,7 @@ def test_a_partition_whose_state_was_lost_is_read_again_not_resumed_from_kafka(
     broker.create_topics({k.topic: 2, k.dlq_topic: 1, k.late_topic: 1})
     prefix = f"cus_{unique}_"
     now = int(time.time() * 1000)
-    first = generate(1_500, 6, 2, now, seed=31, customer_prefix=prefix)
+    first = generate(600, 6, 2, now, seed=31, customer_prefix=prefix)
     ends = produce(first, broker.bootstrap, k.topic)
     run_until_drained(settings, ends, timeout=120, quiet=True)
 
@@ -111,7 +111,7 @@ def test_a_partition_whose_state_was_lost_is_read_again_not_resumed_from_kafka(
         store.close()
 
     # the next start, with more data on both partitions (in the last minutes: never late)
-    later = generate(300, 6, 2, now, seed=32, span_ms=5 * 60_000, customer_prefix=prefix)
+    later = generate(100, 6, 2, now, seed=32, span_ms=5 * 60_000, customer_prefix=prefix)
     more = produce(later, broker.bootstrap, k.topic)
     run_until_drained(settings, more, timeout=120, quiet=True)
 
