@@ -135,6 +135,8 @@ CANDIDATE_SCHEMA = pa.schema(
         ("partition", pa.uint32()),
         ("range_start", pa.uint64()),
         ("range_end", pa.uint64()),
+        # the range's own rows may read '(unrecorded)': it was opened before migration 27
+        ("own_unrecorded", pa.bool_()),
     ]
 )
 
@@ -239,6 +241,7 @@ class Classifier:
                         pa.array(np.full(n, j.inp.partition, np.uint32)),
                         pa.array(np.full(n, j.start, np.uint64)),
                         pa.array(np.full(n, j.end, np.uint64)),
+                        pa.array(np.full(n, not j.snapshot.incarnated), pa.bool_()),
                     ],
                     schema=CANDIDATE_SCHEMA,
                 )

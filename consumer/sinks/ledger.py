@@ -52,7 +52,8 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
     one query for a whole batch of ranges, the candidates sent as a table. A range is its
     topic's incarnation too: a row of a deleted topic at the same partition and offset is
     a copy like any other, and so is a row written before incarnations were recorded
-    (migration 27: its topic_id matches none).
+    (migration 27: its topic_id matches none), except in a range opened before then,
+    whose crashed attempt wrote its own rows that way.
 
     A copy counts when its event time is within `horizon_ms` of the candidate's, so the
     question reads the ledger's minutes around the batch's event times (the ledger is keyed
@@ -75,7 +76,9 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
                    PREWHERE meter IN (SELECT meter FROM $candidates) AND ({near})
                         AND id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
                INNER JOIN $candidates AS c ON u.meter = c.meter AND u.event_id = c.event_id
-               WHERE NOT (u.topic = c.topic AND u.topic_id = c.topic_id
+               WHERE NOT (u.topic = c.topic
+                          AND (u.topic_id = c.topic_id
+                               OR (c.own_unrecorded AND u.topic_id = '{UNRECORDED}'))
                           AND u.partition = c.partition
                           AND u.offset >= c.range_start AND u.offset < c.range_end)
                  AND abs(toUnixTimestamp64Milli(u.event_time) - c.event_time) <= {horizon_ms}

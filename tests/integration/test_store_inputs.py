@@ -76,9 +76,14 @@ def ledger_rows(
 
 
 def candidates_of(
-    ids: list[str], times: list[int], meter: str = "m", topic_id: str = INCARNATION
+    ids: list[str],
+    times: list[int],
+    meter: str = "m",
+    topic_id: str = INCARNATION,
+    own_unrecorded: bool = False,
 ) -> pa.Table:
-    """Candidates of topic t's incarnation `topic_id`, their range [0, 10) of partition 0."""
+    """Candidates of topic t's incarnation `topic_id`, their range [0, 10) of partition 0
+    (opened before migration 27 with `own_unrecorded`)."""
     n = len(ids)
     return pa.table(
         [
@@ -91,6 +96,7 @@ def candidates_of(
             pa.array([0] * n, pa.uint32()),
             pa.array([0] * n, pa.uint64()),
             pa.array([10] * n, pa.uint64()),
+            pa.array([own_unrecorded] * n, pa.bool_()),
         ],
         schema=CANDIDATE_SCHEMA,
     )
@@ -125,6 +131,10 @@ def test_a_row_of_another_incarnation_inside_the_range_is_a_copy(store: ChdbBack
         ledger_lookup(store, H)(candidates_of(["old"], [T], topic_id="AAAAAAAAAAAAAAAAAAAAAg"))
         == {}
     )
+    # a range opened before migration 27, re-formed after it: an unrecorded row at its own
+    # position is its crashed attempt's, not a copy; another incarnation's still is one
+    legacy = candidates_of(["old", "unrecorded"], [T] * 2, own_unrecorded=True)
+    assert ledger_lookup(store, H)(legacy) == {0: 0}
 
 
 def test_a_copy_counts_within_the_horizon_of_its_event_time(store: ChdbBackend) -> None:
