@@ -184,9 +184,10 @@ class ClickHouseConfig(_Frozen):
     database: str = Field("usage", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     secure: bool = False
     fsync_after_insert: bool = Field(
-        False,
+        True,
         description="fsync each insert's part and directory before the insert returns "
-        "(durable through a host crash, slower inserts); set on every MergeTree table at start",
+        "(durable through a host crash; slower inserts, one per table a batch: "
+        "docs/operations.md); set on every MergeTree table at start",
     )
     cluster: str | None = Field(
         None,

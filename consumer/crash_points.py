@@ -3,7 +3,8 @@
 Production installs nothing, so a point costs one check of a module attribute. The crash
 harness runs the consumer through a test-only entry point (`tests/support/armed.py`) that
 installs a hook killing the process at a chosen occurrence of a point, when a chosen
-poison message is classified (P7), or when a chosen push is sent (unanswered.py).
+poison message is classified or has its header parsed (P7), or when a chosen push is sent
+(unanswered.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ PushesHook = Callable[[Iterable[str]], None]
 _point: PointHook | None = None
 _messages: MessagesHook | None = None
 _pushes: PushesHook | None = None
+_headers: MessagesHook | None = None
 
 
 def reached(name: str) -> None:
@@ -37,11 +39,18 @@ def sending(identifiers: Iterable[str]) -> None:
         _pushes(identifiers)
 
 
+def reading_headers(values: Iterable[bytes | None]) -> None:
+    """The C decoder is about to parse these message values' headers (untrusted bytes)."""
+    if _headers is not None:
+        _headers(values)
+
+
 def install(
     point: PointHook | None = None,
     messages: MessagesHook | None = None,
     pushes: PushesHook | None = None,
+    headers: MessagesHook | None = None,
 ) -> None:
     """Install (or, with no arguments, remove) the hooks; tests only."""
-    global _point, _messages, _pushes
-    _point, _messages, _pushes = point, messages, pushes
+    global _point, _messages, _pushes, _headers
+    _point, _messages, _pushes, _headers = point, messages, pushes, headers

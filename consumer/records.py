@@ -72,12 +72,15 @@ class RangeInput:
     offsets: npt.NDArray[np.int64]
     timestamps: npt.NDArray[np.int64]  # record (broker or producer) time, ms; 0 if none
     record: Callable[[int], Record]
+    topic_id: str = ""  # the topic's incarnation ("" where incarnations are not told apart)
 
     def __len__(self) -> int:
         return len(self.values)
 
     @classmethod
-    def of_messages(cls, topic: str, partition: int, msgs: Sequence[Message]) -> RangeInput:
+    def of_messages(
+        cls, topic: str, partition: int, msgs: Sequence[Message], topic_id: str = ""
+    ) -> RangeInput:
         n = len(msgs)
         stamps = [m.timestamp() for m in msgs]
         return cls(
@@ -87,6 +90,7 @@ class RangeInput:
             np.fromiter((m.offset() or 0 for m in msgs), np.int64, n),
             np.fromiter((ts if kind else 0 for kind, ts in stamps), np.int64, n),
             lambda i: to_record(msgs[i]),
+            topic_id,
         )
 
     @classmethod

@@ -116,6 +116,7 @@ class Classified:
     # earlier attempt of this range wrote may need settling (sinks/copies.py)
     held_minutes: set[tuple[str, int]] = field(default_factory=set)
     watermarks_after: dict[str, int] = field(default_factory=dict)
+    schema_ids: list[int] = field(default_factory=list)  # named by the range's headers
 
 
 # The candidates of a batch of ranges (CANDIDATE_SCHEMA: one row per distinct (meter, event
@@ -130,9 +131,12 @@ CANDIDATE_SCHEMA = pa.schema(
         ("event_id", pa.string()),
         ("event_time", pa.int64()),  # ms
         ("topic", pa.string()),
+        ("topic_id", pa.string()),
         ("partition", pa.uint32()),
         ("range_start", pa.uint64()),
         ("range_end", pa.uint64()),
+        # the range's own rows may read '(unrecorded)': it was opened before migration 25
+        ("own_unrecorded", pa.bool_()),
     ]
 )
 
@@ -233,9 +237,11 @@ class Classifier:
                         event_id,
                         pa.array(ev.ts[d.first], pa.int64()),
                         pa.array([j.inp.topic] * n, pa.string()),
+                        pa.array([j.inp.topic_id] * n, pa.string()),
                         pa.array(np.full(n, j.inp.partition, np.uint32)),
                         pa.array(np.full(n, j.start, np.uint64)),
                         pa.array(np.full(n, j.end, np.uint64)),
+                        pa.array(np.full(n, not j.snapshot.incarnated), pa.bool_()),
                     ],
                     schema=CANDIDATE_SCHEMA,
                 )
@@ -257,7 +263,7 @@ class Classifier:
         self, job: Job, ev: Events, d: _Dedup, found: npt.NDArray[np.int64]
     ) -> tuple[Classified, npt.NDArray[np.intp]]:
         """The range's outcome, and the rows it accepted."""
-        out = Classified()
+        out = Classified(schema_ids=ev.schema_ids)
         inp, table = job.inp, ev.meters
         # duplicates: later copies in the range, and first occurrences the ledger holds
         held = found >= 0

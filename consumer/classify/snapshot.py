@@ -12,15 +12,18 @@ from dataclasses import dataclass, field
 class Snapshot:
     """Everything classification depends on besides the records, frozen at range start.
 
-    `schema_ids` records which writer schemas the range's messages name (for audits and for
-    a re-form whose registry is down); `suspect` is the span a poison search is narrowing
-    (P7, consumer/intent/poison.py)."""
+    `schema_ids` records which writer schemas the range's messages name, for audits: only in
+    the done row, as the headers are parsed after the intent (P7); `suspect` is the span a
+    poison search is narrowing (P7, consumer/intent/poison.py). `incarnated`: the range's
+    ledger rows carry its topic's incarnation (migration 25); False only for an intent an
+    earlier version wrote, whose crashed attempt may have left rows that carry none."""
 
     watermarks: dict[str, int]
     config_hash: str
     stamp_ms: int
     schema_ids: list[int] = field(default_factory=list)
     suspect: tuple[int, int] | None = None
+    incarnated: bool = True
 
     def to_json(self) -> str:
         body: dict[str, object] = {
@@ -31,6 +34,8 @@ class Snapshot:
         }
         if self.suspect is not None:
             body["suspect"] = list(self.suspect)
+        if self.incarnated:
+            body["incarnated"] = True
         return json.dumps(body, sort_keys=True)
 
     @classmethod
@@ -43,4 +48,5 @@ class Snapshot:
             int(d["stamp_ms"]),
             [int(i) for i in d.get("schema_ids", [])],
             (int(suspect[0]), int(suspect[1])) if suspect else None,
+            bool(d.get("incarnated", False)),
         )

@@ -49,6 +49,7 @@ LEDGER_SCHEMA = pa.schema(
         ("offset", pa.uint64()),
         ("record_time", TIME_MS),
         ("ver", pa.uint64()),
+        ("topic_id", pa.string()),  # the topic's incarnation (migration 25)
     ]
 )
 
@@ -101,6 +102,7 @@ class Events:
     key: Keys
     dead: dict[int, tuple[str, str]]  # row -> (reason, detail)
     slow: dict[int, DecodedEvent]  # valid rows the reference decoded
+    schema_ids: list[int]  # the writer schema ids the messages' headers name, sorted
 
     def event(self, i: int) -> DecodedEvent:
         """Row i as the reference decoder returns it (for the few rows that leave as objects)."""
@@ -148,6 +150,7 @@ class Events:
                 "offset": pa.array(self.inp.offsets[rows].astype(np.uint64)),
                 "record_time": pa.array(record_ms, TIME_MS),
                 "ver": pa.array((VER_BASE - record_ms).astype(np.uint64)),
+                "topic_id": pa.array([self.inp.topic_id] * n, pa.string()),
             },
             schema=LEDGER_SCHEMA,
         )
@@ -197,7 +200,8 @@ class RangeDecoder:
         """Raises SchemaSourceUnavailable (transient) when a writer schema cannot be fetched."""
         values = inp.values
         crash_points.classifying(values)  # a crash test's hook; none in production
-        programs = self.decoder.programs(avrofast.schema_ids(values))
+        named = avrofast.schema_ids(values)
+        programs = self.decoder.programs(named)
         fast = avrofast.decode_batch(values, programs)
         n, t, lim = len(values), self.table, self.limits
         meter = _meter_positions(fast.event_name, t.event_names)
@@ -231,6 +235,7 @@ class RangeDecoder:
             keys_of(fast.id_hash, t.salts[at]),
             {},
             {},
+            named,
         )
         for i in np.flatnonzero(odd | refused).tolist():
             self._by_reference(ev, i, must_refuse=not odd[i])

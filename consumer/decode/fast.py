@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from consumer import crash_points
 from consumer.decode.event import DecodedEvent, DecodeError
 from consumer.decode.wire import header_schema_id
 
@@ -160,7 +161,9 @@ def _strings(n: int, offsets: _avrofast.Buffer, data: _avrofast.Buffer) -> pa.St
 
 def schema_ids(values: Sequence[bytes | None]) -> list[int]:
     """Sorted distinct schema ids named by well-formed headers (magic 0, 5 bytes or more),
-    as `Decoder.named_schema_ids` returns them in Confluent mode."""
+    as `Decoder.named_schema_ids` returns them in Confluent mode. Untrusted bytes: called
+    only once a range's intent is durable, so a crash here counts against it (P7)."""
+    crash_points.reading_headers(values)  # a crash test's hook; none in production
     if _avrofast is None:
         return sorted({i for i in map(header_schema_id, values) if i is not None})
     return _avrofast.schema_ids(values)

@@ -4,7 +4,9 @@
 Transient failures never become dead letters and never skip data (P6): a schema registry
 or ClickHouse outage pauses the affected partitions, keeps their records, and retries the
 same ranges until they go through. A partition whose state cannot be read on assignment
-stays paused until it can (P4). Bugs raise.
+stays paused until it can (P4); one without state but with rows in the ledger lost its
+state (a host crash without fsync) and is read again from the start of what Kafka retains,
+never resumed from Kafka's committed offset (P8). Bugs raise.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from consumer.ingest.ledger_lock import Turn
 from consumer.ingest.ranges import DeadLetterFlood, RangeMaker, UnknownConfiguration
 from consumer.intent.state import earlier_incarnation
 from consumer.intent.tracks import Track, load_tracks
-from consumer.sinks.ledger import RangeWrite
+from consumer.sinks.ledger import RangeWrite, partitions_with_rows
 from consumer.store.backend import StoreError
 
 __all__ = ["DeadLetterFlood", "IngestContext", "Ingestor", "UnknownConfiguration"]
@@ -40,6 +42,7 @@ class Ingestor:
         self.catch_up: dict[int, int] = {}
         self.ranges = RangeMaker(ctx, self.tracks)
         self._recreated: set[int] = set()
+        self._stateless: set[int] = set()  # no state, yet rows in the ledger: state lost
         self.healthy = True
         self._failures = 0
         self._failed_now = False
@@ -58,6 +61,8 @@ class Ingestor:
             loaded = self._load([int(tp.partition or 0) for tp in ours])
         except UNREADY as exc:
             log.error("cannot read ingest state on assignment, pausing: %s", exc)
+            if isinstance(exc, StoreError):  # counted like every retried ClickHouse failure
+                self.ctx.metrics.clickhouse_errors.labels("ingest").inc()
             consumer.incremental_assign(partitions)
             consumer.pause(ours)
             self.unready.update(int(tp.partition or 0) for tp in ours)
@@ -91,9 +96,9 @@ class Ingestor:
             {p: None if t.reform else t.next_offset for p, t in loaded.items()}
         )
         self._recreated = set()
+        fresh = [p for p, t in loaded.items() if t.next_offset is None]
         if topic_id is not None:
             c.commits.topic_id = topic_id
-            fresh = [p for p, t in loaded.items() if t.next_offset is None]
             self._recreated = earlier_incarnation(c.store, c.group, c.topic, topic_id, fresh)
             if self._recreated:
                 log.warning(
@@ -103,6 +108,19 @@ class Ingestor:
                     topic_id,
                     sorted(self._recreated),
                 )
+        # State lost, ledger kept (P4, P8): Kafka's committed offset may lie past ranges
+        # whose writes the store lost with it. Re-read what Kafka retains: writing a range
+        # again converges (P3), skipping one loses it.
+        unsure = [p for p in fresh if p not in self._recreated]
+        self._stateless = partitions_with_rows(c.store, c.topic, topic_id or "", unsure)
+        if self._stateless:
+            log.error(
+                "partitions %s of %s have ledger rows but no ingest state (lost in a host "
+                "crash without clickhouse.fsync_after_insert?): re-reading them from the "
+                "start of what Kafka retains, not from its committed offset",
+                sorted(self._stateless),
+                c.topic,
+            )
         # counted up and down, not set: instances sharing a process's metrics add up
         c.metrics.partitions_owned.inc(len(loaded.keys() - self.tracks.keys()))
         self.tracks.update(loaded)
@@ -116,8 +134,9 @@ class Ingestor:
 
     def _start(self, t: Track) -> int | None:
         """Where a loaded partition resumes; None: Kafka's committed offset (never written)."""
-        if t.next_offset is None and t.partition in self._recreated:
-            return OFFSET_BEGINNING  # the deleted topic's committed offset means nothing
+        if t.next_offset is None and t.partition in self._recreated | self._stateless:
+            # the deleted topic's committed offset means nothing; a lost state's, too little
+            return OFFSET_BEGINNING
         return t.next_offset
 
     def _retry_unready(self) -> None:

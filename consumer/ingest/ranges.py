@@ -8,14 +8,12 @@ A transient failure keeps the formed range, with its snapshot, for the next try.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from confluent_kafka import TopicPartition
 
 from consumer.classify.classifier import Classified, Classifier, Job
 from consumer.config import parse_classification
-from consumer.decode import fast as avrofast
 from consumer.decode.validate import DAY_MS, Limits
 from consumer.ingest.context import TRANSIENT, IngestContext, OnTransient
 from consumer.intent.forming import Formed, form
@@ -78,11 +76,12 @@ class RangeMaker:
                     c.config_hash,
                     now_ms,
                     c.poison_after_attempts,
+                    c.commits.topic_id,
                 )
                 if f is None:
                     continue
-                ids = avrofast.schema_ids(f.inp.values)
-                f.snapshot = dataclasses.replace(f.snapshot, schema_ids=ids)
+                # Nothing reads the records before the intent is durable (P7): their
+                # schema ids are read while classifying and recorded with the range's done.
                 t.buffer = [m for m in t.buffer if (m.offset() or 0) >= f.end]
                 self.formed[t.partition] = f
         batch = self._batch()

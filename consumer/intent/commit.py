@@ -159,12 +159,14 @@ class CommitSequence:
         rows = []
         for r in ranges:
             # The next range starts from the watermarks this one ended with, and goes on
-            # with a poison search this range was a chunk of.
+            # with a poison search this range was a chunk of. The schema ids are known only
+            # now: the headers are parsed after the intent (P7).
             suspect = r.snapshot.suspect
             snap = Snapshot(
                 r.classified.watermarks_after,
                 r.snapshot.config_hash,
                 r.snapshot.stamp_ms,
+                r.classified.schema_ids,
                 suspect=suspect if suspect and r.end < suspect[1] else None,
             )
             rows.append(RangeState(r.partition, r.start, r.end, DONE, r.attempt, snap.to_json()))

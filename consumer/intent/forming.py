@@ -32,12 +32,19 @@ class Formed:
 
 
 def form(
-    t: Track, topic: str, position: int, config_hash: str, now_ms: int, limit: int
+    t: Track,
+    topic: str,
+    position: int,
+    config_hash: str,
+    now_ms: int,
+    limit: int,
+    topic_id: str = "",
 ) -> Formed | None:
     """The partition's next range, or None while its records are not all read yet.
 
     `position` is the consumer's position: a fresh range ends there (P8), so offsets the
-    broker skips (transaction markers, compaction) still belong to a range.
+    broker skips (transaction markers, compaction) still belong to a range. `topic_id`: the
+    topic's incarnation, which the range's ledger rows carry (P2).
     """
     if t.reform is not None:
         st = t.reform
@@ -62,7 +69,10 @@ def form(
         plan.attempt,
         snapshot,
         RangeInput.of_messages(
-            topic, t.partition, [m for m in t.buffer if plan.start <= _offset(m) < plan.end]
+            topic,
+            t.partition,
+            [m for m in t.buffer if plan.start <= _offset(m) < plan.end],
+            topic_id,
         ),
         plan.quarantine,
     )

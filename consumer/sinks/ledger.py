@@ -22,6 +22,7 @@ from consumer.sinks.horizon import spans
 from consumer.sinks.rollup import Cancel
 from consumer.store import tenants
 from consumer.store.backend import Backend
+from consumer.store.migrations.m25_ledger_topic_id import UNRECORDED
 
 PENDING = 1
 Timer = Callable[[str], object]
@@ -48,7 +49,11 @@ def batch_id(ranges: Sequence[RangeWrite]) -> str:
 
 def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
     """Which candidates the ledger already holds, ignoring each candidate's own range (P2):
-    one query for a whole batch of ranges, the candidates sent as a table.
+    one query for a whole batch of ranges, the candidates sent as a table. A range is its
+    topic's incarnation too: a row of a deleted topic at the same partition and offset is
+    a copy like any other, and so is a row written before incarnations were recorded
+    (migration 25: its topic_id matches none), except in a range opened before then,
+    whose crashed attempt wrote its own rows that way.
 
     A copy counts when its event time is within `horizon_ms` of the candidate's, so the
     question reads the ledger's minutes around the batch's event times (the ledger is keyed
@@ -66,12 +71,15 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
         )
         rows = store.query_with(
             f"""SELECT c.ci, min(u.partition) FROM (
-                       SELECT meter, event_id, event_time, topic, partition, offset
+                       SELECT meter, event_id, event_time, topic, topic_id, partition, offset
                        FROM usage_events
                    PREWHERE meter IN (SELECT meter FROM $candidates) AND ({near})
                         AND id_key IN (SELECT sipHash64(meter, event_id) FROM $candidates)) AS u
                INNER JOIN $candidates AS c ON u.meter = c.meter AND u.event_id = c.event_id
-               WHERE NOT (u.topic = c.topic AND u.partition = c.partition
+               WHERE NOT (u.topic = c.topic
+                          AND (u.topic_id = c.topic_id
+                               OR (c.own_unrecorded AND u.topic_id = '{UNRECORDED}'))
+                          AND u.partition = c.partition
                           AND u.offset >= c.range_start AND u.offset < c.range_end)
                  AND abs(toUnixTimestamp64Milli(u.event_time) - c.event_time) <= {horizon_ms}
                GROUP BY c.ci""",
@@ -80,6 +88,28 @@ def ledger_lookup(store: Backend, horizon_ms: int) -> LedgerLookup:
         return {int(r[0]): int(r[1]) for r in rows}
 
     return lookup
+
+
+def partitions_with_rows(
+    store: Backend, topic: str, topic_id: str, partitions: Sequence[int]
+) -> set[int]:
+    """Of `partitions` of `topic`'s incarnation `topic_id`, those the ledger holds rows of
+    (rows written before incarnations were recorded count too). Asked on assignment, and
+    only of partitions without ingest state: their state was lost while their ledger rows
+    stayed (a host crash without fsync_after_insert), so Kafka's committed offset cannot be
+    trusted. One question a partition, which stops at its first row; a partition with none
+    costs a scan of the ledger's partition column (a few ms at 10 million rows)."""
+    found = set()
+    for partition in sorted(set(partitions)):
+        rows = store.query(
+            """SELECT 1 FROM usage_events PREWHERE partition = {p:UInt32}
+               WHERE topic = {t:String} AND topic_id IN ({id:String}, {unrecorded:String})
+               LIMIT 1""",
+            {"t": topic, "p": partition, "id": topic_id, "unrecorded": UNRECORDED},
+        )
+        if rows:
+            found.add(partition)
+    return found
 
 
 def write_ledger(

@@ -301,6 +301,8 @@ class _Run:
                 }
             ),
             "USAGE_CONSUMER_CLICKHOUSE__CHDB_PATH": str(self.home / "chdb"),
+            # kills are of processes, whose writes the page cache keeps: fsync costs time only
+            "USAGE_CONSUMER_CLICKHOUSE__FSYNC_AFTER_INSERT": "false",
             "USAGE_CONSUMER_STRIPE__API_KEY": KEY,
             "USAGE_CONSUMER_STRIPE__API_BASE": self.emu.url,
             "USAGE_CONSUMER_STRIPE__METER_EVENTS_BASE": self.emu.url,

@@ -91,7 +91,9 @@ def make_settings(
             "group_id": name,
             "consumer_librdkafka": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"},
         },
-        "clickhouse": {"chdb_path": str(tmp / "chdb")},
+        # Tests kill processes, never hosts: the page cache survives a process, so fsync
+        # changes nothing they can see but their time (test_durability.py runs it on).
+        "clickhouse": {"chdb_path": str(tmp / "chdb"), "fsync_after_insert": False},
         "stripe": {
             "api_key": STRIPE_KEY,
             "api_base": emulator.url,

@@ -70,23 +70,36 @@ def test_array_parameters_round_trip_any_string(store: ChdbBackend) -> None:
 
 T = 1_790_000_000_000  # ms, a minute boundary
 H = 6 * 3_600_000  # the dedup horizon these tests ask with
+INCARNATION = "AAAAAAAAAAAAAAAAAAAAAQ"  # a topic id as Kafka spells them
 
 
-def ledger_rows(store: ChdbBackend, rows: list[tuple[str, str, int, int, int]]) -> None:
-    """(meter, event id, event time ms, partition, offset) into an empty ledger."""
+def ledger_rows(
+    store: ChdbBackend, rows: list[tuple[str, str, int, int, int]], topic_id: str = INCARNATION
+) -> None:
+    """(meter, event id, event time ms, partition, offset) into an empty ledger, written by
+    topic t's incarnation `topic_id`."""
     store_rows = ", ".join(
         f"('{m}', 'c', '{e}', fromUnixTimestamp64Milli({t}, 'UTC'), 1, 't', {p}, {o}, "
-        f"fromUnixTimestamp64Milli({t}, 'UTC'), 1)"
+        f"fromUnixTimestamp64Milli({t}, 'UTC'), 1, '{topic_id}')"
         for m, e, t, p, o in rows
     )
     store.command("TRUNCATE TABLE usage_events")
     store.command(
         f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
-                                      partition, offset, record_time, ver) VALUES {store_rows}"""
+                                      partition, offset, record_time, ver, topic_id)
+            VALUES {store_rows}"""
     )
 
 
-def candidates_of(ids: list[str], times: list[int], meter: str = "m") -> pa.Table:
+def candidates_of(
+    ids: list[str],
+    times: list[int],
+    meter: str = "m",
+    topic_id: str = INCARNATION,
+    own_unrecorded: bool = False,
+) -> pa.Table:
+    """Candidates of topic t's incarnation `topic_id`, their range [0, 10) of partition 0
+    (opened before migration 25 with `own_unrecorded`)."""
     n = len(ids)
     return pa.table(
         [
@@ -95,9 +108,11 @@ def candidates_of(ids: list[str], times: list[int], meter: str = "m") -> pa.Tabl
             pa.array(ids),
             pa.array(times, pa.int64()),
             pa.array(["t"] * n),
+            pa.array([topic_id] * n),
             pa.array([0] * n, pa.uint32()),
             pa.array([0] * n, pa.uint64()),
             pa.array([10] * n, pa.uint64()),
+            pa.array([own_unrecorded] * n, pa.bool_()),
         ],
         schema=CANDIDATE_SCHEMA,
     )
@@ -112,6 +127,30 @@ def test_ledger_question_ignores_each_candidates_own_range(store: ChdbBackend) -
     candidates = candidates_of(["own", "other", "twice", "never"], [T] * 4)
     # 'own' sits inside its range [0, 10) of partition 0 (a retried write): not a copy
     assert ledger_lookup(store, H)(candidates) == {1: 2, 2: 3}
+
+
+def test_a_row_of_another_incarnation_inside_the_range_is_a_copy(store: ChdbBackend) -> None:
+    """The topic was deleted and re-created: its old incarnation's row at the very position
+    of the range's own is a copy (P2 is about this incarnation's writes only), and so is a
+    row written before incarnations were recorded (migration 25's default)."""
+    ledger_rows(store, [("m", "old", T, 0, 5)], topic_id="AAAAAAAAAAAAAAAAAAAAAg")
+    store.command(
+        f"""INSERT INTO usage_events (meter, customer_id, event_id, event_time, value, topic,
+                                      partition, offset, record_time, ver)
+            VALUES ('m', 'c', 'unrecorded', fromUnixTimestamp64Milli({T}, 'UTC'), 1, 't', 0, 6,
+                    fromUnixTimestamp64Milli({T}, 'UTC'), 1)"""
+    )
+    candidates = candidates_of(["old", "unrecorded"], [T] * 2)
+    assert ledger_lookup(store, H)(candidates) == {0: 0, 1: 0}
+    # the incarnation that wrote it asks again (a retried range): its own row, not a copy
+    assert (
+        ledger_lookup(store, H)(candidates_of(["old"], [T], topic_id="AAAAAAAAAAAAAAAAAAAAAg"))
+        == {}
+    )
+    # a range opened before migration 25, re-formed after it: an unrecorded row at its own
+    # position is its crashed attempt's, not a copy; another incarnation's still is one
+    legacy = candidates_of(["old", "unrecorded"], [T] * 2, own_unrecorded=True)
+    assert ledger_lookup(store, H)(legacy) == {0: 0}
 
 
 def test_a_copy_counts_within_the_horizon_of_its_event_time(store: ChdbBackend) -> None:

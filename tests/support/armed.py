@@ -7,9 +7,10 @@ Arms, from the harness's environment (the production `run` reads none of these):
 USAGE_CONSUMER_FAULT="<point>:<n>[,...]" SIGKILLs the process the n-th time the write
 sequence reaches <point> (`consumer/crash_points.py`); USAGE_CONSUMER_POISON="<text>"
 SIGKILLs it whenever a message holding <text> is classified, a poison message that crashes
-every attempt (P7); USAGE_CONSUMER_POISON_PUSH="<identifier>" SIGKILLs it whenever that
-Stripe push is about to be sent, a push that crashes the emitter (unanswered.py);
-USAGE_CONSUMER_STORE_FAULTS="rate=..,timeout=..,seed=.." faults the
+every attempt (P7); USAGE_CONSUMER_POISON_HEADERS="<text>" does so when the C decoder is
+about to parse such a message's header; USAGE_CONSUMER_POISON_PUSH="<identifier>" SIGKILLs
+it whenever that Stripe push is about to be sent, a push that crashes the emitter
+(unanswered.py); USAGE_CONSUMER_STORE_FAULTS="rate=..,timeout=..,seed=.." faults the
 store (`faulty_store.py`); USAGE_CONSUMER_CLOCK_SKEW_SECONDS shifts the wall clock, a host
 clock jump.
 """
@@ -67,10 +68,10 @@ def kill_sending(identifier: str) -> crash_points.PushesHook:
     return pushes
 
 
-def kill_on(poison: bytes) -> crash_points.MessagesHook:
+def kill_on(poison: bytes, what: str = "poison message") -> crash_points.MessagesHook:
     def messages(values: Iterable[bytes | None]) -> None:
         if any(v is not None and poison in v for v in values):
-            die("poison message")
+            die(what)
 
     return messages
 
@@ -88,10 +89,12 @@ def arm(env: Mapping[str, str] = os.environ) -> Armed:
     """Install this process's crash hooks; the skewed clock and store faults to inject."""
     poison = env.get("USAGE_CONSUMER_POISON", "").encode()
     push = env.get("USAGE_CONSUMER_POISON_PUSH", "")
+    in_headers = env.get("USAGE_CONSUMER_POISON_HEADERS", "").encode()
     crash_points.install(
         kill_at(parse_points(env.get("USAGE_CONSUMER_FAULT", ""))),
         kill_on(poison) if poison else None,
         kill_sending(push) if push else None,
+        kill_on(in_headers, "poison message's header") if in_headers else None,
     )
     skew = float(env.get("USAGE_CONSUMER_CLOCK_SKEW_SECONDS", "") or 0)
     return Armed(SystemClock(skew), env.get("USAGE_CONSUMER_STORE_FAULTS", ""))

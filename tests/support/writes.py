@@ -35,6 +35,7 @@ def accepted_batch(accepted: Sequence[Accepted]) -> AcceptedBatch:
             "offset": pa.array([x.record.offset for x in a], pa.uint64()),
             "record_time": pa.array(ts, TIME_MS),
             "ver": pa.array([VER_BASE - t for t in ts], pa.uint64()),
+            "topic_id": pa.array([""] * len(a), pa.string()),
         },
         schema=LEDGER_SCHEMA,
     )

@@ -202,6 +202,24 @@ def test_ids_the_ledger_holds_are_duplicates() -> None:
     assert out.cross_partition == 0
 
 
+def test_a_range_opened_before_migration_27_says_its_own_rows_may_be_unrecorded() -> None:
+    """Its intent's snapshot has no `incarnated` (an earlier version wrote it), and a
+    re-form keeps that snapshot: its candidates tell the ledger question that rows at its
+    own positions reading '(unrecorded)' are its own crashed attempt's (P2)."""
+    legacy = '{"config_hash": "cfg", "schema_ids": [], "stamp_ms": 0, "watermarks": {}}'
+    asked: list[list[bool]] = []
+
+    def ledger(candidates: pa.Table) -> dict[int, int]:
+        asked.append(candidates.column("own_unrecorded").to_pylist())
+        return {}
+
+    for snapshot in (Snapshot.from_json(legacy), Snapshot.from_json(SNAPSHOT.to_json())):
+        s = Stream()
+        s.event("e-1")
+        classifier().classify(s.records, snapshot, ledger)
+    assert asked == [[True], [False]]
+
+
 def test_a_copy_another_partition_wrote_is_a_duplicate() -> None:
     """Another partition wrote it (a producer not keying by id), maybe re-stamped so its
     ledger identity differs: the dedup key is (meter, event id) all the same."""
