@@ -24,6 +24,10 @@ from pathlib import Path
 # table `make test` prints: the shard holding the chaos run should end near the other).
 SLOW = [
     "tests/integration/test_chaos.py",
+    "tests/integration/test_push_quarantine.py",
+    "tests/integration/test_emitter_failover.py",
+    "tests/integration/test_migrations.py",
+    "tests/integration/test_zombie.py",
 ]
 
 
