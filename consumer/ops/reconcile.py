@@ -27,6 +27,7 @@ from consumer.emitter.truth.summaries import SummaryReader
 from consumer.emitter.truth.summaries import Window as Piece
 from consumer.exact import EXACT
 from consumer.metrics import Metrics
+from consumer.ops.times import parse_instant
 from consumer.ops.totals import format_table
 from consumer.store.backend import Backend
 
@@ -275,13 +276,6 @@ def format_report(report: Report, show_all: bool = False) -> str:
 def parse_time(text: str) -> int:
     """RFC 3339 or epoch seconds, as epoch seconds."""
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ReconcileError(f"not a time: {text!r} (RFC 3339 or epoch seconds)") from None
-    if parsed.tzinfo is None:
-        raise ReconcileError(f"{text!r} needs a time zone (e.g. Z)")
-    return int(parsed.timestamp())
+        return int(parse_instant(text))
+    except ValueError as exc:
+        raise ReconcileError(str(exc)) from None

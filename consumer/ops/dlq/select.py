@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pyarrow as pa
 from consumer.decode.event import DecodedEvent, DecodeError
 from consumer.decode.schemas import SchemaSourceUnavailable
 from consumer.ops.dlq.links import REDRIVE_OF
+from consumer.ops.times import parse_instant
 from consumer.store.backend import Backend
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
@@ -36,16 +36,9 @@ def parse_when(text: str, now_s: float) -> int:
     if m:
         return int((now_s - int(m.group(1)) * _UNIT[m.group(2)]) * 1000)
     try:
-        return int(float(text) * 1000)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise DlqError(f"not a time: {text!r} (RFC 3339, epoch seconds, or an age: 7d)") from None
-    if parsed.tzinfo is None:
-        raise DlqError(f"{text!r} needs a time zone (e.g. Z)")
-    return int(parsed.timestamp() * 1000)
+        return int(parse_instant(text) * 1000)
+    except ValueError as exc:
+        raise DlqError(f"{exc}, or an age: 7d") from None
 
 
 @dataclass(frozen=True)
