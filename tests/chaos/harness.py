@@ -37,6 +37,7 @@ from consumer.store.migrations import migrate
 from tests.chaos.netns import Link, Unavailable, open_link
 from tests.chaos.registry import Registry
 from tests.support.clickhouse_http import Endpoint, running
+from tests.support.redrives import copy_ends
 
 # Every table write of a range, the emitter's request/mark boundary, and a session refresh.
 POINTS = (
@@ -711,17 +712,11 @@ def store_sql(home: Path, statements: tuple[str, ...]) -> None:
 
 
 def _copy_ends(home: Path) -> dict[int, int]:
-    """Per partition, the end of the copies `dlq redrive` recorded as sent (a copy a killed
-    run produced unrecorded was sent again, and recorded, later)."""
     store = ChdbBackend(home / "chdb", "usage")
     try:
-        rows = store.query(
-            "SELECT copy_partition, max(copy_offset) + 1 FROM dlq_redrives WHERE state = 2 "
-            "GROUP BY 1"
-        )
+        return copy_ends(store)
     finally:
         store.close()
-    return {int(p): int(o) for p, o in rows}
 
 
 def _redriven(home: Path) -> str:

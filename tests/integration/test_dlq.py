@@ -27,6 +27,7 @@ from consumer.ops.totals import clickhouse_totals
 from consumer.producer import UsageProducer
 from consumer.store import open_store
 from tests.integration.conftest import METERS, STRIPE_KEY
+from tests.support import redrives
 
 pytestmark = pytest.mark.integration
 
@@ -94,13 +95,9 @@ def dlq(capsys: pytest.CaptureFixture[str], conf: Path, *args: str) -> tuple[int
 def copy_ends(settings: Settings) -> dict[int, int]:
     store = open_store(settings.clickhouse)
     try:
-        rows = store.query(
-            "SELECT copy_partition, max(copy_offset) + 1 FROM dlq_redrives WHERE state = 2 "
-            "GROUP BY 1"
-        )
+        return redrives.copy_ends(store)
     finally:
         store.close()
-    return {int(p): int(o) for p, o in rows}
 
 
 def test_list_show_and_redrive_after_a_meter_is_added_count_once(
