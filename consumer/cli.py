@@ -326,7 +326,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from consumer.clock import SystemClock
-    from consumer.ops.release import NotQuarantined, release
+    from consumer.ops.push_release import NotQuarantined, release
     from consumer.store import open_store
 
     store = open_store(_settings(args).clickhouse)
