@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from consumer.emitter.send.unanswered import QUARANTINED
 from consumer.store.backend import Backend
 
 
@@ -58,18 +57,13 @@ def undelivered(store: Backend) -> list[Undelivered]:
     rows = store.query(
         """SELECT identifier, meter, customer_id, toUnixTimestamp64Milli(bucket_start),
                   toString(value), status, reason
-           FROM stripe_delivery WHERE status IN ('rejected', 'expired')
+           FROM stripe_delivery WHERE status IN ('rejected', 'quarantined', 'expired')
            ORDER BY bucket_start, identifier"""
     )
     return [
-        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), _status(str(s), str(r)), str(r))
+        Undelivered(str(i), str(m), str(c), int(b), Decimal(v), str(s), str(r))
         for i, m, c, b, v, s, r in rows
     ]
-
-
-def _status(status: str, reason: str) -> str:
-    """A push that crashed the emitter is held as rejected; a person sees it as quarantined."""
-    return QUARANTINED if status == "rejected" and reason.startswith(QUARANTINED) else status
 
 
 def status_totals(store: Backend) -> dict[tuple[str, str, str], Decimal]:
