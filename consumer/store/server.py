@@ -124,6 +124,8 @@ def clickhouse_type(t: pa.DataType) -> str:
     """The ClickHouse type an Arrow column of the store's inputs is read as."""
     if pa.types.is_string(t):
         return "String"
+    if pa.types.is_boolean(t):
+        return "Bool"
     if pa.types.is_decimal(t):
         return f"Decimal({t.precision}, {t.scale})"
     if pa.types.is_timestamp(t):

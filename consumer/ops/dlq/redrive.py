@@ -158,9 +158,11 @@ def _in_ledger(
             pa.array([e.event_id if e else "" for e in events]),
             pa.array([e.timestamp_ms if e else 0 for e in events], pa.int64()),
             pa.array([""] * n),  # no range of its own to ignore (P2)
+            pa.array([""] * n),
             pa.array([0] * n, pa.uint32()),
             pa.array([0] * n, pa.uint64()),
             pa.array([0] * n, pa.uint64()),
+            pa.array([False] * n),
         ],
         schema=CANDIDATE_SCHEMA,
     )
