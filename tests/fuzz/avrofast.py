@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.fuzz.model import zz
+
 _SO_ENV = "AVROFAST_FUZZ_SO"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -230,16 +232,6 @@ class Gen:
 
 
 # --- hand-made encodings -------------------------------------------------------------------
-
-
-def zz(n: int) -> bytes:
-    u = ((n << 1) ^ (n >> 63)) & (2**64 - 1)
-    out = bytearray()
-    while True:
-        b, u = u & 0x7F, u >> 7
-        out.append(b | (0x80 if u else 0))
-        if not u:
-            return bytes(out)
 
 
 def odd_varint(rng: random.Random, n: int) -> bytes:

@@ -31,6 +31,7 @@ from consumer.decode.reference import Decoder, plain_reader
 from consumer.decode.schemas import SCHEMAS_DIR, UnknownSchemaId, load_schema, reader_schema
 from consumer.decode.wire import encode_confluent, frame_confluent
 from consumer.local.sample import generate
+from tests.fuzz.model import zz
 
 V1 = load_schema(SCHEMAS_DIR / "usage_event.v1.avsc")
 V2 = load_schema(SCHEMAS_DIR / "usage_event.v2.avsc")
@@ -450,16 +451,6 @@ def test_program_errors() -> None:
 
 
 # --- hand-made encodings: oddities fastavro never writes -----------------------------------
-
-
-def zz(n: int) -> bytes:
-    u = ((n << 1) ^ (n >> 63)) & (2**64 - 1)
-    out = bytearray()
-    while True:
-        b, u = u & 0x7F, u >> 7
-        out.append(b | (0x80 if u else 0))
-        if not u:
-            return bytes(out)
 
 
 def padded(n: int, extra: int) -> bytes:
