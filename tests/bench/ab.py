@@ -14,7 +14,6 @@ BENCH_CUSTOMERS, BENCH_PARTITIONS); `--rounds` pairs (default 3).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 from consumer.local.broker import TansuBroker
 from consumer.local.demo import produce_messages
 from consumer.local.sample import generate
+from tests.bench.child import run_child
 from tests.bench.pipeline import SEED, TOPIC
 
 _CHILD = """
@@ -51,19 +51,7 @@ def _build(tree: Path) -> None:
 
 def _run(tree: Path, args: list[object]) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(args)],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("AB-RESULT "):
-            result: dict[str, object] = json.loads(line[len("AB-RESULT ") :])
-            return result
-    raise RuntimeError(f"(c) in {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_child(_CHILD, args, "AB-RESULT", env, f"(c) in {tree}", cwd=tree)
 
 
 def main(argv: list[str] | None = None) -> int:

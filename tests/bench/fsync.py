@@ -32,6 +32,7 @@ from pathlib import Path
 from consumer.local.broker import TansuBroker
 from consumer.local.demo import produce_messages
 from consumer.local.sample import generate
+from tests.bench.child import run_child
 from tests.bench.pipeline import SEED, TOPIC
 
 # One run in a fresh process: the pipeline, then whether fsync is set on every table.
@@ -93,18 +94,7 @@ def _insert_ms(fsync: bool, workdir: Path, n: int = 100) -> float:
 
 def _run(fsync: bool, args: list[object]) -> dict[str, object]:
     env = {**os.environ, "USAGE_CONSUMER_CLICKHOUSE__FSYNC_AFTER_INSERT": str(fsync).lower()}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("FSYNC-RESULT "):
-            result: dict[str, object] = json.loads(line[len("FSYNC-RESULT ") :])
-            return result
-    raise RuntimeError(f"fsync={fsync} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_child(_CHILD, args, "FSYNC-RESULT", env, f"fsync={fsync}")
 
 
 def main(argv: list[str] | None = None) -> int:
